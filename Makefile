@@ -1,0 +1,40 @@
+# The two commands a user needs: `make demo` and `make test`. Everything else is setup.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup: $(STAMP)
+
+# torch goes in first and alone, pinned: any package that asks for an unpinned torch would
+# otherwise pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/edge-compress run recipes/minilm-int8.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check compress exporters tests benchmarks
+	$(VENV)/bin/ruff format --check compress exporters tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+test: lint typecheck
+	$(PY) -m pytest -q -rs
+
+bench: setup
+	$(PY) benchmarks/minilm_int8.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

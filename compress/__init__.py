@@ -1,0 +1,29 @@
+"""edge-compress: compress trained transformers into validated int8 ONNX artifacts for CPUs.
+
+`import compress` is cheap: nothing heavy (torch, onnxruntime) is imported until it is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from compress.errors import StageFailed, UserError
+
+if TYPE_CHECKING:
+    from compress.pipeline import run
+    from compress.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+__all__ = ["Recipe", "StageFailed", "UserError", "__version__", "load_recipe", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Recipe", "load_recipe"):
+        from compress import recipe
+
+        return getattr(recipe, name)
+    if name == "run":
+        from compress.pipeline import run
+
+        return run
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""The edge-compress command line (thin: parses, calls, prints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compress.errors import StageFailed, UserError
+
+_err = Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-compress")
+def cli() -> None:
+    """Compress a trained transformer into a validated int8 ONNX artifact, driven by a YAML recipe.
+
+    A recipe names the model, the task, calibration/evaluation data and the stages
+    (export -> quantize -> validate). Runs are written to runs/<name>/ and resume where they stopped.
+    """
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--fresh", is_flag=True, help="Discard this run's earlier stages and recompute everything.")
+def run(recipe: Path, fresh: bool) -> None:
+    """Run every stage of RECIPE; print the summary and where the report is.
+
+    Finished stages whose inputs did not change are reused, so a rerun after a failure or a kill
+    continues from the last finished stage.
+    """
+    from compress.pipeline import run as run_pipeline
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    run_dir = run_pipeline(parsed, fresh=fresh)
+    _print_summary(run_dir)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+def check(recipe: Path) -> None:
+    """Validate RECIPE without running it: fields, values, stage order, model folder, data files."""
+    from compress.models.hf import model_folder
+    from compress.recipe import FileSet, load_recipe
+
+    parsed = load_recipe(recipe)
+    folder = model_folder(parsed.model)
+    for role in ("calibration", "evaluation"):
+        source = getattr(parsed.data, role)
+        if isinstance(source, FileSet) and not source.path.is_file():
+            raise UserError(f"{recipe}: data.{role}.path: {source.path} does not exist")
+    stages = " -> ".join(s.type for s in parsed.stages)
+    click.echo(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (point your editor's YAML plugin at it for completion)."""
+    from compress.recipe import recipe_schema
+
+    click.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Print the summary of a finished run (RUN_DIR holds report.json)."""
+    _print_summary(run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    from compress.report import summary_rows
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no report.json (is this a finished run directory?)")
+    data = json.loads(path.read_text())
+    table = Table(title=f"edge-compress: {data['name']}")
+    for header in ("metric", "fp32 reference", "artifact", "comparison"):
+        table.add_column(header)
+    for row in summary_rows(data):
+        table.add_row(*row)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    for warning in data["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    console.print(f"report: {run_dir / 'report.md'} (and report.json)")
+
+
+def main() -> None:
+    """Entry point: bad input is one line on stderr and exit code 2, a failed check exit code 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders, never from a hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except UserError as exc:
+        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except StageFailed as exc:
+        _err.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err.print("interrupted: finished stages are kept; rerun to continue")
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("EDGE_COMPRESS_DEBUG"):
+            raise
+        _err.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            "(a bug: rerun with EDGE_COMPRESS_DEBUG=1 for the traceback and report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

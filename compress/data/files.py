@@ -1,0 +1,73 @@
+"""User data files: JSONL (one object per line) or CSV with a header row."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.data.sets import ScoredPairs, TextSet
+from compress.errors import UserError
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl or .csv file; a bad line is a UserError naming file:line."""
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the data file ({exc})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+        return rows
+    if suffix == ".csv":
+        try:
+            return list(csv.DictReader(text.splitlines()))
+        except csv.Error as exc:
+            raise UserError(f"{path}: not valid CSV ({exc})") from None
+    raise UserError(f"{path}: unsupported data file type {suffix!r}; use .jsonl or .csv")
+
+
+def _field(path: Path, rows: list[dict[str, Any]], index: int, field: str) -> Any:
+    row = rows[index]
+    if field not in row:
+        raise UserError(f"{path}: row {index + 1} has no field {field!r} (fields: {', '.join(map(str, row))})")
+    return row[field]
+
+
+def text_set(path: Path, text_field: str, limit: int | None) -> TextSet:
+    rows = read_rows(path)[:limit]
+    if not rows:
+        raise UserError(f"{path}: the data file holds no rows")
+    texts = tuple(str(_field(path, rows, i, text_field)) for i in range(len(rows)))
+    return TextSet(path.name, texts)
+
+
+def scored_pairs(path: Path, fields: tuple[str, str], score_field: str, limit: int | None) -> ScoredPairs:
+    rows = read_rows(path)[:limit]
+    if len(rows) < 3:
+        raise UserError(f"{path}: an evaluation set of scored pairs needs at least 3 rows")
+    index: dict[str, int] = {}
+    pairs, scores = [], []
+    for i in range(len(rows)):
+        a, b = (str(_field(path, rows, i, f)) for f in fields)
+        raw = _field(path, rows, i, score_field)
+        try:
+            scores.append(float(raw))
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: row {i + 1}: {score_field}={raw!r} is not a number") from None
+        pairs.append((index.setdefault(a, len(index)), index.setdefault(b, len(index))))
+    return ScoredPairs(path.name, tuple(index), tuple(pairs), tuple(scores))

@@ -1,0 +1,1 @@
+"""Model loaders: Hugging Face checkpoint folders now; the efficient-transformer zoo later (issue 3)."""

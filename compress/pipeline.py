@@ -1,0 +1,128 @@
+"""Run a recipe: the run directory, stage by stage, resumable, then the report.
+
+runs/<name>/
+  resolved_recipe.yaml          the recipe with every default filled in
+  NN_<stage>/                   artifact files, artifact.json, metrics.json, `done` (written last)
+  report.json, report.md
+
+A stage writes into a hidden temporary folder that is renamed into place when it succeeds, and its
+`done` marker records a fingerprint of everything that stage depends on. A rerun reuses a stage whose
+fingerprint matches and recomputes it, and every stage after it, otherwise. A failed stage leaves the
+finished ones untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.context import Context
+from compress.data.cache import write_atomic
+from compress.models import hf
+from compress.recipe import Recipe
+from compress.report import write_report
+from compress.stages import STAGES
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    index: int
+    type: str
+    dir: Path
+    reused: bool
+    seconds: float
+    metrics: dict[str, Any]
+
+
+def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path:
+    """Run every stage of `recipe`; returns the run directory (holding report.json and report.md)."""
+    run_dir = recipe.output.dir / recipe.name
+    ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
+    folder = hf.model_folder(recipe.model)
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
+
+    artifact = Artifact("hf", {"model": folder}, {"precision": "fp32"})
+    fingerprint = _source_fingerprint(recipe, folder)
+    records: list[StageRecord] = []
+    stale = False
+    for index, stage in enumerate(recipe.stages, 1):
+        stage_dir = run_dir / f"{index:02d}_{stage.type}"
+        fingerprint = _hash(fingerprint + stage.model_dump_json())
+        if not stale and _is_done(stage_dir, fingerprint):
+            artifact = Artifact.from_json((stage_dir / "artifact.json").read_text(), run_dir)
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+            ctx.log(f"[dim]{stage_dir.name}: finished earlier, reused[/]")
+            records.append(StageRecord(index, stage.type, stage_dir, True, 0.0, metrics))
+            continue
+        stale = True  # everything after a recomputed stage is recomputed too
+        ctx.log(f"[bold]{stage_dir.name}[/]")
+        tmp = run_dir / f".{stage_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ctx.out_dir = tmp
+        start = time.perf_counter()
+        try:
+            artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - start
+        metrics = {**metrics, "seconds": round(seconds, 2)}
+        artifact = artifact.moved(tmp, stage_dir)
+        write_atomic(tmp / "artifact.json", artifact.to_json(run_dir).encode())
+        write_atomic(tmp / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        tmp.rename(stage_dir)
+        write_atomic(stage_dir / "done", (fingerprint + "\n").encode())
+        records.append(StageRecord(index, stage.type, stage_dir, False, seconds, metrics))
+    _drop_leftover_stages(run_dir, len(recipe.stages))
+    write_report(run_dir, recipe, folder, records, ctx.warnings)
+    return run_dir
+
+
+def _is_done(stage_dir: Path, fingerprint: str) -> bool:
+    marker = stage_dir / "done"
+    return marker.is_file() and marker.read_text().strip() == fingerprint
+
+
+def _drop_leftover_stages(run_dir: Path, count: int) -> None:
+    """Stage folders beyond the recipe's stages (the recipe got shorter) would mislead: remove them."""
+    for path in run_dir.iterdir():
+        head = path.name.split("_", 1)[0]
+        if path.is_dir() and head.isdigit() and int(head) > count:
+            shutil.rmtree(path)
+
+
+def _source_fingerprint(recipe: Recipe, folder: Path) -> str:
+    weights = folder / "model.safetensors"
+    stat = weights.stat() if weights.is_file() else None
+    parts = {
+        "model": recipe.model.model_dump(mode="json"),
+        "folder": str(folder.resolve()),
+        "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
+        "task": recipe.task,
+        "data": recipe.data.model_dump(mode="json"),
+        "targets": recipe.targets,
+    }
+    return _hash(json.dumps(parts, sort_keys=True))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resolved_yaml(recipe: Recipe, folder: Path) -> str:
+    import yaml
+
+    body = recipe.model_dump(mode="json")
+    header = f"# resolved by edge-compress: every default filled in; model folder {folder}\n"
+    return header + yaml.safe_dump(body, sort_keys=False)

@@ -1,0 +1,148 @@
+"""report.json (for machines) and report.md (for people) of one run."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compress.data.cache import write_atomic
+from compress.recipe import Recipe
+
+if TYPE_CHECKING:
+    from compress.pipeline import StageRecord
+
+
+def write_report(
+    run_dir: Path, recipe: Recipe, folder: Path, records: list[StageRecord], warnings: list[str]
+) -> dict[str, Any]:
+    stages = [
+        {
+            "index": r.index,
+            "type": r.type,
+            "dir": r.dir.name,
+            "reused": r.reused,
+            "seconds": round(r.seconds, 2),
+            "metrics": r.metrics,
+        }
+        for r in records
+    ]
+    targets: dict[str, Any] = {}
+    for record in records:
+        targets.update(record.metrics.get("targets", {}))
+    report = {
+        "name": recipe.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": recipe.task,
+        "model": str(folder),
+        "stages": stages,
+        "targets": targets,
+        "warnings": warnings,
+    }
+    write_atomic(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(run_dir / "report.md", markdown(report).encode())
+    return report
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, fp32 reference, artifact, comparison) for every target: the table people read."""
+    rows: list[tuple[str, str, str, str]] = []
+    for target, t in report["targets"].items():
+        ref, art = t["reference"], t["artifact"]
+        setup = t["setup"]
+        rows.append((f"[{target}, {setup['kind']}]", "ONNX fp32", "artifact", ""))
+        for name in ("spearman", "pearson"):
+            lo, hi = art["task"][f"{name}_ci95"]
+            rows.append(
+                (
+                    f"{setup['evaluation_set']} {name.capitalize()}",
+                    f"{ref['task'][name]:.4f}",
+                    f"{art['task'][name]:.4f} [{lo:.3f}, {hi:.3f}]",
+                    f"{art['task'][name] - ref['task'][name]:+.4f}",
+                )
+            )
+        fid = t["fidelity"]
+        rows.append(("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", ""))
+        shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
+        for p in ("p50", "p90", "p99"):
+            rows.append(
+                (
+                    f"latency {p} ms ({shape})" if p == "p50" else f"latency {p} ms",
+                    f"{ref['latency_ms'][p]:.2f}",
+                    f"{art['latency_ms'][p]:.2f}",
+                    f"{ref['latency_ms'][p] / art['latency_ms'][p]:.2f}x faster" if p == "p50" else "",
+                )
+            )
+        rows.append(
+            (
+                "throughput (items/s)",
+                f"{ref['latency_ms']['throughput_per_s']:.1f}",
+                f"{art['latency_ms']['throughput_per_s']:.1f}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "model size MB",
+                f"{ref['size_bytes'] / 1e6:.1f}",
+                f"{art['size_bytes'] / 1e6:.1f}",
+                f"{100 * t['size_ratio']:.0f}% of fp32",
+            )
+        )
+        rows.append(
+            (
+                "peak memory MB",
+                f"{ref['memory']['peak_rss_bytes'] / 1e6:.0f}",
+                f"{art['memory']['peak_rss_bytes'] / 1e6:.0f}",
+                "",
+            )
+        )
+        kernels = art["kernels"]
+        rows.append(
+            (
+                "int8 / float compute kernels run",
+                f"{ref['kernels']['int8_total']} / {ref['kernels']['float_total']}",
+                f"{kernels['int8_total']} / {kernels['float_total']}",
+                ", ".join(f"{op} x{n}" for op, n in kernels["int8"].items()),
+            )
+        )
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# edge-compress run: {report['name']}", "", f"Model: `{report['model']}`  ", f"Task: {report['task']}  "]
+    lines += [f"Created: {report['created']}", "", "## Stages", "", "| # | stage | time s | notes |", "|---|---|---|---|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['index']:02d} | {s['type']} | {_time(s)} | {_stage_note(s)} |")
+    if report["targets"]:
+        lines += ["", "## Validation", "", "| metric | fp32 reference | artifact | comparison |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+        lines += [
+            "",
+            "Task metrics carry a bootstrap 95% interval over the rated pairs; differences inside it are noise.",
+            "Latency is measured interleaved with the reference on this machine and is noisy: compare ratios.",
+        ]
+    lines += ["", "## Warnings", ""]
+    lines += [f"- {w}" for w in report["warnings"]] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def _time(stage: dict[str, Any]) -> str:
+    return "reused" if stage["reused"] else f"{stage['metrics'].get('seconds', stage['seconds']):.1f}"
+
+
+def _stage_note(stage: dict[str, Any]) -> str:
+    m = stage["metrics"]
+    if stage["type"] == "export":
+        fused = m["fused_ops"]
+        fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused
+        return f"{m['exporter']} opset {m['opset']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e}; fused: {fused_txt}"
+    if stage["type"] == "quantize":
+        k = m["kernels"]
+        how = m["mode"] + (f" ({m['calibration']})" if m.get("calibration") else "")
+        return (
+            f"{how}, per-channel {m['per_channel']}; {k['int8_total']} int8 kernels in ORT's graph, "
+            f"{k['float_total']} float; {100 * m['size_ratio']:.0f}% of fp32 size"
+        )
+    return ", ".join(stage["metrics"].get("targets", {})) or ""

@@ -1,0 +1,16 @@
+"""Stages: each turns one artifact into a new one inside its own folder. This dict is the only registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from compress.stages import export, quantize, validate
+
+STAGES: dict[str, Callable[..., Any]] = {
+    "export": export.run,
+    "quantize": quantize.run,
+    "validate": validate.run,
+}
+
+__all__ = ["STAGES"]

@@ -1,0 +1,40 @@
+"""The native target: ONNX Runtime on this machine's own CPU."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+ARCH = "x86_64"
+
+
+def check_host() -> None:
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        raise UserError(f"targets: x86_64 runs natively only on an x86-64 host; this one is {machine}")
+
+
+def session(
+    model: Path, threads: int, settings: dict[str, Any] | None = None, optimized_path: Path | None = None
+) -> Any:
+    """An ONNX Runtime CPU session with the artifact's own session settings (see session.json)."""
+    import onnxruntime as ort
+
+    settings = settings or {}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    for key, value in settings.get("config_entries", {}).items():
+        so.add_session_config_entry(key, str(value))
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(
+        str(model),
+        so,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(settings.get("disabled_optimizers", [])),
+    )

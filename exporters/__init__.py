@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export, checked against PyTorch before anything else sees the graph."""
