@@ -68,13 +68,24 @@ print(json.dumps({"peak_rss_bytes": hwm(), "runtime_baseline_rss_bytes": base}))
 """
 
 
-def peak_memory(model: Path, feeds: dict[str, np.ndarray], threads: int, settings: dict[str, Any]) -> dict[str, int]:
+def peak_memory(
+    model: Path, feeds: dict[str, np.ndarray], threads: int, settings: dict[str, Any]
+) -> dict[str, int]:
     """Peak resident memory of a fresh process that loads the model in ONNX Runtime and runs it."""
     payload = json.dumps(
-        {"model": str(model), "threads": threads, "settings": settings, "feeds": {k: v.tolist() for k, v in feeds.items()}}
+        {
+            "model": str(model),
+            "threads": threads,
+            "settings": settings,
+            "feeds": {k: v.tolist() for k, v in feeds.items()},
+        }
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, payload], capture_output=True, text=True, check=False, timeout=600
+        [sys.executable, "-c", _PEAK_SCRIPT, payload],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
     )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

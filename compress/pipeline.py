@@ -45,6 +45,7 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
     run_dir = recipe.output.dir / recipe.name
     ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
     folder = hf.model_folder(recipe.model)
+    _load_data_up_front(recipe, ctx)
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,13 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
     _drop_leftover_stages(run_dir, len(recipe.stages))
     write_report(run_dir, recipe, folder, records, ctx.warnings)
     return run_dir
+
+
+def _load_data_up_front(recipe: Recipe, ctx: Context) -> None:
+    """Read the data the stages will need before any stage runs: a bad file fails fast, costing nothing."""
+    ctx.evaluation  # noqa: B018 (cached property: loads and validates now)
+    if any(getattr(stage, "mode", None) == "static" for stage in recipe.stages):
+        ctx.calibration  # noqa: B018
 
 
 def _is_done(stage_dir: Path, fingerprint: str) -> bool:

@@ -25,7 +25,8 @@ class _Strict(BaseModel):
 # ----------------------------------------------------------------------------------------- model
 class _ModelBase(_Strict):
     pooling: Literal["mean", "cls"] = Field(
-        "mean", description="Embedding task: how token states become one vector (mean over real tokens, or CLS)."
+        "mean",
+        description="Embedding task: how token states become one vector (mean over real tokens, or CLS).",
     )
     normalize: bool = Field(True, description="Embedding task: L2-normalise the pooled vector.")
 
@@ -75,7 +76,9 @@ class ReferenceSet(_Strict):
 
 
 class FileSet(_Strict):
-    path: Path = Field(description="A user data file: .jsonl (one JSON object per line) or .csv with a header.")
+    path: Path = Field(
+        description="A user data file: .jsonl (one JSON object per line) or .csv with a header."
+    )
     text_field: str = Field("text", description="Column holding the text (calibration sets).")
     pair_fields: tuple[str, str] | None = Field(
         None, description="Embedding evaluation: the two text columns of a scored pair."
@@ -108,9 +111,13 @@ DataSource = Annotated[
 
 class DataSpec(_Strict):
     calibration: DataSource = Field(description="Real text for calibration (static quantization).")
-    evaluation: DataSource = Field(description="The evaluation set: task metrics and fidelity are measured on it.")
+    evaluation: DataSource = Field(
+        description="The evaluation set: task metrics and fidelity are measured on it."
+    )
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
-    batch_size: int = Field(16, ge=1, le=1024, description="Batch size for evaluation and calibration passes.")
+    batch_size: int = Field(
+        16, ge=1, le=1024, description="Batch size for evaluation and calibration passes."
+    )
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -129,9 +136,13 @@ class ExportStage(_Strict):
         True, description="Run ONNX Runtime's transformers optimizer (operator fusion) on the exported graph."
     )
     tolerance: float = Field(
-        1e-4, gt=0, description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails."
+        1e-4,
+        gt=0,
+        description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails.",
     )
-    check_samples: int = Field(16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check.")
+    check_samples: int = Field(
+        16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check."
+    )
 
 
 class QuantizeStage(_Strict):
@@ -146,9 +157,13 @@ class QuantizeStage(_Strict):
     calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
         None, description="Static only: calibration method (default minmax)."
     )
-    percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
+    percentile: float = Field(
+        99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile."
+    )
     calibration_samples: int = Field(128, ge=1, description="Static only: calibration texts used.")
-    per_channel: bool = Field(True, description="Per-output-channel weight scales (recommended for transformers).")
+    per_channel: bool = Field(
+        True, description="Per-output-channel weight scales (recommended for transformers)."
+    )
     reduce_range: bool = Field(
         False, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI (AVX2 only)."
     )
@@ -170,7 +185,9 @@ class QuantizeStage(_Strict):
     @model_validator(mode="after")
     def _static_only_fields(self) -> QuantizeStage:
         if self.mode == "dynamic" and self.calibration is not None:
-            raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
+            raise ValueError(
+                "calibration applies to mode: static only (dynamic quantization is not calibrated)"
+            )
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)
@@ -185,7 +202,9 @@ class ValidateStage(_Strict):
     sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
     threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads.")
     warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
-    runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
+    runs: int = Field(
+        100, ge=10, description="Latency: timed runs per model (interleaved with the reference)."
+    )
 
 
 Stage = Annotated[ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
@@ -208,7 +227,9 @@ class Recipe(_Strict):
     data: DataSpec
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order.")
     targets: list[Literal["x86_64"]] = Field(
-        default_factory=lambda: ["x86_64"], min_length=1, description="CPU targets validated on: x86_64 (native)."
+        default_factory=lambda: ["x86_64"],
+        min_length=1,
+        description="CPU targets validated on: x86_64 (native).",
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -219,7 +240,9 @@ class Recipe(_Strict):
             if kinds.count(kind) > 1:
                 raise ValueError(f"stage {kind!r} appears {kinds.count(kind)} times; each stage runs once")
         if kinds != sorted(kinds, key=STAGE_ORDER.index):
-            raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}")
+            raise ValueError(
+                f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}"
+            )
         if ("quantize" in kinds or "validate" in kinds) and "export" not in kinds:
             raise ValueError("quantize and validate work on ONNX: add an export stage before them")
         return self
@@ -259,13 +282,17 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
+    previous: Any = None
     for part in loc:
+        union_tag = (
+            previous in ("model", "calibration", "evaluation")
+            and part in ("hf", "package", "reference", "file")
+        ) or (isinstance(previous, int) and part in STAGE_ORDER)
+        previous = part
+        if union_tag:
+            continue  # pydantic puts the union member's tag in the location; the user never wrote it
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("hf", "package", "reference", "file") and out.endswith(("model", "calibration", "evaluation")):
-            continue  # the union's tag, not a field the user wrote
-        elif part in STAGE_ORDER and out.endswith("]"):
-            continue  # the stage union's tag
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"

@@ -63,7 +63,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
         fid = t["fidelity"]
-        rows.append(("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", ""))
+        rows.append(
+            ("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", "")
+        )
         shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
         for p in ("p50", "p90", "p99"):
             rows.append(
@@ -111,12 +113,30 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# edge-compress run: {report['name']}", "", f"Model: `{report['model']}`  ", f"Task: {report['task']}  "]
-    lines += [f"Created: {report['created']}", "", "## Stages", "", "| # | stage | time s | notes |", "|---|---|---|---|"]
+    lines = [
+        f"# edge-compress run: {report['name']}",
+        "",
+        f"Model: `{report['model']}`  ",
+        f"Task: {report['task']}  ",
+    ]
+    lines += [
+        f"Created: {report['created']}",
+        "",
+        "## Stages",
+        "",
+        "| # | stage | time s | notes |",
+        "|---|---|---|---|",
+    ]
     for s in report["stages"]:
         lines.append(f"| {s['index']:02d} | {s['type']} | {_time(s)} | {_stage_note(s)} |")
     if report["targets"]:
-        lines += ["", "## Validation", "", "| metric | fp32 reference | artifact | comparison |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Validation",
+            "",
+            "| metric | fp32 reference | artifact | comparison |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
         lines += [
             "",

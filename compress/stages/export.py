@@ -17,7 +17,9 @@ from exporters import onnx_export, ort_fusion
 
 def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     if artifact.kind != "hf":
-        raise UserError(f"stages: export needs a PyTorch model, but the previous stage produced {artifact.kind}")
+        raise UserError(
+            f"stages: export needs a PyTorch model, but the previous stage produced {artifact.kind}"
+        )
     folder = artifact.file("model")
     config = hf.read_config(folder)
     tokenizer = hf.load_tokenizer(folder)
@@ -25,6 +27,9 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     task = TASKS[ctx.recipe.task]
     module = task.build_module(hf.load_model(folder), ctx.recipe.model, names)
     max_length = ctx.recipe.data.max_length
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and max_length > positions:
+        raise UserError(f"data.max_length: {max_length} exceeds the model's {positions} positions")
 
     texts = ctx.evaluation.texts[: cfg.check_samples]
     example = hf.encode(tokenizer, texts[:2], max_length, names)
@@ -66,6 +71,12 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
         "size_bytes": model_path.stat().st_size,
         "parameters": sum(p.numel() for p in module.parameters()),
     }
-    meta = {"inputs": list(names), "outputs": list(task.OUTPUT_NAMES), "precision": "fp32", "session": {}}
+    meta = {
+        "inputs": list(names),
+        "outputs": list(task.OUTPUT_NAMES),
+        "precision": "fp32",
+        "session": {},
+        "max_positions": positions,
+    }
     files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir}
     return Artifact("onnx", files, meta), metrics

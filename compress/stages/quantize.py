@@ -42,8 +42,12 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
     # Custom-domain ops (fused Attention...) defeat ONNX's shape inference; their outputs are float.
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     settings: dict[str, Any] = {}
-    # ONNX Runtime's quantizer logs advice to the root logger; our report says what matters.
+    import onnxruntime as ort
+
+    # ONNX Runtime's quantizer logs advice to the root logger and its C++ core warns about unused
+    # initializers it removes itself; our report says what matters.
     logging.getLogger().setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
     if cfg.mode == "dynamic":
         ctx.log("quantizing: dynamic int8" + (", per-channel" if cfg.per_channel else ""))
         quantize_dynamic(
@@ -61,9 +65,10 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         ctx.log(f"quantizing: static QDQ, {method} calibration on {cfg.calibration_samples} texts")
         if method == "percentile":
             extra["CalibPercentile"] = cfg.percentile
+        typed = _with_shapes(source, ctx)
         try:
             quantize_static(
-                source,
+                typed,
                 out,
                 _Calibration(ctx, artifact, cfg.calibration_samples),
                 quant_format=QuantFormat.QDQ,
@@ -78,6 +83,8 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
             )
         except ValueError as exc:
             raise StageFailed(f"quantize: {method} calibration failed in ONNX Runtime: {exc}") from None
+        finally:
+            typed.unlink(missing_ok=True)
         settings = QDQ_SESSION
 
     kernels = count_kernels(out, settings)
@@ -87,8 +94,11 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
             f"(float compute ops: {kernels['float']})"
         )
     ctx.log(f"ONNX Runtime runs {kernels['int8_total']} int8 kernels: {kernels['int8']}")
-    if kernels["float_total"]:
-        ctx.log(f"still in float: {kernels['float']}")
+    if kernels["float_total"] > len(excluded):
+        ctx.warn(
+            f"quantize: {kernels['float_total']} compute ops still run in float after {cfg.mode} quantization "
+            f"({kernels['float']}); ONNX Runtime's {cfg.mode} quantizer does not cover them"
+        )
 
     fidelity = _quick_fidelity(artifact, out, settings, ctx)
     shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
@@ -108,6 +118,23 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
     meta = {**artifact.meta, "precision": "int8", "session": settings}
     files = {**artifact.files, "model": out, "tokenizer": ctx.out_dir / "tokenizer"}
     return Artifact("onnx", files, meta), metrics
+
+
+def _with_shapes(source: Path, ctx: Context) -> Path:
+    """A copy of the model with symbolic shape inference run (it knows ONNX Runtime's fused ops).
+
+    Without tensor types, static quantization finds no float tensor to calibrate after a fused op
+    and quietly quantizes nothing (measured on MiniLM: 0 of 36 MatMul inputs).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    typed = ctx.out_dir / "shape_inferred.onnx"
+    try:
+        quant_pre_process(str(source), str(typed), skip_optimization=True)
+    except Exception as exc:  # ONNX Runtime raises bare Exception for incomplete inference
+        ctx.warn(f"quantize: symbolic shape inference failed ({exc}); calibrating without tensor types")
+        shutil.copy2(source, typed)
+    return typed
 
 
 def _excluded_nodes(model: Path, patterns: tuple[str, ...]) -> list[str]:
@@ -144,21 +171,28 @@ class _Calibration:
 
     @staticmethod
     def _make(ctx: Context, artifact: Artifact, samples: int) -> Iterator[dict[str, np.ndarray]]:
+        # Every batch has one shape, (batch_size, max_length): ONNX Runtime's histogram calibrators
+        # (entropy, percentile) stack the batches and fail on ragged ones. A last partial batch is dropped.
         tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
         texts = ctx.calibration.texts[:samples]
         names = tuple(artifact.meta["inputs"])
-        size = ctx.recipe.data.batch_size
-        for start in range(0, len(texts), size):
-            yield hf.encode(tokenizer, texts[start : start + size], ctx.recipe.data.max_length, names)
+        size = min(ctx.recipe.data.batch_size, len(texts))
+        length = ctx.recipe.data.max_length
+        for start in range(0, len(texts) - size + 1, size):
+            yield hf.encode(tokenizer, texts[start : start + size], length, names, pad_to=length)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
-def _quick_fidelity(artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context) -> dict[str, float]:
+def _quick_fidelity(
+    artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context
+) -> dict[str, float]:
     """Cosine of the int8 outputs to the fp32 reference's on a few evaluation texts (validate does the rest)."""
     tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
-    feeds = hf.encode(tokenizer, ctx.evaluation.texts[:8], ctx.recipe.data.max_length, tuple(artifact.meta["inputs"]))
+    feeds = hf.encode(
+        tokenizer, ctx.evaluation.texts[:8], ctx.recipe.data.max_length, tuple(artifact.meta["inputs"])
+    )
     ref = session(artifact.file("reference"), threads=2).run(None, feeds)[0]
     got = session(model, threads=2, settings=settings).run(None, feeds)[0]
     return cosine_fidelity(got, ref)

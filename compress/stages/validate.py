@@ -21,6 +21,9 @@ from compress.tasks import TASKS
 def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     if artifact.kind != "onnx":
         raise UserError("stages: validate works on ONNX; put an export stage before it")
+    positions = artifact.meta.get("max_positions")
+    if isinstance(positions, int) and cfg.sequence_length > positions:
+        raise UserError(f"stages: validate.sequence_length {cfg.sequence_length} exceeds the model's {positions} positions")
     tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
     names = tuple(artifact.meta["inputs"])
     settings = artifact.meta.get("session", {})
@@ -39,13 +42,15 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         backend.check_host()
         ctx.log(f"validating on {target}: {len(data.texts)} texts, {cfg.runs} timed runs per model")
         sessions = {
-            "artifact": backend.session(model, cfg.threads, settings),
-            "reference": backend.session(reference, cfg.threads),
+            "artifact": backend.session(model, cfg.threads, settings, spinning=False),
+            "reference": backend.session(reference, cfg.threads, spinning=False),
         }
         outputs = {}
         for role, sess in sessions.items():
             chunks = [
-                sess.run(None, hf.encode(tokenizer, data.texts[i : i + size], ctx.recipe.data.max_length, names))[0]
+                sess.run(
+                    None, hf.encode(tokenizer, data.texts[i : i + size], ctx.recipe.data.max_length, names)
+                )[0]
                 for i in range(0, len(data.texts), size)
             ]
             outputs[role] = np.concatenate(chunks)
@@ -79,6 +84,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
                 "runs": cfg.runs,
                 "evaluation_set": data.name,
                 "kind": "native",
+                "thread_spinning": False,
             },
         }
         if art["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":

@@ -18,9 +18,18 @@ def check_host() -> None:
 
 
 def session(
-    model: Path, threads: int, settings: dict[str, Any] | None = None, optimized_path: Path | None = None
+    model: Path,
+    threads: int,
+    settings: dict[str, Any] | None = None,
+    optimized_path: Path | None = None,
+    spinning: bool = True,
 ) -> Any:
-    """An ONNX Runtime CPU session with the artifact's own session settings (see session.json)."""
+    """An ONNX Runtime CPU session with the artifact's own session settings (see session.json).
+
+    spinning=False stops idle intra-op threads from spin-waiting. Timed sessions need it: sessions
+    timed in turn on a 2-core machine otherwise steal each other's cores (measured here: the same
+    model ran 2-3x slower interleaved with a spinning neighbour), and alone it was not slower.
+    """
     import onnxruntime as ort
 
     settings = settings or {}
@@ -28,6 +37,8 @@ def session(
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for key, value in settings.get("config_entries", {}).items():
         so.add_session_config_entry(key, str(value))
     if optimized_path is not None:

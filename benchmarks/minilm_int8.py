@@ -1,0 +1,243 @@
+"""Benchmark: the pipeline's int8 all-MiniLM-L6-v2 against what a user would deploy instead.
+
+Run from anywhere: `.venv/bin/python benchmarks/minilm_int8.py [--runs N]` (or `make bench`).
+It runs recipes/minilm-int8.yaml (finished stages are reused), builds the baselines under
+runs/bench-minilm-int8/, times every variant interleaved in one loop and writes
+benchmarks/results/minilm_int8.md (also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from compress.data import ScoredPairs, load_evaluation
+from compress.data.cache import write_atomic
+from compress.kernels import count_kernels
+from compress.latency import interleaved
+from compress.metrics import cosine_fidelity
+from compress.models import hf
+from compress.pipeline import run
+from compress.recipe import Recipe, load_recipe
+from compress.targets.native import session
+from compress.tasks import embedding
+from exporters.onnx_export import export
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = Path("recipes/minilm-int8.yaml")
+RESULTS = Path("benchmarks/results/minilm_int8.md")
+BATCH, SEQ, THREADS, WARMUP = 1, 128, 2, 10
+TORCH, PLAIN, FUSED, ORT_INT8, PIPELINE = (
+    "PyTorch fp32 (eager)",
+    "ORT fp32 (plain export)",
+    "ORT fp32 (pipeline, fused)",
+    "ORT int8 (quantize_dynamic defaults)",
+    "pipeline int8 (artifact)",
+)
+
+
+@dataclass
+class Variant:
+    call: Callable[[], object]  # one timed call on the batch-1, 128-token input
+    embed: Callable[[dict[str, np.ndarray]], np.ndarray]
+    path: Path  # the file a user ships
+    settings: dict[str, Any] | None = None  # ONNX Runtime session settings; None: not ONNX
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the pipeline's int8 MiniLM against baselines.")
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per variant (default 300)")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    command = shlex.join([_shown(Path(sys.executable)), *sys.argv])
+    os.chdir(ROOT)  # the recipe's output dir (runs/) and the results path are relative to the repo
+
+    recipe = load_recipe(RECIPE)
+    run_dir = run(recipe)
+    stage_dirs = {s.type: run_dir / f"{i:02d}_{s.type}" for i, s in enumerate(recipe.stages, 1)}
+    fused = _artifact(stage_dirs["export"], run_dir).file("model")
+    int8 = _artifact(stage_dirs["quantize"], run_dir).file("model")
+    int8_settings: dict[str, Any] = json.loads((int8.parent / "session.json").read_text())
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    folder = hf.model_folder(recipe.model)
+    tok = hf.load_tokenizer(folder)
+    names = hf.input_names(tok, hf.read_config(folder))
+    module = embedding.build_module(hf.load_model(folder), recipe.model, names)
+    lee = load_evaluation(recipe.data.evaluation)
+    timing = hf.encode(tok, [lee.texts[i % len(lee.texts)] for i in range(BATCH)], SEQ, names, pad_to=SEQ)
+
+    example = hf.encode(tok, lee.texts[:2], recipe.data.max_length, names)
+    plain, plain_int8 = _baselines(module, example, run_dir.parent / "bench-minilm-int8")
+
+    def torch_call(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out: np.ndarray = module(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
+        return out
+
+    variants = {TORCH: Variant(lambda: torch_call(timing), torch_call, folder / "model.safetensors")}
+    variants[PLAIN] = _ort_variant(plain, {}, timing)
+    variants[FUSED] = _ort_variant(fused, {}, timing)
+    variants[ORT_INT8] = _ort_variant(plain_int8, {}, timing)
+    variants[PIPELINE] = _ort_variant(int8, int8_settings, timing)
+
+    _log(f"Lee embeddings ({len(lee.texts)} documents) and kernel counts per variant")
+    reference = _embed(variants[TORCH], tok, lee, names, recipe)
+    for v in variants.values():
+        emb = _embed(v, tok, lee, names, recipe)
+        v.stats = {**cosine_fidelity(emb, reference), "lee": embedding.score(emb, lee)}
+        if v.settings is not None:
+            v.stats["kernels"] = count_kernels(v.path, v.settings)
+
+    _log(f"timing: {args.runs} runs per variant, interleaved, after {WARMUP} warm-up runs each")
+    latency = interleaved({k: v.call for k, v in variants.items()}, WARMUP, args.runs, BATCH)
+    header = _header(args.runs, command)
+    header.append(
+        f"- Quality: the {len(lee.texts)} Lee documents embedded with max_length {recipe.data.max_length} in "
+        f"batches of {recipe.data.batch_size}; cosine is to the PyTorch fp32 embeddings; Spearman against "
+        f"the {len(lee.pairs)} human-rated pairs, with a bootstrap 95% CI."
+    )
+    report = "\n".join([*header, *_table(variants, latency, plain), *_targets(variants, latency, plain)])
+    write_atomic(RESULTS, report.encode())
+    print(report)
+    _log(f"written: {RESULTS}")
+
+
+def _baselines(module: Any, example: dict[str, np.ndarray], out_dir: Path) -> tuple[Path, Path]:
+    """What a user gets without the pipeline: a plain export, and quantize_dynamic with its defaults."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain, plain_int8 = out_dir / "plain_fp32.onnx", out_dir / "plain_int8_default.onnx"
+    _log(f"exporting the plain fp32 ONNX (torchscript, opset 17, no fusion) -> {plain}")
+    export(module, example, plain, ("embedding",), "torchscript", 17)
+    _log(f"quantize_dynamic with default settings -> {plain_int8}")
+    logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice to the root logger
+    quantize_dynamic(plain, plain_int8)
+    return plain, plain_int8
+
+
+def _artifact(stage_dir: Path, run_dir: Path) -> Artifact:
+    return Artifact.from_json((stage_dir / "artifact.json").read_text(), run_dir)
+
+
+def _ort_variant(path: Path, settings: dict[str, Any], timing: dict[str, np.ndarray]) -> Variant:
+    sess = session(path, THREADS, settings, spinning=False)
+
+    def embed(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(sess.run(None, feeds)[0])
+
+    return Variant(lambda: sess.run(None, timing), embed, path, settings)
+
+
+def _embed(v: Variant, tok: Any, data: ScoredPairs, names: tuple[str, ...], recipe: Recipe) -> np.ndarray:
+    """Embeddings of the evaluation texts, as the pipeline's validate stage computes them."""
+    size, max_length = recipe.data.batch_size, recipe.data.max_length
+    chunks = [
+        v.embed(hf.encode(tok, data.texts[i : i + size], max_length, names))
+        for i in range(0, len(data.texts), size)
+    ]
+    return np.concatenate(chunks)
+
+
+def _header(runs: int, command: str) -> list[str]:
+    import onnxruntime
+    import torch
+
+    cores = os.cpu_count()
+    return [
+        "# Benchmark: all-MiniLM-L6-v2, pipeline int8 vs the alternatives",
+        "",
+        f"- Machine: {_cpu_model()}, {cores} logical cores ({platform.machine()}, "
+        f"Linux {platform.release()})",
+        f"- Versions: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `{command}`",
+        f"- Setup: batch {BATCH}, sequence {SEQ} tokens (a Lee document padded/truncated to exactly {SEQ}), "
+        f"{THREADS} threads (ONNX Runtime intra-op; torch.set_num_threads({THREADS})), "
+        f"{WARMUP} warm-up + {runs} timed runs per variant, interleaved round by round in one process.",
+        "- ONNX Runtime thread spinning off (`session.intra_op.allow_spinning=0`) in every session: the "
+        f"variants run in turn on {cores} cores, and a session whose idle threads spin-wait keeps burning "
+        "the cores the next variant needs, slowing down whichever variant is timed after it.",
+    ]
+
+
+def _table(variants: dict[str, Variant], latency: dict[str, dict[str, float]], fp32: Path) -> list[str]:
+    fp32_mb = fp32.stat().st_size / 1e6
+    rows = [
+        f"- Size %: of the plain fp32 ONNX ({fp32_mb:.1f} MB); PyTorch's size is its model.safetensors.",
+        "",
+        "| variant | median ms | p90 ms | × vs ORT fp32 plain | × vs PyTorch fp32 | size MB | % of fp32 ONNX "
+        "| cosine to PyTorch (mean / min) | Lee Spearman [95% CI] | int8 / float kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, v in variants.items():
+        p50, mb = latency[label]["p50"], v.path.stat().st_size / 1e6
+        lee, k = v.stats["lee"], v.stats.get("kernels")
+        lo, hi = lee["spearman_ci95"]
+        rows.append(
+            f"| {label} | {p50:.2f} | {latency[label]['p90']:.2f} "
+            f"| {latency[PLAIN]['p50'] / p50:.2f}× | {latency[TORCH]['p50'] / p50:.2f}× "
+            f"| {mb:.1f} | {100 * mb / fp32_mb:.0f}% "
+            f"| {v.stats['cosine_mean']:.4f} / {v.stats['cosine_min']:.4f} "
+            f"| {lee['spearman']:.4f} [{lo:.3f}, {hi:.3f}] "
+            + (f"| {k['int8_total']} / {k['float_total']} |" if k else "| — (PyTorch) |")
+        )
+    return rows
+
+
+def _targets(variants: dict[str, Variant], latency: dict[str, dict[str, float]], fp32: Path) -> list[str]:
+    art = variants[PIPELINE]
+    speedup = latency[PLAIN]["p50"] / latency[PIPELINE]["p50"]
+    cosine = art.stats["cosine_mean"]
+    d_rho = art.stats["lee"]["spearman"] - variants[TORCH].stats["lee"]["spearman"]
+    size_pct = 100 * art.path.stat().st_size / fp32.stat().st_size
+    checks = [
+        ("pipeline int8 vs ORT fp32 plain, median latency: ≥ 2.0× faster", speedup >= 2.0, f"{speedup:.2f}×"),
+        ("cosine to PyTorch fp32, mean: ≥ 0.99", cosine >= 0.99, f"{cosine:.4f}"),
+        ("Lee Spearman within 0.01 of PyTorch fp32", abs(d_rho) <= 0.01, f"{d_rho:+.4f}"),
+        ("artifact ≤ 30% of the fp32 ONNX size", size_pct <= 30.0, f"{size_pct:.1f}%"),
+    ]
+    lines = [f"- **{'met' if ok else 'NOT met'}**: {name} (measured {value})" for name, ok, value in checks]
+    return ["", "## Targets", "", *lines, ""]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _shown(path: Path) -> str:
+    """The interpreter as the user would type it: relative to the current folder when inside it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random-init BERT folder (real Hugging Face format) and small data files."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TEXTS = [
+    "the cat sat on the mat and looked at the garden",
+    "a dog ran across the park chasing a red ball",
+    "stock markets fell sharply after the bank raised interest rates",
+    "the government announced new rules for the national election",
+    "heavy rain flooded the town and closed the main road",
+    "scientists found water on a distant moon of the planet",
+    "the team won the final match after a long season",
+    "fire crews fought a large bushfire near the city overnight",
+    "the minister said the budget would cut taxes for families",
+    "a new phone was released with a faster chip and a bigger screen",
+    "police arrested two men after a robbery at the bank",
+    "the film festival opened with a comedy about a small village",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT with a WordPiece tokenizer over the test texts, saved as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for t in TEXTS for w in re.findall(r"[a-z]+", t)})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def data_files(tmp_path: Path) -> dict[str, Path]:
+    """A calibration JSONL of texts and an evaluation CSV of scored pairs over them."""
+    cal = tmp_path / "calibration.jsonl"
+    cal.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    ev = tmp_path / "pairs.csv"
+    rows = ["a,b,score"]
+    for i in range(len(TEXTS)):
+        for j in (i + 1, i + 3):
+            if j < len(TEXTS):
+                rows.append(f"{TEXTS[i]},{TEXTS[j]},{(i * 7 + j * 3) % 5}")
+    ev.write_text("\n".join(rows) + "\n")
+    return {"calibration": cal, "evaluation": ev}
+
+
+@pytest.fixture
+def recipe_for(tmp_path: Path, tiny_bert: Path, data_files: dict[str, Path]) -> Callable[..., Path]:
+    """Write a recipe for the tiny model; keyword arguments replace top-level sections."""
+
+    def write(name: str = "tiny", stages: list[dict[str, Any]] | None = None, **sections: Any) -> Path:
+        recipe: dict[str, Any] = {
+            "name": name,
+            "model": {"hf": str(tiny_bert)},
+            "task": "embedding",
+            "data": {
+                "calibration": {"path": str(data_files["calibration"])},
+                "evaluation": {
+                    "path": str(data_files["evaluation"]),
+                    "pair_fields": ["a", "b"],
+                    "score_field": "score",
+                },
+                "max_length": 32,
+                "batch_size": 4,
+            },
+            "stages": stages
+            or [
+                {"type": "export"},
+                {"type": "quantize", "mode": "dynamic"},
+                {"type": "validate", "runs": 10, "warmup": 2, "sequence_length": 32},
+            ],
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+        recipe.update(sections)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write

@@ -1,0 +1,139 @@
+"""The whole flow on a tiny random-init BERT: run directory, resume, recompute on change, int8 checks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+from rich.console import Console
+
+from compress.context import Context
+from compress.errors import StageFailed
+from compress.pipeline import run
+from compress.recipe import load_recipe
+
+
+def _run(path: Path) -> Path:
+    recipe = load_recipe(path)
+    quiet = Console(quiet=True)
+    return run(recipe, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=quiet))
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def test_end_to_end_writes_run_directory_and_report(recipe_for: Callable[..., Path]) -> None:
+    run_dir = _run(recipe_for())
+    for stage in ("01_export", "02_quantize", "03_validate"):
+        assert (run_dir / stage / "done").is_file()
+        assert (run_dir / stage / "metrics.json").is_file()
+    assert (run_dir / "01_export" / "model.onnx").is_file()
+    assert (run_dir / "02_quantize" / "model.onnx").is_file()
+    assert "type: quantize" in (run_dir / "resolved_recipe.yaml").read_text()
+    assert "per_channel: true" in (run_dir / "resolved_recipe.yaml").read_text()  # defaults filled in
+
+    report = _report(run_dir)
+    export, quant, _ = (s["metrics"] for s in report["stages"])
+    assert export["max_abs_diff"] <= 1e-4
+    assert quant["kernels"]["int8_total"] > 0
+    assert quant["size_bytes"] < export["size_bytes"]
+    target = report["targets"]["x86_64"]
+    for role in ("artifact", "reference"):
+        lat = target[role]["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert target[role]["latency_ms"]["runs"] == 10
+        assert target[role]["size_bytes"] > 0
+        assert target[role]["memory"]["peak_rss_bytes"] > 10_000_000
+        assert -1 <= target[role]["task"]["spearman"] <= 1
+        lo, hi = target[role]["task"]["spearman_ci95"]
+        assert lo <= hi
+    assert target["reference"]["kernels"]["int8_total"] == 0
+    assert target["artifact"]["kernels"]["int8_total"] > 0
+    assert 0.9 < target["fidelity"]["cosine_mean"] <= 1.0 + 1e-6
+    md = (run_dir / "report.md").read_text()
+    assert "| latency p50 ms" in md and "x faster" in md
+
+
+def test_rerun_reuses_finished_stages(recipe_for: Callable[..., Path]) -> None:
+    path = recipe_for()
+    run_dir = _run(path)
+    stamp = (run_dir / "02_quantize" / "model.onnx").stat().st_mtime_ns
+    report = _report(_run(path))
+    assert [s["reused"] for s in report["stages"]] == [True, True, True]
+    assert (run_dir / "02_quantize" / "model.onnx").stat().st_mtime_ns == stamp
+
+
+def test_changed_stage_is_recomputed_with_everything_after_it(recipe_for: Callable[..., Path]) -> None:
+    stages = [{"type": "export"}, {"type": "quantize"}, {"type": "validate", "runs": 10, "sequence_length": 16}]
+    _run(recipe_for(stages=stages))
+    stages[1] = {"type": "quantize", "per_channel": False}
+    report = _report(_run(recipe_for(stages=stages)))
+    assert [s["reused"] for s in report["stages"]] == [True, False, False]
+    assert report["stages"][1]["metrics"]["per_channel"] is False
+
+
+def test_shorter_recipe_drops_stale_stage_folders(recipe_for: Callable[..., Path]) -> None:
+    run_dir = _run(recipe_for())
+    _run(recipe_for(stages=[{"type": "export"}]))
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["01_export"]
+
+
+def test_static_qdq_has_qdq_pairs_and_int8_kernels(recipe_for: Callable[..., Path]) -> None:
+    stages = [{"type": "export"}, {"type": "quantize", "mode": "static", "calibration": "percentile"}]
+    run_dir = _run(recipe_for(stages=stages))
+    graph = onnx.load(str(run_dir / "02_quantize" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
+    assert metrics["calibration"] == "percentile"
+    assert metrics["kernels"]["int8_total"] > 0
+    session = json.loads((run_dir / "02_quantize" / "session.json").read_text())
+    assert session["disabled_optimizers"] == ["MatMulAddFusion"]
+
+
+def test_excluded_nodes_stay_float(recipe_for: Callable[..., Path]) -> None:
+    stages = [{"type": "export"}, {"type": "quantize", "exclude_nodes": ["layer\\.1/"]}]
+    run_dir = _run(recipe_for(stages=stages))
+    metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
+    assert metrics["excluded_nodes"] and all("layer.1/" in n for n in metrics["excluded_nodes"])
+    assert metrics["kernels"]["float_total"] > 0  # layer 1 runs in float, as asked
+
+
+def test_export_mismatch_fails_and_keeps_nothing_half_written(recipe_for: Callable[..., Path]) -> None:
+    path = recipe_for(stages=[{"type": "export", "tolerance": 1e-30}])
+    recipe = load_recipe(path)
+    with pytest.raises(StageFailed, match="differs from PyTorch"):
+        _run(path)
+    run_dir = recipe.output.dir / recipe.name
+    assert [p.name for p in run_dir.iterdir()] == ["resolved_recipe.yaml"]
+
+
+def test_failed_stage_keeps_finished_ones(recipe_for: Callable[..., Path]) -> None:
+    good = [{"type": "export"}]
+    run_dir = _run(recipe_for(stages=good))
+    marker = (run_dir / "01_export" / "done").read_text()
+    bad = [{"type": "export"}, {"type": "quantize", "exclude_nodes": ["no-such-node"]}]
+    with pytest.raises(Exception, match="matches no node"):
+        _run(recipe_for(stages=bad))
+    assert (run_dir / "01_export" / "done").read_text() == marker
+    assert not (run_dir / "02_quantize").exists()
+    assert not any(p.name.startswith(".") for p in run_dir.iterdir())
+
+
+def test_dynamo_exporter_matches_torch(recipe_for: Callable[..., Path]) -> None:
+    run_dir = _run(recipe_for(stages=[{"type": "export", "exporter": "dynamo", "optimize": False}]))
+    metrics = json.loads((run_dir / "01_export" / "metrics.json").read_text())
+    assert metrics["exporter"] == "dynamo" and metrics["max_abs_diff"] <= 1e-4
+    assert [3, 2] in metrics["shapes_checked"] or len(metrics["shapes_checked"]) == 3
+
+
+def test_sequence_length_beyond_the_model_is_a_user_error(recipe_for: Callable[..., Path]) -> None:
+    from compress.errors import UserError
+
+    stages = [{"type": "export"}, {"type": "validate", "runs": 10, "sequence_length": 128}]
+    with pytest.raises(UserError, match="sequence_length 128 exceeds the model's 64 positions"):
+        _run(recipe_for(stages=stages))
