@@ -151,8 +151,7 @@ def _embed(v: Variant, tok: Any, data: ScoredPairs, names: tuple[str, ...], reci
     """Embeddings of the evaluation texts, as the pipeline's validate stage computes them."""
     size, max_length = recipe.data.batch_size, recipe.data.max_length
     chunks = [
-        v.embed(hf.encode(tok, data.texts[i : i + size], max_length, names))
-        for i in range(0, len(data.texts), size)
+        v.embed(hf.encode(tok, data.texts[i : i + size], max_length, names)) for i in range(0, len(data.texts), size)
     ]
     return np.concatenate(chunks)
 
@@ -165,8 +164,7 @@ def _header(runs: int, command: str) -> list[str]:
     return [
         "# Benchmark: all-MiniLM-L6-v2, pipeline int8 vs the alternatives",
         "",
-        f"- Machine: {_cpu_model()}, {cores} logical cores ({platform.machine()}, "
-        f"Linux {platform.release()})",
+        f"- Machine: {_cpu_model()}, {cores} logical cores ({platform.machine()}, Linux {platform.release()})",
         f"- Versions: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {platform.python_version()}",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",

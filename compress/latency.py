@@ -68,9 +68,7 @@ print(json.dumps({"peak_rss_bytes": hwm(), "runtime_baseline_rss_bytes": base}))
 """
 
 
-def peak_memory(
-    model: Path, feeds: dict[str, np.ndarray], threads: int, settings: dict[str, Any]
-) -> dict[str, int]:
+def peak_memory(model: Path, feeds: dict[str, np.ndarray], threads: int, settings: dict[str, Any]) -> dict[str, int]:
     """Peak resident memory of a fresh process that loads the model in ONNX Runtime and runs it."""
     payload = json.dumps(
         {

@@ -76,9 +76,7 @@ class ReferenceSet(_Strict):
 
 
 class FileSet(_Strict):
-    path: Path = Field(
-        description="A user data file: .jsonl (one JSON object per line) or .csv with a header."
-    )
+    path: Path = Field(description="A user data file: .jsonl (one JSON object per line) or .csv with a header.")
     text_field: str = Field("text", description="Column holding the text (calibration sets).")
     pair_fields: tuple[str, str] | None = Field(
         None, description="Embedding evaluation: the two text columns of a scored pair."
@@ -111,13 +109,9 @@ DataSource = Annotated[
 
 class DataSpec(_Strict):
     calibration: DataSource = Field(description="Real text for calibration (static quantization).")
-    evaluation: DataSource = Field(
-        description="The evaluation set: task metrics and fidelity are measured on it."
-    )
+    evaluation: DataSource = Field(description="The evaluation set: task metrics and fidelity are measured on it.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
-    batch_size: int = Field(
-        16, ge=1, le=1024, description="Batch size for evaluation and calibration passes."
-    )
+    batch_size: int = Field(16, ge=1, le=1024, description="Batch size for evaluation and calibration passes.")
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -140,9 +134,7 @@ class ExportStage(_Strict):
         gt=0,
         description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails.",
     )
-    check_samples: int = Field(
-        16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check."
-    )
+    check_samples: int = Field(16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check.")
 
 
 class QuantizeStage(_Strict):
@@ -157,13 +149,9 @@ class QuantizeStage(_Strict):
     calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
         None, description="Static only: calibration method (default minmax)."
     )
-    percentile: float = Field(
-        99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile."
-    )
+    percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
     calibration_samples: int = Field(128, ge=1, description="Static only: calibration texts used.")
-    per_channel: bool = Field(
-        True, description="Per-output-channel weight scales (recommended for transformers)."
-    )
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (recommended for transformers).")
     reduce_range: bool = Field(
         False, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI (AVX2 only)."
     )
@@ -185,9 +173,7 @@ class QuantizeStage(_Strict):
     @model_validator(mode="after")
     def _static_only_fields(self) -> QuantizeStage:
         if self.mode == "dynamic" and self.calibration is not None:
-            raise ValueError(
-                "calibration applies to mode: static only (dynamic quantization is not calibrated)"
-            )
+            raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)
@@ -202,9 +188,7 @@ class ValidateStage(_Strict):
     sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
     threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads.")
     warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
-    runs: int = Field(
-        100, ge=10, description="Latency: timed runs per model (interleaved with the reference)."
-    )
+    runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
 
 
 Stage = Annotated[ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
@@ -213,6 +197,10 @@ STAGE_ORDER = ("export", "quantize", "validate")
 
 class OutputSpec(_Strict):
     dir: Path = Field(Path("runs"), description="Runs are written to DIR/<name>/.")
+
+
+def _default_targets() -> list[Literal["x86_64"]]:
+    return ["x86_64"]
 
 
 class Recipe(_Strict):
@@ -227,7 +215,7 @@ class Recipe(_Strict):
     data: DataSpec
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order.")
     targets: list[Literal["x86_64"]] = Field(
-        default_factory=lambda: ["x86_64"],
+        default_factory=_default_targets,
         min_length=1,
         description="CPU targets validated on: x86_64 (native).",
     )
@@ -240,9 +228,7 @@ class Recipe(_Strict):
             if kinds.count(kind) > 1:
                 raise ValueError(f"stage {kind!r} appears {kinds.count(kind)} times; each stage runs once")
         if kinds != sorted(kinds, key=STAGE_ORDER.index):
-            raise ValueError(
-                f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}"
-            )
+            raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}")
         if ("quantize" in kinds or "validate" in kinds) and "export" not in kinds:
             raise ValueError("quantize and validate work on ONNX: add an export stage before them")
         return self
@@ -285,8 +271,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     previous: Any = None
     for part in loc:
         union_tag = (
-            previous in ("model", "calibration", "evaluation")
-            and part in ("hf", "package", "reference", "file")
+            previous in ("model", "calibration", "evaluation") and part in ("hf", "package", "reference", "file")
         ) or (isinstance(previous, int) and part in STAGE_ORDER)
         previous = part
         if union_tag:
@@ -337,7 +322,11 @@ def _explain(err: Any, loc: tuple[Any, ...]) -> str:
 
 def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model that `loc` points into, walking unions by their tags."""
-    stage_models = {"export": ExportStage, "quantize": QuantizeStage, "validate": ValidateStage}
+    stage_models: dict[str, type[BaseModel]] = {
+        "export": ExportStage,
+        "quantize": QuantizeStage,
+        "validate": ValidateStage,
+    }
     tagged: dict[str, type[BaseModel]] = {
         "hf": HFModel,
         "package": PackageModel,

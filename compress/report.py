@@ -63,9 +63,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
         fid = t["fidelity"]
-        rows.append(
-            ("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", "")
-        )
+        rows.append(("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", ""))
         shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
         for p in ("p50", "p90", "p99"):
             rows.append(
@@ -157,7 +155,9 @@ def _stage_note(stage: dict[str, Any]) -> str:
     if stage["type"] == "export":
         fused = m["fused_ops"]
         fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused
-        return f"{m['exporter']} opset {m['opset']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e}; fused: {fused_txt}"
+        return (
+            f"{m['exporter']} opset {m['opset']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e}; fused: {fused_txt}"
+        )
     if stage["type"] == "quantize":
         k = m["kernels"]
         how = m["mode"] + (f" ({m['calibration']})" if m.get("calibration") else "")

@@ -23,6 +23,7 @@ Exporter = Literal["torchscript", "dynamo"]
 
 def export(
     module: torch.nn.Module,
+    *,
     example: dict[str, np.ndarray],
     path: Path,
     output_names: tuple[str, ...],
@@ -73,9 +74,7 @@ def _rename_shadowed_values(path: Path, output_names: tuple[str, ...]) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    producers = [
-        (node, i) for node in model.graph.node for i, out in enumerate(node.output) if out in output_names
-    ]
+    producers = [(node, i) for node in model.graph.node for i, out in enumerate(node.output) if out in output_names]
     seen: set[str] = set()
     for node, i in reversed(producers):  # the last producer of a name is the graph output's
         name = node.output[i]
@@ -125,9 +124,7 @@ def check_against_torch(
             expected = module(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
         got = sess.run(None, feeds)[0]
         if got.shape != expected.shape:
-            raise StageFailed(
-                f"export: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}"
-            )
+            raise StageFailed(f"export: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
         diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
         worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.size
         shapes.append(tuple(next(iter(feeds.values())).shape))

@@ -16,7 +16,12 @@ import yaml
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, check=False
+        [sys.executable, "-m", "compress.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
     )
 
 

@@ -68,7 +68,11 @@ def test_rerun_reuses_finished_stages(recipe_for: Callable[..., Path]) -> None:
 
 
 def test_changed_stage_is_recomputed_with_everything_after_it(recipe_for: Callable[..., Path]) -> None:
-    stages = [{"type": "export"}, {"type": "quantize"}, {"type": "validate", "runs": 10, "sequence_length": 16}]
+    stages = [
+        {"type": "export"},
+        {"type": "quantize"},
+        {"type": "validate", "runs": 10, "sequence_length": 16},
+    ]
     _run(recipe_for(stages=stages))
     stages[1] = {"type": "quantize", "per_channel": False}
     report = _report(_run(recipe_for(stages=stages)))

@@ -68,9 +68,7 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
 
 
 def test_unknown_field_names_line_and_allowed(tmp_path: Path) -> None:
-    message = _error(
-        tmp_path, GOOD.replace("    calibration: percentile", "    calibration: percentile\n    bits: 4")
-    )
+    message = _error(tmp_path, GOOD.replace("    calibration: percentile", "    calibration: percentile\n    bits: 4"))
     assert message.startswith(f"{tmp_path / 'r.yaml'}:12: stages[1].bits: unknown field; allowed:")
     assert "per_channel" in message and "calibration" in message
 

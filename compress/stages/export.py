@@ -17,9 +17,7 @@ from exporters import onnx_export, ort_fusion
 
 def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     if artifact.kind != "hf":
-        raise UserError(
-            f"stages: export needs a PyTorch model, but the previous stage produced {artifact.kind}"
-        )
+        raise UserError(f"stages: export needs a PyTorch model, but the previous stage produced {artifact.kind}")
     folder = artifact.file("model")
     config = hf.read_config(folder)
     tokenizer = hf.load_tokenizer(folder)
@@ -43,7 +41,9 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     raw = ctx.out_dir / "raw.onnx"
     model_path = ctx.out_dir / "model.onnx"
     ctx.log(f"exporting with the {cfg.exporter} exporter (opset {cfg.opset})")
-    onnx_export.export(module, example, raw, task.OUTPUT_NAMES, cfg.exporter, cfg.opset)
+    onnx_export.export(
+        module, example=example, path=raw, output_names=task.OUTPUT_NAMES, exporter=cfg.exporter, opset=cfg.opset
+    )
     fused: dict[str, int] | str = "disabled in the recipe"
     if cfg.optimize:
         fused = ort_fusion.fuse(raw, model_path, config)
@@ -71,7 +71,7 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
         "size_bytes": model_path.stat().st_size,
         "parameters": sum(p.numel() for p in module.parameters()),
     }
-    meta = {
+    meta: dict[str, Any] = {
         "inputs": list(names),
         "outputs": list(task.OUTPUT_NAMES),
         "precision": "fp32",

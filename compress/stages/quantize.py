@@ -185,14 +185,10 @@ class _Calibration:
         return next(self._batches, None)
 
 
-def _quick_fidelity(
-    artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context
-) -> dict[str, float]:
+def _quick_fidelity(artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context) -> dict[str, float]:
     """Cosine of the int8 outputs to the fp32 reference's on a few evaluation texts (validate does the rest)."""
     tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
-    feeds = hf.encode(
-        tokenizer, ctx.evaluation.texts[:8], ctx.recipe.data.max_length, tuple(artifact.meta["inputs"])
-    )
+    feeds = hf.encode(tokenizer, ctx.evaluation.texts[:8], ctx.recipe.data.max_length, tuple(artifact.meta["inputs"]))
     ref = session(artifact.file("reference"), threads=2).run(None, feeds)[0]
     got = session(model, threads=2, settings=settings).run(None, feeds)[0]
     return cosine_fidelity(got, ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,9 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         raise UserError("stages: validate works on ONNX; put an export stage before it")
     positions = artifact.meta.get("max_positions")
     if isinstance(positions, int) and cfg.sequence_length > positions:
-        raise UserError(f"stages: validate.sequence_length {cfg.sequence_length} exceeds the model's {positions} positions")
+        raise UserError(
+            f"stages: validate.sequence_length {cfg.sequence_length} exceeds the model's {positions} positions"
+        )
     tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
     names = tuple(artifact.meta["inputs"])
     settings = artifact.meta.get("session", {})
@@ -48,14 +51,12 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         outputs = {}
         for role, sess in sessions.items():
             chunks = [
-                sess.run(
-                    None, hf.encode(tokenizer, data.texts[i : i + size], ctx.recipe.data.max_length, names)
-                )[0]
+                sess.run(None, hf.encode(tokenizer, data.texts[i : i + size], ctx.recipe.data.max_length, names))[0]
                 for i in range(0, len(data.texts), size)
             ]
             outputs[role] = np.concatenate(chunks)
         latency = interleaved(
-            {role: (lambda s=sess: s.run(None, timing_feeds)) for role, sess in sessions.items()},
+            {role: _runner(sess, timing_feeds) for role, sess in sessions.items()},
             warmup=cfg.warmup,
             runs=cfg.runs,
             items_per_run=cfg.batch_size,
@@ -90,3 +91,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         if art["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
             ctx.warn(f"validate: on {target} ONNX Runtime ran the int8 artifact with no int8 kernel")
     return artifact, {"targets": results}
+
+
+def _runner(sess: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: sess.run(None, feeds)

@@ -16,9 +16,7 @@ if TYPE_CHECKING:
 OUTPUT_NAMES = ("embedding",)
 
 
-def build_module(
-    encoder: torch.nn.Module, spec: HFModel | PackageModel, names: tuple[str, ...]
-) -> torch.nn.Module:
+def build_module(encoder: torch.nn.Module, spec: HFModel | PackageModel, names: tuple[str, ...]) -> torch.nn.Module:
     """Wrap an encoder so that it maps token ids to one embedding per text, as deployed."""
     import torch
 
@@ -37,9 +35,7 @@ def build_module(
             token_type_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
             extra = {"token_type_ids": token_type_ids} if with_types else {}
-            hidden = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, **extra
-            ).last_hidden_state
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
             if pooling == "cls":
                 pooled = hidden[:, 0]  # (B, D)
             else:
