@@ -127,7 +127,7 @@ def _baselines(module: Any, example: dict[str, np.ndarray], out_dir: Path) -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     plain, plain_int8 = out_dir / "plain_fp32.onnx", out_dir / "plain_int8_default.onnx"
     _log(f"exporting the plain fp32 ONNX (torchscript, opset 17, no fusion) -> {plain}")
-    export(module, example, plain, ("embedding",), "torchscript", 17)
+    export(module, example=example, path=plain, output_names=("embedding",), exporter="torchscript", opset=17)
     _log(f"quantize_dynamic with default settings -> {plain_int8}")
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice to the root logger
     quantize_dynamic(plain, plain_int8)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compress.data import ScoredPairs, TextSet, load_evaluation, load_texts
 from compress.recipe import Recipe
@@ -38,3 +39,14 @@ class Context:
 
     def log(self, message: Any) -> None:
         self.console.print(message)
+
+    def progress(self) -> Progress:
+        """A rich progress bar on this run's console, for steps that take more than a moment."""
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )

@@ -18,9 +18,16 @@ import numpy as np
 
 
 def interleaved(
-    runners: dict[str, Callable[[], object]], warmup: int, runs: int, items_per_run: int = 1
+    runners: dict[str, Callable[[], object]],
+    warmup: int,
+    runs: int,
+    items_per_run: int = 1,
+    on_round: Callable[[], object] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Time each runner `runs` times, interleaved round by round, after `warmup` untimed calls each."""
+    """Time each runner `runs` times, interleaved round by round, after `warmup` untimed calls each.
+
+    on_round is called after each round (a progress bar's advance).
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn()
@@ -30,6 +37,8 @@ def interleaved(
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1000.0)
+        if on_round is not None:
+            on_round()
     return {name: summarize(values, items_per_run) for name, values in samples.items()}
 
 

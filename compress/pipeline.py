@@ -71,13 +71,15 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
         tmp.mkdir()
         ctx.out_dir = tmp
         start = time.perf_counter()
+        warned = len(ctx.warnings)
         try:
             artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         seconds = time.perf_counter() - start
-        metrics = {**metrics, "seconds": round(seconds, 2)}
+        # Warnings live with the stage, so a rerun that reuses it still reports them.
+        metrics = {**metrics, "seconds": round(seconds, 2), "warnings": ctx.warnings[warned:]}
         artifact = artifact.moved(tmp, stage_dir)
         write_atomic(tmp / "artifact.json", artifact.to_json(run_dir).encode())
         write_atomic(tmp / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
@@ -86,7 +88,7 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
         write_atomic(stage_dir / "done", (fingerprint + "\n").encode())
         records.append(StageRecord(index, stage.type, stage_dir, False, seconds, metrics))
     _drop_leftover_stages(run_dir, len(recipe.stages))
-    write_report(run_dir, recipe, folder, records, ctx.warnings)
+    write_report(run_dir, recipe, folder, records)
     return run_dir
 
 
@@ -120,8 +122,19 @@ def _source_fingerprint(recipe: Recipe, folder: Path) -> str:
         "task": recipe.task,
         "data": recipe.data.model_dump(mode="json"),
         "targets": recipe.targets,
+        # A new release of the tool or of the libraries that produce the artifacts recomputes.
+        "versions": [_version(d) for d in ("edge-compress", "torch", "transformers", "onnx", "onnxruntime")],
     }
     return _hash(json.dumps(parts, sort_keys=True))
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{dist}=={version(dist)}"
+    except PackageNotFoundError:
+        return f"{dist} (not installed)"
 
 
 def _hash(text: str) -> str:

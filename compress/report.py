@@ -14,9 +14,7 @@ if TYPE_CHECKING:
     from compress.pipeline import StageRecord
 
 
-def write_report(
-    run_dir: Path, recipe: Recipe, folder: Path, records: list[StageRecord], warnings: list[str]
-) -> dict[str, Any]:
+def write_report(run_dir: Path, recipe: Recipe, folder: Path, records: list[StageRecord]) -> dict[str, Any]:
     stages = [
         {
             "index": r.index,
@@ -28,6 +26,7 @@ def write_report(
         }
         for r in records
     ]
+    warnings = [w for r in records for w in r.metrics.get("warnings", [])]
     targets: dict[str, Any] = {}
     for record in records:
         targets.update(record.metrics.get("targets", {}))

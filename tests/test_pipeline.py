@@ -141,3 +141,13 @@ def test_sequence_length_beyond_the_model_is_a_user_error(recipe_for: Callable[.
     stages = [{"type": "export"}, {"type": "validate", "runs": 10, "sequence_length": 128}]
     with pytest.raises(UserError, match="sequence_length 128 exceeds the model's 64 positions"):
         _run(recipe_for(stages=stages))
+
+
+def test_warnings_survive_a_rerun_that_reuses_the_stage(recipe_for: Callable[..., Path]) -> None:
+    """Static QDQ leaves the fused Attention in float: warned loudly, and still in the report on resume."""
+    stages = [{"type": "export"}, {"type": "quantize", "mode": "static"}]
+    path = recipe_for(stages=stages)
+    first = _report(_run(path))
+    assert any("still run in float" in w for w in first["warnings"])
+    second = _report(_run(path))
+    assert second["stages"][1]["reused"] and second["warnings"] == first["warnings"]

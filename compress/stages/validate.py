@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,12 +56,15 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
                 for i in range(0, len(data.texts), size)
             ]
             outputs[role] = np.concatenate(chunks)
-        latency = interleaved(
-            {role: _runner(sess, timing_feeds) for role, sess in sessions.items()},
-            warmup=cfg.warmup,
-            runs=cfg.runs,
-            items_per_run=cfg.batch_size,
-        )
+        with ctx.progress() as bar:
+            task_id = bar.add_task(f"timing on {target} (artifact and reference in turn)", total=cfg.runs)
+            latency = interleaved(
+                {role: _runner(sess, timing_feeds) for role, sess in sessions.items()},
+                warmup=cfg.warmup,
+                runs=cfg.runs,
+                items_per_run=cfg.batch_size,
+                on_round=partial(bar.advance, task_id),
+            )
         per_model: dict[str, Any] = {}
         for role, path in (("artifact", model), ("reference", reference)):
             role_settings = settings if role == "artifact" else {}
