@@ -13,10 +13,13 @@ finished ones untouched.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.data.cache import write_atomic
+from compress.errors import UserError
 from compress.models import hf
 from compress.recipe import Recipe
 from compress.report import write_report
@@ -46,9 +50,27 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
     ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
     folder = hf.model_folder(recipe.model)
     _load_data_up_front(recipe, ctx)
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        if fresh:
+            for path in run_dir.iterdir():
+                if path.name != ".lock":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return _run_stages(recipe, ctx, folder, run_dir)
+
+
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: a second concurrent run would overwrite the first's stages."""
+    with (run_dir / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir} is in use by another edge-compress run; wait for it to finish") from None
+        yield
+
+
+def _run_stages(recipe: Recipe, ctx: Context, folder: Path, run_dir: Path) -> Path:
     write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
 
     artifact = Artifact("hf", {"model": folder}, {"precision": "fp32"})
@@ -107,7 +129,7 @@ def _is_done(stage_dir: Path, fingerprint: str) -> bool:
 def _drop_leftover_stages(run_dir: Path, count: int) -> None:
     """Stage folders beyond the recipe's stages (the recipe got shorter) would mislead: remove them."""
     for path in run_dir.iterdir():
-        head = path.name.split("_", 1)[0]
+        head = path.name.lstrip(".").split("_", 1)[0]
         if path.is_dir() and head.isdigit() and int(head) > count:
             shutil.rmtree(path)
 

@@ -113,7 +113,7 @@ def test_export_mismatch_fails_and_keeps_nothing_half_written(recipe_for: Callab
     with pytest.raises(StageFailed, match="differs from PyTorch"):
         _run(path)
     run_dir = recipe.output.dir / recipe.name
-    assert [p.name for p in run_dir.iterdir()] == ["resolved_recipe.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "resolved_recipe.yaml"]
 
 
 def test_failed_stage_keeps_finished_ones(recipe_for: Callable[..., Path]) -> None:
@@ -125,7 +125,7 @@ def test_failed_stage_keeps_finished_ones(recipe_for: Callable[..., Path]) -> No
         _run(recipe_for(stages=bad))
     assert (run_dir / "01_export" / "done").read_text() == marker
     assert not (run_dir / "02_quantize").exists()
-    assert not any(p.name.startswith(".") for p in run_dir.iterdir())
+    assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
 
 
 def test_dynamo_exporter_matches_torch(recipe_for: Callable[..., Path]) -> None:
@@ -151,3 +151,46 @@ def test_warnings_survive_a_rerun_that_reuses_the_stage(recipe_for: Callable[...
     assert any("still run in float" in w for w in first["warnings"])
     second = _report(_run(path))
     assert second["stages"][1]["reused"] and second["warnings"] == first["warnings"]
+
+
+def test_killed_run_resumes_from_the_last_finished_stage(recipe_for: Callable[..., Path]) -> None:
+    """SIGKILL in the middle of validate; the rerun reuses export and quantize and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    long_validate = {"type": "validate", "runs": 100_000, "warmup": 0, "sequence_length": 16}
+    path = recipe_for(stages=[{"type": "export"}, {"type": "quantize"}, long_validate])
+    recipe = load_recipe(path)
+    run_dir = recipe.output.dir / recipe.name
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", str(path)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run_dir / ".03_validate.tmp").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "02_quantize" / "done").is_file() and not (run_dir / "03_validate").exists()
+
+    short = recipe_for(stages=[{"type": "export"}, {"type": "quantize"}, {**long_validate, "runs": 10}])
+    report = _report(_run(short))
+    assert [s["reused"] for s in report["stages"]] == [True, True, False]
+    assert not (run_dir / ".03_validate.tmp").exists()
+
+
+def test_second_concurrent_run_is_refused(recipe_for: Callable[..., Path]) -> None:
+    import fcntl
+
+    from compress.errors import UserError
+
+    path = recipe_for(stages=[{"type": "export"}])
+    recipe = load_recipe(path)
+    run_dir = recipe.output.dir / recipe.name
+    run_dir.mkdir(parents=True)
+    with (run_dir / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="in use by another edge-compress run"):
+            _run(path)
+    assert _report(_run(path))["stages"][0]["type"] == "export"
