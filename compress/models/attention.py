@@ -1,0 +1,390 @@
+"""Attention kinds of the efficient-transformer zoo, behind one interface.
+
+    forward(q, k, v, key_mask, global_mask=None) -> out
+    q, k, v: (B, H, S, D); key_mask: (B, S) bool, True for real tokens; global_mask: (B, S) bool or None.
+
+Each kind is a PyTorch reference implementation whose memory follows the method, never a dense S x S
+matrix (except `dense`): windowed O(S·w) (Beltagy et al. 2020), block-sparse O(S·b·blocks) (Zaheer et
+al. 2020), Linformer O(S·k) (Wang et al. 2020), Performer FAVOR+ O(S·m) (Choromanski et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionKind = Literal["dense", "windowed", "block_sparse", "linformer", "kernelized"]
+KINDS: tuple[str, ...] = ("dense", "windowed", "block_sparse", "linformer", "kernelized")
+NEG = -1e9  # masked score: finite, so a row with nothing to attend to gives zeros-weights, not NaN
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention kind and its parameters; validated on construction (the error names the field)."""
+
+    kind: str = "dense"
+    causal: bool = False
+    window: int = 0  # windowed: half-width w; query i sees keys i-w..i+w (i-w..i if causal)
+    global_tokens: int = 0  # windowed / block_sparse: leading tokens (CLS...) that see and are seen by all
+    block: int = 0  # block_sparse: block size b
+    local_blocks: int = 1  # block_sparse: neighbour blocks on each side
+    random_blocks: int = 0  # block_sparse: extra seeded random key blocks per query block
+    proj_len: int = 0  # linformer: k, the projected sequence length
+    max_len: int = 0  # linformer: longest sequence the projections cover
+    features: int = 0  # kernelized: m random features
+    seed: int = 0  # block_sparse random blocks, kernelized features
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"attention.kind: unknown kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if self.global_tokens < 0:
+            raise ValueError(f"attention.global_tokens must be >= 0, got {self.global_tokens}")
+        if self.kind == "windowed" and self.window <= 0:
+            raise ValueError(f"attention.window must be > 0 for windowed attention, got {self.window}")
+        if self.kind == "block_sparse":
+            if self.block <= 0:
+                raise ValueError(f"attention.block must be > 0 for block_sparse attention, got {self.block}")
+            if self.local_blocks < 0 or self.random_blocks < 0:
+                raise ValueError("attention.local_blocks and attention.random_blocks must be >= 0")
+            if self.causal:
+                raise ValueError("attention: block_sparse is bidirectional here; use windowed for causal models")
+        if self.kind == "linformer":
+            if self.proj_len <= 0 or self.max_len <= 0:
+                raise ValueError("attention.proj_len and attention.max_len must be > 0 for linformer attention")
+            if self.causal:
+                raise ValueError("attention: linformer mixes all positions and cannot be causal (Wang et al. 2020)")
+        if self.kind == "kernelized" and self.features <= 0:
+            raise ValueError(f"attention.features must be > 0 for kernelized attention, got {self.features}")
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax attention where allowed (broadcastable to (B, H, S, S)) says which key each query sees."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, S, S)
+    scores = scores.masked_fill(~allowed, NEG)
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, S, D)
+
+
+class DenseAttention(nn.Module):
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        del global_mask  # every token already sees every other
+        allowed = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.cfg.causal:
+            s = q.shape[2]
+            allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        return dense_attention(q, k, v, allowed)
+
+
+def _no_globals(kind: str, global_mask: torch.Tensor | None) -> None:
+    if global_mask is not None and bool(global_mask.any()):
+        raise ValueError(f"{kind} attention has no global tokens; a global mask would be silently ignored")
+
+
+def leading_globals(key_mask: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Global mask marking the first `count` positions (e.g. CLS); None when there are none."""
+    if count == 0:
+        return None
+    mask = torch.zeros_like(key_mask)
+    mask[:, :count] = True
+    return mask & key_mask
+
+
+class WindowedAttention(nn.Module):
+    """Sliding window of half-width w, computed in query chunks of w: scores are (S/w) x w x 3w, O(S·w)."""
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if global_mask is None:
+            global_mask = leading_globals(key_mask, self.cfg.global_tokens)
+        return banded_attention(
+            q, k, v, key_mask, window=self.cfg.window, causal=self.cfg.causal, global_mask=global_mask
+        )
+
+
+def banded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    window: int,
+    causal: bool,
+    global_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    b, h, s, d = q.shape
+    c = window  # query chunk: its keys span c + 2w positions
+    n = -(-s // c)  # chunks
+    pad_q = n * c - s
+    qc = F.pad(q, (0, 0, 0, pad_q)).view(b, h, n, c, d)  # (B, H, n, c, D)
+    kp = F.pad(k, (0, 0, window, window + pad_q))  # (B, H, w + n·c + w, D)
+    vp = F.pad(v, (0, 0, window, window + pad_q))
+    span = c + 2 * window
+    kw = kp.unfold(2, span, c).transpose(-1, -2)  # (B, H, n, span, D): keys of chunk t start at t·c - w
+    vw = vp.unfold(2, span, c).transpose(-1, -2)
+    scores = qc @ kw.transpose(-1, -2) / math.sqrt(d)  # (B, H, n, c, span)
+
+    qi = torch.arange(n * c, device=q.device).view(n, c, 1)  # absolute query position
+    kj = (torch.arange(n, device=q.device) * c).view(n, 1, 1) - window + torch.arange(span, device=q.device)
+    rel = kj - qi  # (n, c, span): key position minus query position
+    ok = (rel.abs() <= window) & (kj >= 0) & (kj < s)
+    if causal:
+        ok = ok & (rel <= 0)
+    km = F.pad(key_mask, (window, window + pad_q)).unfold(1, span, c)  # (B, n, span)
+    ok = ok[None] & km[:, :, None, :]  # (B, n, c, span)
+    if global_mask is not None:
+        gm = F.pad(global_mask, (window, window + pad_q)).unfold(1, span, c)  # (B, n, span)
+        ok = ok & ~gm[:, :, None, :]  # global keys are scored once, in the global columns below
+    scores = scores.masked_fill(~ok[:, None], NEG)
+
+    if global_mask is None:
+        out = torch.softmax(scores, dim=-1) @ vw  # (B, H, n, c, D)
+        return out.reshape(b, h, n * c, d)[:, :, :s]
+
+    # Global keys: every query sees them (causal: only those at or before it).
+    gidx, gvalid = _positions(global_mask)  # (B, G)
+    kg = _gather(k, gidx)  # (B, H, G, D)
+    vg = _gather(v, gidx)
+    gscores = qc @ kg[:, :, None].transpose(-1, -2) / math.sqrt(d)  # (B, H, n, c, G)
+    gok = gvalid[:, None, None, :].expand(b, n, c, -1)  # (B, n, c, G)
+    if causal:
+        gok = gok & (gidx[:, None, None, :] <= qi[None])
+    gscores = gscores.masked_fill(~gok[:, None], NEG)
+    weights = torch.softmax(torch.cat([scores, gscores], dim=-1), dim=-1)
+    out = weights[..., :span] @ vw + weights[..., span:] @ vg[:, :, None]  # (B, H, n, c, D)
+    out = out.reshape(b, h, n * c, d)[:, :, :s]
+    # Global queries see every key: G full rows, O(G·S).
+    return _global_rows(q, k, v, key_mask, causal=causal, out=out, gidx=gidx, gvalid=gvalid)
+
+
+def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True positions per row, padded to the row with most: (B, G) indices and validity."""
+    count = int(mask.sum(1).max().item()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : max(count, 1)]  # (B, G)
+    valid = torch.gather(mask, 1, order)
+    return order, valid
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, D) at positions idx (B, G) -> (B, H, G, D)."""
+    b, h, _, d = x.shape
+    return torch.gather(x, 2, idx[:, None, :, None].expand(b, h, -1, d))
+
+
+def _global_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    causal: bool,
+    out: torch.Tensor,
+    gidx: torch.Tensor,
+    gvalid: torch.Tensor,
+) -> torch.Tensor:
+    b, h, s, d = q.shape
+    qg = _gather(q, gidx)  # (B, H, G, D)
+    allowed = key_mask[:, None, None, :].expand(b, 1, gidx.shape[1], s)  # (B, 1, G, S)
+    if causal:
+        allowed = allowed & (torch.arange(s, device=q.device)[None, None, None, :] <= gidx[:, None, :, None])
+    rows = dense_attention(qg, k, v, allowed)  # (B, H, G, D)
+    keep = gvalid[:, None, :, None].expand(b, h, -1, d)
+    current = _gather(out, gidx)
+    return out.scatter(2, gidx[:, None, :, None].expand(b, h, -1, d), torch.where(keep, rows, current))
+
+
+class BlockSparseAttention(nn.Module):
+    """BigBird-style: each query block sees its neighbour blocks, the global blocks and seeded random blocks.
+
+    Global blocks (the first `global_tokens` rounded up to blocks) see everything. Memory is
+    O(S·b·(2·local + 1 + global + random)), never S x S.
+    """
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def layout(self, blocks: int) -> torch.Tensor:
+        """(blocks, blocks) bool: which key block each query block sees. Fixed for a given length and seed."""
+        cfg = self.cfg
+        i = torch.arange(blocks)
+        lay = (i[:, None] - i[None, :]).abs() <= cfg.local_blocks
+        g = -(-cfg.global_tokens // cfg.block)
+        lay[:g, :] = True
+        lay[:, :g] = True
+        if cfg.random_blocks:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + blocks)
+            for row in range(g, blocks):
+                free = (~lay[row]).nonzero().flatten()
+                pick = free[torch.randperm(len(free), generator=gen)[: cfg.random_blocks]]
+                lay[row, pick] = True
+        return lay
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, h, s, d = q.shape
+        bs = self.cfg.block
+        if s % bs:
+            raise ValueError(f"attention.block {bs} does not divide the padded sequence length {s}")
+        if global_mask is not None:
+            raise ValueError("block_sparse attention takes its global tokens from attention.global_tokens")
+        nb = s // bs
+        lay = self.layout(nb).to(q.device)  # (nb, nb)
+        g = min(-(-self.cfg.global_tokens // bs), nb)
+        width = int(lay[g:].sum(1).max().item()) if g < nb else 1
+        order = torch.argsort((~lay).to(torch.int8), dim=1, stable=True)[:, :width]  # (nb, K) key blocks
+        valid = torch.gather(lay, 1, order)  # (nb, K)
+
+        qb = q.view(b, h, nb, bs, d)
+        kb = k.view(b, h, nb, bs, d)[:, :, order].reshape(b, h, nb, width * bs, d)  # (B, H, nb, K·b, D)
+        vb = v.view(b, h, nb, bs, d)[:, :, order].reshape(b, h, nb, width * bs, d)
+        mb = key_mask.view(b, nb, bs)[:, order].reshape(b, nb, width * bs)  # (B, nb, K·b)
+        ok = mb & valid.repeat_interleave(bs, dim=1)[None]  # (B, nb, K·b)
+        scores = qb @ kb.transpose(-1, -2) / math.sqrt(d)  # (B, H, nb, b, K·b)
+        scores = scores.masked_fill(~ok[:, None, :, None, :], NEG)
+        out = (torch.softmax(scores, dim=-1) @ vb).reshape(b, h, s, d)
+        if g:
+            rows = dense_attention(q[:, :, : g * bs], k, v, key_mask[:, None, None, :])  # (B, H, g·b, D)
+            out = torch.cat([rows, out[:, :, g * bs :]], dim=2)
+        return out
+
+
+class LinformerAttention(nn.Module):
+    """Keys and values projected along the sequence to k rows by learned E, F (k x max_len): O(S·k)."""
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj_k = nn.Parameter(torch.randn(cfg.proj_len, cfg.max_len) / math.sqrt(cfg.proj_len))
+        self.proj_v = nn.Parameter(torch.randn(cfg.proj_len, cfg.max_len) / math.sqrt(cfg.proj_len))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _no_globals("linformer", global_mask)
+        s = q.shape[2]
+        if s > self.cfg.max_len:
+            raise ValueError(f"sequence length {s} exceeds linformer attention.max_len {self.cfg.max_len}")
+        keep = key_mask[:, None, :, None].to(k.dtype)  # (B, 1, S, 1): padded keys contribute nothing
+        kp = self.proj_k[:, :s] @ (k * keep)  # (B, H, k, D)
+        vp = self.proj_v[:, :s] @ (v * keep)
+        return torch.softmax(q @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ vp
+
+
+class KernelizedAttention(nn.Module):
+    """Performer FAVOR+: softmax kernel estimated with m positive orthogonal random features, O(S·m·D).
+
+    Causal attention uses running prefix sums over chunks, never an S x S matrix.
+    """
+
+    chunk = 64
+    features: torch.Tensor
+
+    def __init__(self, cfg: AttentionConfig, head_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("features", orthogonal_features(cfg.features, head_dim, cfg.seed), persistent=True)
+
+    def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        """phi(x) = exp(W x' - |x'|^2 / 2 - c) / sqrt(m), x' = x / D^(1/4); c stabilises exp."""
+        x = x / x.shape[-1] ** 0.25
+        proj = x @ self.features.T  # (B, H, S, m)
+        sq = (x * x).sum(-1, keepdim=True) / 2
+        # Per-row shifts cancel in the normaliser for queries; keys need one shift shared by all rows.
+        shift = proj.amax(-1, keepdim=True) if is_query else proj.amax(dim=(-1, -2), keepdim=True)
+        return torch.exp(proj - sq - shift.detach()) / math.sqrt(self.features.shape[0]) + 1e-6
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _no_globals("kernelized", global_mask)
+        qf = self.feature_map(q, is_query=True)  # (B, H, S, m)
+        kf = self.feature_map(k, is_query=False) * key_mask[:, None, :, None].to(q.dtype)  # (B, H, S, m)
+        if not self.cfg.causal:
+            kv = kf.transpose(-1, -2) @ v  # (B, H, m, D)
+            norm = qf @ kf.sum(2).unsqueeze(-1)  # (B, H, S, 1)
+            return (qf @ kv) / norm
+        return causal_linear_attention(qf, kf, v, self.chunk)
+
+
+def causal_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """out_i = sum_{j<=i} (qf_i·kf_j) v_j / sum_{j<=i} qf_i·kf_j, by chunks with a running (m, D) state."""
+    b, h, _, m = qf.shape
+    s = qf.shape[2]
+    state = qf.new_zeros(b, h, m, v.shape[-1])  # sum of kf_j v_j^T over earlier chunks
+    total = qf.new_zeros(b, h, m)  # sum of kf_j over earlier chunks
+    outs = []
+    for start in range(0, s, chunk):
+        qc, kc, vc = qf[:, :, start : start + chunk], kf[:, :, start : start + chunk], v[:, :, start : start + chunk]
+        inner = (qc @ kc.transpose(-1, -2)).tril()  # (B, H, c, c): within the chunk, j <= i
+        num = qc @ state + inner @ vc  # (B, H, c, D)
+        den = qc @ total.unsqueeze(-1) + inner.sum(-1, keepdim=True)  # (B, H, c, 1)
+        outs.append(num / den)
+        state = state + kc.transpose(-1, -2) @ vc
+        total = total + kc.sum(2)
+    return torch.cat(outs, dim=2)
+
+
+def orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
+    """(m, d) Gaussian features, orthogonalised in blocks of d and rescaled to chi-distributed norms."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(-(-m // d)):
+        qmat, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+        blocks.append(qmat.T)
+    w = torch.cat(blocks)[:m]  # (m, d), rows orthonormal within each block
+    norms = torch.randn(m, d, generator=gen).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+def build_attention(cfg: AttentionConfig, head_dim: int) -> nn.Module:
+    """The attention module for `cfg`. This dict is the only registry of kinds."""
+    makers = {
+        "dense": lambda: DenseAttention(cfg),
+        "windowed": lambda: WindowedAttention(cfg),
+        "block_sparse": lambda: BlockSparseAttention(cfg),
+        "linformer": lambda: LinformerAttention(cfg),
+        "kernelized": lambda: KernelizedAttention(cfg, head_dim),
+    }
+    module: nn.Module = makers[cfg.kind]()
+    return module
