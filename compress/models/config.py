@@ -1,0 +1,100 @@
+"""The zoo's model configuration: one frozen object, validated on construction, stored as config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compress.models.attention import AttentionConfig
+
+ZOO_FORMAT = "edge-compress-zoo"
+ZOO_VERSION = 1
+TASKS = ("classification", "lm")
+
+
+@dataclass(frozen=True)
+class HourglassConfig:
+    """Nawrot et al. 2021: `pre` full-length layers, shorten by `factor`, `inner` layers, upsample, `post`."""
+
+    factor: int = 2
+    pre: int = 1
+    inner: int = 2
+    post: int = 1
+    downsample: str = "linear"  # linear: a learned projection of each group of `factor` tokens; avg: pooling
+
+    def __post_init__(self) -> None:
+        if self.factor < 2:
+            raise ValueError(f"hourglass.factor must be >= 2, got {self.factor}")
+        if min(self.pre, self.inner, self.post) < 0 or self.inner == 0:
+            raise ValueError("hourglass.pre and hourglass.post must be >= 0 and hourglass.inner >= 1")
+        if self.downsample not in ("linear", "avg"):
+            raise ValueError(f"hourglass.downsample: {self.downsample!r}; allowed: linear, avg")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """An encoder classifier or a causal LM built from any attention kind."""
+
+    task: str = "classification"
+    vocab_size: int = 259
+    max_len: int = 1024
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2  # flat stack; with hourglass, its pre + inner + post layers are used instead
+    d_ff: int = 256
+    dropout: float = 0.0
+    num_labels: int = 2
+    pooling: str = "cls"
+    reversible: bool = False
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    hourglass: HourglassConfig | None = None
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task: {self.task!r}; allowed: {', '.join(TASKS)}")
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.n_layers < 0 or (self.n_layers == 0 and self.hourglass is None):
+            raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling: {self.pooling!r}; allowed: cls, mean")
+        if self.task == "lm" and not self.attention.causal:
+            raise ValueError("a causal LM needs attention.causal: true")
+        if self.task == "classification" and self.num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
+        if self.attention.kind == "block_sparse" and self.max_len % self.attention.block:
+            raise ValueError(f"attention.block {self.attention.block} does not divide max_len {self.max_len}")
+        if self.attention.kind == "linformer" and self.attention.max_len < self.max_len:
+            raise ValueError("attention.max_len must be >= max_len for linformer attention")
+        if self.reversible and self.hourglass is not None:
+            raise ValueError("reversible blocks and hourglass are separate choices here; pick one")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": ZOO_FORMAT, "version": ZOO_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ZooConfig:
+        """Parse config.json; unknown keys are errors (a newer format, or a typo)."""
+        raw = dict(raw)
+        if raw.pop("format", None) != ZOO_FORMAT:
+            raise ValueError(f"not an edge-compress zoo config (format must be {ZOO_FORMAT!r})")
+        version = raw.pop("version", None)
+        if version != ZOO_VERSION:
+            raise ValueError(f"zoo config version {version!r}; this edge-compress reads version {ZOO_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        attention = AttentionConfig(**raw.pop("attention", {}))
+        hourglass = raw.pop("hourglass", None)
+        return cls(attention=attention, hourglass=HourglassConfig(**hourglass) if hourglass else None, **raw)
