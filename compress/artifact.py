@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ArtifactKind = Literal["hf", "onnx"]
+ArtifactKind = Literal["hf", "zoo", "new", "onnx"]  # new: an untrained zoo architecture
 
 
 @dataclass(frozen=True)

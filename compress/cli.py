@@ -47,17 +47,35 @@ def run(recipe: Path, fresh: bool) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 def check(recipe: Path) -> None:
     """Validate RECIPE without running it: fields, values, stage order, model folder, data files."""
-    from compress.models.hf import model_folder
+    from compress.pipeline import source_artifact
     from compress.recipe import FileSet, load_recipe
 
     parsed = load_recipe(recipe)
-    folder = model_folder(parsed.model)
-    for role in ("calibration", "evaluation"):
+    folder = source_artifact(parsed).files.get("model", "new, trained by the recipe")
+    for role in ("train", "calibration", "evaluation", "test"):
         source = getattr(parsed.data, role)
         if isinstance(source, FileSet) and not source.path.is_file():
             raise UserError(f"{recipe}: data.{role}.path: {source.path} does not exist")
     stages = " -> ".join(s.type for s in parsed.stages)
     click.echo(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--fresh", is_flag=True, help="Discard earlier checkpoints and train from the start.")
+def train(recipe: Path, fresh: bool) -> None:
+    """Run RECIPE up to and including its train stage.
+
+    Checkpoints are written every epoch: after a kill, the same command resumes from the last one.
+    """
+    from compress.pipeline import run as run_pipeline
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    if "train" not in [s.type for s in parsed.stages]:
+        raise UserError(f"{recipe}: the recipe has no train stage")
+    run_dir = run_pipeline(parsed, fresh=fresh, until="train")
+    _print_summary(run_dir)
 
 
 @cli.command()
@@ -76,7 +94,7 @@ def report(run_dir: Path) -> None:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from compress.report import summary_rows
+    from compress.report import stage_note, stage_time, summary_rows
 
     path = run_dir / "report.json"
     if not path.is_file():
@@ -88,7 +106,14 @@ def _print_summary(run_dir: Path) -> None:
     for row in summary_rows(data):
         table.add_row(*row)
     console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(table)
+    if data["targets"]:
+        console.print(table)
+    stages = Table(title="stages")
+    for header in ("#", "stage", "time s", "result"):
+        stages.add_column(header)
+    for stage in data["stages"]:
+        stages.add_row(f"{stage['index']:02d}", stage["type"], stage_time(stage), stage_note(stage))
+    console.print(stages)
     for warning in data["warnings"]:
         console.print(f"[bold yellow]warning:[/] {warning}")
     console.print(f"report: {run_dir / 'report.md'} (and report.json)")

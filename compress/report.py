@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from compress.pipeline import StageRecord
 
 
-def write_report(run_dir: Path, recipe: Recipe, folder: Path, records: list[StageRecord]) -> dict[str, Any]:
+def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: list[StageRecord]) -> dict[str, Any]:
     stages = [
         {
             "index": r.index,
@@ -34,7 +34,7 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path, records: list[Stag
         "name": recipe.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": recipe.task,
-        "model": str(folder),
+        "model": str(folder) if folder is not None else "new (trained in this run)",
         "stages": stages,
         "targets": targets,
         "warnings": warnings,
@@ -125,7 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for s in report["stages"]:
-        lines.append(f"| {s['index']:02d} | {s['type']} | {_time(s)} | {_stage_note(s)} |")
+        lines.append(f"| {s['index']:02d} | {s['type']} | {stage_time(s)} | {stage_note(s)} |")
     if report["targets"]:
         lines += [
             "",
@@ -145,12 +145,24 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _time(stage: dict[str, Any]) -> str:
+def stage_time(stage: dict[str, Any]) -> str:
     return "reused" if stage["reused"] else f"{stage['metrics'].get('seconds', stage['seconds']):.1f}"
 
 
-def _stage_note(stage: dict[str, Any]) -> str:
+def stage_note(stage: dict[str, Any]) -> str:
     m = stage["metrics"]
+    if stage["type"] == "train":
+        best: dict[str, Any] = next((h for h in m["history"] if h["epoch"] == m["best_epoch"]), {})
+        metric = "accuracy" if "accuracy" in best else "bits_per_token"
+        text = f"{m['epochs_run']} epochs, best {m['best_epoch']}: validation {metric} {best.get(metric, 0):.4f}"
+        if "test" in m:
+            t = m["test"]
+            text += (
+                f"; test accuracy {t['accuracy']:.4f} F1 {t['f1_positive']:.4f}"
+                if "accuracy" in t
+                else f"; test bits/token {t['bits_per_token']:.4f}"
+            )
+        return text
     if stage["type"] == "export":
         fused = m["fused_ops"]
         fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused

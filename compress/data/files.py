@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.data.sets import ScoredPairs, TextSet
+from compress.data.sets import LabeledTexts, ScoredPairs, TextSet
 from compress.errors import UserError
 
 
@@ -71,3 +71,17 @@ def scored_pairs(path: Path, fields: tuple[str, str], score_field: str, limit: i
             raise UserError(f"{path}: row {i + 1}: {score_field}={raw!r} is not a number") from None
         pairs.append((index.setdefault(a, len(index)), index.setdefault(b, len(index))))
     return ScoredPairs(path.name, tuple(index), tuple(pairs), tuple(scores))
+
+
+def labeled_set(path: Path, text_field: str, label_field: str, limit: int | None) -> LabeledTexts:
+    """Texts and class labels; labels may be any strings or numbers, mapped to 0..K-1 in sorted order."""
+    rows = read_rows(path)[:limit]
+    if not rows:
+        raise UserError(f"{path}: the data file holds no rows")
+    texts = tuple(str(_field(path, rows, i, text_field)) for i in range(len(rows)))
+    raw = [str(_field(path, rows, i, label_field)) for i in range(len(rows))]
+    names = tuple(sorted(set(raw)))
+    if len(names) < 2:
+        raise UserError(f"{path}: {label_field} holds a single class ({names[0]!r}); a classifier needs two or more")
+    index = {name: i for i, name in enumerate(names)}
+    return LabeledTexts(path.name, texts, tuple(index[r] for r in raw), names)

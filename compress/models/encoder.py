@@ -106,6 +106,10 @@ class Backbone(nn.Module):
         else:
             self.body = Stack(cfg, cfg.n_layers)
         self.norm = nn.LayerNorm(cfg.d_model)
+        # Small embeddings (GPT-2's 0.02): the LM head is tied to them, and N(0, 1) logits start far
+        # above the uniform cross-entropy.
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         s = input_ids.shape[1]

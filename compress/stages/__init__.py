@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from compress.stages import export, quantize, validate
+from compress.stages import export, quantize, train, validate
 
 STAGES: dict[str, Callable[..., Any]] = {
+    "train": train.run,
     "export": export.run,
     "quantize": quantize.run,
     "validate": validate.run,

@@ -1,0 +1,116 @@
+"""Stage configurations of a recipe: one frozen, strict model per stage type, discriminated by `type`."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base of every recipe model: unknown fields are errors, parsed values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainStage(Strict):
+    type: Literal["train"]
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training set (early stopping may end sooner).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step.")
+    lr: float = Field(3e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of all steps spent warming the LR up from 0.")
+    decay: Literal["linear", "cosine"] = Field("linear", description="LR decay to 0 after warm-up.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    seed: int = Field(0, ge=0, description="Seeds initialisation, data order and dropout: runs are repeatable.")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without improvement of the eval metric.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch.")
+    eval_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many evaluation texts.")
+    threads: int = Field(2, ge=1, le=256, description="torch intra-op threads (fixed: results depend on it).")
+
+
+class ExportStage(Strict):
+    type: Literal["export"]
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript",
+        description=(
+            "torch.onnx exporter. torchscript (default for Hugging Face BERT-family models): ONNX Runtime's "
+            "transformers optimizer fuses its graph into Attention/SkipLayerNorm/EmbedLayerNorm, which the "
+            "quantizer turns into int8 kernels. dynamo: the newer exporter; its graph fuses less."
+        ),
+    )
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graph.")
+    optimize: bool = Field(
+        True, description="Run ONNX Runtime's transformers optimizer (operator fusion) on the exported graph."
+    )
+    tolerance: float = Field(
+        1e-4,
+        gt=0,
+        description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails.",
+    )
+    check_samples: int = Field(16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check.")
+
+
+class QuantizeStage(Strict):
+    type: Literal["quantize"]
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description=(
+            "dynamic: weights int8 offline, activation ranges computed per run. static: activation ranges "
+            "calibrated on the calibration set, QDQ format."
+        ),
+    )
+    calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
+        None, description="Static only: calibration method (default minmax)."
+    )
+    percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
+    calibration_samples: int = Field(128, ge=1, description="Static only: calibration texts used.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (recommended for transformers).")
+    reduce_range: bool = Field(
+        False, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI (AVX2 only)."
+    )
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="Static only: activation type; uint8 on x86 (u8s8 kernels)."
+    )
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Weight type.")
+    op_types: tuple[str, ...] | None = Field(
+        None,
+        description=(
+            "Operator types to quantize. Default: everything ONNX Runtime can quantize (dynamic), "
+            "MatMul and Gemm (static)."
+        ),
+    )
+    exclude_nodes: tuple[str, ...] = Field(
+        (), description="Regular expressions on node names; matching nodes stay in float."
+    )
+
+    @model_validator(mode="after")
+    def _static_only_fields(self) -> QuantizeStage:
+        if self.mode == "dynamic" and self.calibration is not None:
+            raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
+        for pattern in self.exclude_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
+        return self
+
+
+class ValidateStage(Strict):
+    type: Literal["validate"]
+    batch_size: int = Field(1, ge=1, le=256, description="Latency: batch size.")
+    sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
+    threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads.")
+    warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
+    runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
+
+
+Stage = Annotated[TrainStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
+STAGE_ORDER = ("train", "export", "quantize", "validate")
+STAGE_MODELS: dict[str, type[Strict]] = {
+    "train": TrainStage,
+    "export": ExportStage,
+    "quantize": QuantizeStage,
+    "validate": ValidateStage,
+}

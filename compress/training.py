@@ -1,0 +1,170 @@
+"""The training loop: AdamW, warm-up then decay, gradient clipping, per-epoch checkpoints, resume, early stop.
+
+A checkpoint is a folder `epoch-NNN/` written through a temporary name and a rename: model weights,
+optimizer moments and the RNG state as safetensors (nothing pickled), the loop's state as JSON. A run
+killed at any moment resumes from the last complete epoch and, with the same thread count, ends with
+the same weights as an uninterrupted run: data order is a function of (seed, epoch) and the RNG state
+(dropout) is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.context import Context
+from compress.data.cache import write_atomic
+from compress.models.zoo import ZooModel, load_zoo, save_zoo
+from compress.stage_configs import TrainStage
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs finished
+    step: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the loop optimises: a metric name, whether higher is better, and how to compute it."""
+
+    name: str
+    higher_is_better: bool
+    run: Callable[[ZooModel], dict[str, Any]]
+
+
+def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
+    """Linear warm-up from 0 to 1 over `warmup` steps, then linear or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def fit(
+    model: ZooModel,
+    cfg: TrainStage,
+    *,
+    batches: Callable[[np.ndarray], Iterator[Batch]],
+    n_train: int,
+    evaluation: Evaluation,
+    work: Path,
+    ctx: Context,
+) -> tuple[ZooModel, LoopState]:
+    """Train `model`, resuming from `work` if it holds checkpoints; returns the best model and the loop state."""
+    torch.set_num_threads(cfg.threads)
+    steps_per_epoch = -(-n_train // cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = LoopState()
+    latest = _latest(work)
+    if latest is not None:
+        model, opt, state = _restore(latest, cfg)
+        ctx.log(f"resuming after epoch {state.epoch} (step {state.step}) from {latest}")
+
+    while state.epoch < cfg.epochs and state.stale_epochs < cfg.patience:
+        model.train()
+        order = epoch_order(n_train, cfg.seed, state.epoch)[: steps_per_epoch * cfg.batch_size]
+        losses = []
+        with ctx.progress() as bar:
+            task = bar.add_task(f"epoch {state.epoch + 1}/{cfg.epochs}", total=steps_per_epoch)
+            for batch in batches(order):
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(state.step, total, warmup, cfg.decay)
+                opt.zero_grad(set_to_none=True)
+                loss = model.loss(batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                state.step += 1
+                losses.append(float(loss.item()))
+                bar.update(task, advance=1, description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+        model.eval()
+        with torch.no_grad():
+            scores = evaluation.run(model)
+        metric = scores[evaluation.name]
+        state.epoch += 1
+        state.history.append({"epoch": state.epoch, "train_loss": float(np.mean(losses)), **scores})
+        improved = state.best_metric is None or (
+            metric > state.best_metric if evaluation.higher_is_better else metric < state.best_metric
+        )
+        if improved:
+            state.best_metric, state.best_epoch, state.stale_epochs = metric, state.epoch, 0
+        else:
+            state.stale_epochs += 1
+        ctx.log(f"epoch {state.epoch}: train loss {np.mean(losses):.4f}, {evaluation.name} {metric:.4f}")
+        _save(work, model, opt, state)
+    if state.stale_epochs >= cfg.patience:
+        ctx.log(f"early stop: {evaluation.name} did not improve for {cfg.patience} epochs")
+    best = load_zoo(work / f"epoch-{state.best_epoch:03d}")
+    return best, state
+
+
+def _save(work: Path, model: ZooModel, opt: torch.optim.Optimizer, state: LoopState) -> None:
+    from safetensors.torch import save_file
+
+    final = work / f"epoch-{state.epoch:03d}"
+    tmp = work / f".epoch-{state.epoch:03d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_zoo(model, tmp)
+    moments, groups = _flatten_optimizer(opt)
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    write_atomic(tmp / "state.json", json.dumps({"loop": asdict(state), "param_groups": groups}).encode())
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    # Keep the newest checkpoint (to resume) and the best (the result); drop the rest.
+    for old in work.glob("epoch-*"):
+        if old.name not in (final.name, f"epoch-{state.best_epoch:03d}"):
+            shutil.rmtree(old)
+
+
+def _latest(work: Path) -> Path | None:
+    done = sorted(p for p in work.glob("epoch-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _restore(folder: Path, cfg: TrainStage) -> tuple[ZooModel, torch.optim.Optimizer, LoopState]:
+    from safetensors.torch import load_file
+
+    model = load_zoo(folder)
+    saved = json.loads((folder / "state.json").read_text())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved["param_groups"]))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    return model, opt, LoopState(**saved["loop"])
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    sd = opt.state_dict()
+    moments = {f"{idx}.{name}": t.contiguous() for idx, per in sd["state"].items() for name, t in per.items()}
+    return moments, sd["param_groups"]
+
+
+def _unflatten_optimizer(moments: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in moments.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = tensor
+    return {"state": state, "param_groups": groups}
