@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from compress import recipe as recipe_module
+from compress import stage_configs
 from compress.recipe import load_recipe
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -31,8 +32,9 @@ def test_readme_mentions_every_recipe_field() -> None:
     block = _reference_block()
     models = [
         obj
-        for obj in vars(recipe_module).values()
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == recipe_module.__name__
+        for module in (recipe_module, stage_configs)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == module.__name__
     ]
     missing = [
         f"{model.__name__}.{name}"
