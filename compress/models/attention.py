@@ -64,7 +64,7 @@ class AttentionConfig:
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax attention where allowed (broadcastable to (B, H, S, S)) says which key each query sees."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, S, S)
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, H, S, S); scale the smaller operand
     scores = scores.masked_fill(~allowed, NEG)
     return torch.softmax(scores, dim=-1) @ v  # (B, H, S, D)
 
@@ -140,13 +140,13 @@ def banded_attention(
     c = window  # query chunk: its keys span c + 2w positions
     n = -(-s // c)  # chunks
     pad_q = n * c - s
-    qc = F.pad(q, (0, 0, 0, pad_q)).view(b, h, n, c, d)  # (B, H, n, c, D)
+    qc = F.pad(q / math.sqrt(d), (0, 0, 0, pad_q)).view(b, h, n, c, d)  # (B, H, n, c, D), pre-scaled
     kp = F.pad(k, (0, 0, window, window + pad_q))  # (B, H, w + n·c + w, D)
     vp = F.pad(v, (0, 0, window, window + pad_q))
     span = c + 2 * window
     kw = kp.unfold(2, span, c).transpose(-1, -2)  # (B, H, n, span, D): keys of chunk t start at t·c - w
     vw = vp.unfold(2, span, c).transpose(-1, -2)
-    scores = qc @ kw.transpose(-1, -2) / math.sqrt(d)  # (B, H, n, c, span)
+    scores = qc @ kw.transpose(-1, -2)  # (B, H, n, c, span)
 
     qi = torch.arange(n * c, device=q.device).view(n, c, 1)  # absolute query position
     kj = (torch.arange(n, device=q.device) * c).view(n, 1, 1) - window + torch.arange(span, device=q.device)
@@ -169,7 +169,7 @@ def banded_attention(
     gidx, gvalid = _positions(global_mask)  # (B, G)
     kg = _gather(k, gidx)  # (B, H, G, D)
     vg = _gather(v, gidx)
-    gscores = qc @ kg[:, :, None].transpose(-1, -2) / math.sqrt(d)  # (B, H, n, c, G)
+    gscores = qc @ kg[:, :, None].transpose(-1, -2)  # (B, H, n, c, G)
     gok = gvalid[:, None, None, :].expand(b, n, c, -1)  # (B, n, c, G)
     if causal:
         gok = gok & (gidx[:, None, None, :] <= qi[None])
@@ -265,12 +265,12 @@ class BlockSparseAttention(nn.Module):
         order = torch.argsort((~lay).to(torch.int8), dim=1, stable=True)[:, :width]  # (nb, K) key blocks
         valid = torch.gather(lay, 1, order)  # (nb, K)
 
-        qb = q.view(b, h, nb, bs, d)
+        qb = (q / math.sqrt(d)).view(b, h, nb, bs, d)
         kb = k.view(b, h, nb, bs, d)[:, :, order].reshape(b, h, nb, width * bs, d)  # (B, H, nb, K·b, D)
         vb = v.view(b, h, nb, bs, d)[:, :, order].reshape(b, h, nb, width * bs, d)
         mb = key_mask.view(b, nb, bs)[:, order].reshape(b, nb, width * bs)  # (B, nb, K·b)
         ok = mb & valid.repeat_interleave(bs, dim=1)[None]  # (B, nb, K·b)
-        scores = qb @ kb.transpose(-1, -2) / math.sqrt(d)  # (B, H, nb, b, K·b)
+        scores = qb @ kb.transpose(-1, -2)  # (B, H, nb, b, K·b)
         scores = scores.masked_fill(~ok[:, None, :, None, :], NEG)
         out = (torch.softmax(scores, dim=-1) @ vb).reshape(b, h, s, d)
         if g:
@@ -303,7 +303,7 @@ class LinformerAttention(nn.Module):
         keep = key_mask[:, None, :, None].to(k.dtype)  # (B, 1, S, 1): padded keys contribute nothing
         kp = self.proj_k[:, :s] @ (k * keep)  # (B, H, k, D)
         vp = self.proj_v[:, :s] @ (v * keep)
-        return torch.softmax(q @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ vp
+        return torch.softmax((q / math.sqrt(q.shape[-1])) @ kp.transpose(-1, -2), dim=-1) @ vp
 
 
 class KernelizedAttention(nn.Module):
