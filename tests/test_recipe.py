@@ -137,3 +137,8 @@ def test_schema_describes_every_stage_field() -> None:
 
 def test_recipe_for_fixture_is_valid(recipe_for: Callable[..., Path]) -> None:
     assert load_recipe(recipe_for()).name == "tiny"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(path: Path) -> None:
+    assert load_recipe(path).name
