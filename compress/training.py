@@ -100,6 +100,11 @@ def fit(
                 state.step += 1
                 losses.append(float(loss.item()))
                 bar.update(task, advance=1, description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+                if not ctx.console.is_terminal and len(losses) % max(1, steps_per_epoch // 10) == 0:
+                    # No live bar in a log file: a line every tenth of an epoch instead.
+                    ctx.log(
+                        f"epoch {state.epoch + 1}: step {len(losses)}/{steps_per_epoch}, loss {np.mean(losses):.4f}"
+                    )
         model.eval()
         with torch.no_grad():
             scores = evaluation.run(model)

@@ -179,3 +179,18 @@ def test_bad_zoo_recipes(zoo_recipe: Callable[..., Path], change: dict[str, Any]
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(UserError, match=message):
         load_recipe(path)
+
+
+def test_wordpiece_tokenizer_trains_a_zoo_model(zoo_recipe: Callable[..., Path]) -> None:
+    """The MiniLM WordPiece vocabulary works for zoo models as well as bytes."""
+    path = zoo_recipe(vocab_size=30522, train={"epochs": 1})
+    spec = yaml.safe_load(path.read_text())
+    spec["data"]["tokenizer"] = "wordpiece"
+    path.write_text(yaml.safe_dump(spec))
+    metrics = _run(path)
+    assert metrics["tokenizer"] == "wordpiece" and metrics["epochs_run"] == 1
+
+
+def test_vocabulary_smaller_than_the_tokenizer_is_refused(zoo_recipe: Callable[..., Path]) -> None:
+    with pytest.raises(UserError, match="vocab_size 100 is smaller than the bytes tokenizer's 259"):
+        _run(zoo_recipe(vocab_size=100))
