@@ -69,11 +69,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
     return torch.softmax(scores, dim=-1) @ v  # (B, H, S, D)
 
 
-class DenseAttention(nn.Module):
+class Attention(nn.Module):
+    """Base of the kinds: holds the config; forward(q, k, v, key_mask, global_mask=None) -> (B, H, S, D)."""
+
     def __init__(self, cfg: AttentionConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
+
+class DenseAttention(Attention):
     def forward(
         self,
         q: torch.Tensor,
@@ -104,12 +108,8 @@ def leading_globals(key_mask: torch.Tensor, count: int) -> torch.Tensor | None:
     return mask & key_mask
 
 
-class WindowedAttention(nn.Module):
+class WindowedAttention(Attention):
     """Sliding window of half-width w, computed in query chunks of w: scores are (S/w) x w x 3w, O(S·w)."""
-
-    def __init__(self, cfg: AttentionConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
 
     def forward(
         self,
@@ -217,16 +217,12 @@ def _global_rows(
     return out.scatter(2, gidx[:, None, :, None].expand(b, h, -1, d), torch.where(keep, rows, current))
 
 
-class BlockSparseAttention(nn.Module):
+class BlockSparseAttention(Attention):
     """BigBird-style: each query block sees its neighbour blocks, the global blocks and seeded random blocks.
 
     Global blocks (the first `global_tokens` rounded up to blocks) see everything. Memory is
     O(S·b·(2·local + 1 + global + random)), never S x S.
     """
-
-    def __init__(self, cfg: AttentionConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
 
     def layout(self, blocks: int) -> torch.Tensor:
         """(blocks, blocks) bool: which key block each query block sees. Fixed for a given length and seed."""
@@ -279,12 +275,11 @@ class BlockSparseAttention(nn.Module):
         return out
 
 
-class LinformerAttention(nn.Module):
+class LinformerAttention(Attention):
     """Keys and values projected along the sequence to k rows by learned E, F (k x max_len): O(S·k)."""
 
     def __init__(self, cfg: AttentionConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.proj_k = nn.Parameter(torch.randn(cfg.proj_len, cfg.max_len) / math.sqrt(cfg.proj_len))
         self.proj_v = nn.Parameter(torch.randn(cfg.proj_len, cfg.max_len) / math.sqrt(cfg.proj_len))
 
@@ -306,7 +301,7 @@ class LinformerAttention(nn.Module):
         return torch.softmax((q / math.sqrt(q.shape[-1])) @ kp.transpose(-1, -2), dim=-1) @ vp
 
 
-class KernelizedAttention(nn.Module):
+class KernelizedAttention(Attention):
     """Performer FAVOR+: softmax kernel estimated with m positive orthogonal random features, O(S·m·D).
 
     Causal attention uses running prefix sums over chunks, never an S x S matrix.
@@ -316,8 +311,7 @@ class KernelizedAttention(nn.Module):
     features: torch.Tensor
 
     def __init__(self, cfg: AttentionConfig, head_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.register_buffer("features", orthogonal_features(cfg.features, head_dim, cfg.seed), persistent=True)
 
     def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
@@ -377,7 +371,7 @@ def orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
     return w * norms
 
 
-def build_attention(cfg: AttentionConfig, head_dim: int) -> nn.Module:
+def build_attention(cfg: AttentionConfig, head_dim: int) -> Attention:
     """The attention module for `cfg`. This dict is the only registry of kinds."""
     makers = {
         "dense": lambda: DenseAttention(cfg),
@@ -386,5 +380,5 @@ def build_attention(cfg: AttentionConfig, head_dim: int) -> nn.Module:
         "linformer": lambda: LinformerAttention(cfg),
         "kernelized": lambda: KernelizedAttention(cfg, head_dim),
     }
-    module: nn.Module = makers[cfg.kind]()
+    module: Attention = makers[cfg.kind]()
     return module
