@@ -120,7 +120,7 @@ def fit(
             state.stale_epochs += 1
         ctx.log(f"epoch {state.epoch}: train loss {np.mean(losses):.4f}, {evaluation.name} {metric:.4f}")
         _save(work, model, opt, state)
-    if state.stale_epochs >= cfg.patience:
+    if state.stale_epochs >= cfg.patience and state.epoch < cfg.epochs:
         ctx.log(f"early stop: {evaluation.name} did not improve for {cfg.patience} epochs")
     best = load_zoo(work / f"epoch-{state.best_epoch:03d}")
     return best, state
