@@ -75,7 +75,8 @@ tok = tokenizer_for("wordpiece", model_folder(PackageModel(package="gt_all_minil
 enc = tok.encode([data.texts[i] for i in order], seq, pad_to=seq)
 labels = torch.tensor([data.labels[i] for i in order])
 torch.manual_seed(seed)
-cfg = ZooConfig(vocab_size=30522, max_len=seq, d_model=128, n_heads=4, n_layers=8, d_ff=512, reversible=mode == "reversible",
+cfg = ZooConfig(vocab_size=30522, max_len=seq, d_model=128, n_heads=4, n_layers=8, d_ff=512,
+                reversible=mode == "reversible",
                 pooling="mean", attention=AttentionConfig("windowed", window=64))
 model = build_model(cfg).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
