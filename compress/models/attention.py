@@ -20,6 +20,7 @@ from torch import nn
 
 AttentionKind = Literal["dense", "windowed", "block_sparse", "linformer", "kernelized"]
 KINDS: tuple[str, ...] = ("dense", "windowed", "block_sparse", "linformer", "kernelized")
+_GROUP_ELEMENTS = 1 << 20  # scores per chunk group in banded attention (4 MB of float32)
 NEG = -1e9  # masked score: finite, so a row with nothing to attend to gives zeros-weights, not NaN
 
 
@@ -140,45 +141,46 @@ def banded_attention(
     c = window  # query chunk: its keys span c + 2w positions
     n = -(-s // c)  # chunks
     pad_q = n * c - s
-    qc = F.pad(q / math.sqrt(d), (0, 0, 0, pad_q)).view(b, h, n, c, d)  # (B, H, n, c, D), pre-scaled
-    kp = F.pad(k, (0, 0, window, window + pad_q))  # (B, H, w + n·c + w, D)
-    vp = F.pad(v, (0, 0, window, window + pad_q))
     span = c + 2 * window
-    kw = kp.unfold(2, span, c).transpose(-1, -2)  # (B, H, n, span, D): keys of chunk t start at t·c - w
-    vw = vp.unfold(2, span, c).transpose(-1, -2)
-    scores = qc @ kw.transpose(-1, -2)  # (B, H, n, c, span)
-
-    qi = torch.arange(n * c, device=q.device).view(n, c, 1)  # absolute query position
-    kj = (torch.arange(n, device=q.device) * c).view(n, 1, 1) - window + torch.arange(span, device=q.device)
-    rel = kj - qi  # (n, c, span): key position minus query position
-    ok = (rel.abs() <= window) & (kj >= 0) & (kj < s)
-    if causal:
-        ok = ok & (rel <= 0)
+    qc = F.pad(q / math.sqrt(d), (0, 0, 0, pad_q)).view(b, h, n, c, d)  # (B, H, n, c, D), pre-scaled
+    kw = F.pad(k, (0, 0, window, window + pad_q)).unfold(2, span, c)  # (B, H, n, D, span): a view
+    vw = F.pad(v, (0, 0, window, window + pad_q)).unfold(2, span, c).transpose(-1, -2)  # (B, H, n, span, D)
     km = F.pad(key_mask, (window, window + pad_q)).unfold(1, span, c)  # (B, n, span)
-    ok = ok[None] & km[:, :, None, :]  # (B, n, c, span)
     if global_mask is not None:
-        gm = F.pad(global_mask, (window, window + pad_q)).unfold(1, span, c)  # (B, n, span)
-        ok = ok & ~gm[:, :, None, :]  # global keys are scored once, in the global columns below
-    scores = scores.masked_fill(~ok[:, None], NEG)
+        # Global keys are scored once, in the global columns, not again inside a window.
+        km = km & ~F.pad(global_mask, (window, window + pad_q)).unfold(1, span, c)
+        gidx, gvalid = _positions(global_mask)  # (B, G)
+        kg, vg = _gather(k, gidx), _gather(v, gidx)  # (B, H, G, D)
 
+    # Chunks are processed in groups whose scores fit in cache (~4 MB): the work stays O(S·w) and the
+    # time linear in S, where one (n, c, span) score tensor for all chunks spills to memory at long S.
+    group = max(1, _GROUP_ELEMENTS // (b * h * c * span))
+    out = q.new_empty(b, h, n, c, d)
+    for t0 in range(0, n, group):
+        t1 = min(n, t0 + group)
+        qi = torch.arange(t0 * c, t1 * c, device=q.device).view(t1 - t0, c, 1)  # absolute query position
+        kj = (torch.arange(t0, t1, device=q.device) * c).view(-1, 1, 1) - window + torch.arange(span, device=q.device)
+        rel = kj - qi  # (g, c, span): key position minus query position
+        ok = (rel.abs() <= window) & (kj >= 0) & (kj < s)
+        if causal:
+            ok = ok & (rel <= 0)
+        ok = ok[None] & km[:, t0:t1, None, :]  # (B, g, c, span)
+        scores = (qc[:, :, t0:t1] @ kw[:, :, t0:t1]).masked_fill(~ok[:, None], NEG)  # (B, H, g, c, span)
+        if global_mask is None:
+            out[:, :, t0:t1] = torch.softmax(scores, dim=-1) @ vw[:, :, t0:t1]
+            continue
+        gscores = qc[:, :, t0:t1] @ kg[:, :, None].transpose(-1, -2)  # (B, H, g, c, G)
+        gok = gvalid[:, None, None, :].expand(b, t1 - t0, c, -1)  # (B, g, c, G)
+        if causal:
+            gok = gok & (gidx[:, None, None, :] <= qi[None])
+        gscores = gscores.masked_fill(~gok[:, None], NEG)
+        weights = torch.softmax(torch.cat([scores, gscores], dim=-1), dim=-1)
+        out[:, :, t0:t1] = weights[..., :span] @ vw[:, :, t0:t1] + weights[..., span:] @ vg[:, :, None]
+    result = out.reshape(b, h, n * c, d)[:, :, :s]
     if global_mask is None:
-        out = torch.softmax(scores, dim=-1) @ vw  # (B, H, n, c, D)
-        return out.reshape(b, h, n * c, d)[:, :, :s]
-
-    # Global keys: every query sees them (causal: only those at or before it).
-    gidx, gvalid = _positions(global_mask)  # (B, G)
-    kg = _gather(k, gidx)  # (B, H, G, D)
-    vg = _gather(v, gidx)
-    gscores = qc @ kg[:, :, None].transpose(-1, -2)  # (B, H, n, c, G)
-    gok = gvalid[:, None, None, :].expand(b, n, c, -1)  # (B, n, c, G)
-    if causal:
-        gok = gok & (gidx[:, None, None, :] <= qi[None])
-    gscores = gscores.masked_fill(~gok[:, None], NEG)
-    weights = torch.softmax(torch.cat([scores, gscores], dim=-1), dim=-1)
-    out = weights[..., :span] @ vw + weights[..., span:] @ vg[:, :, None]  # (B, H, n, c, D)
-    out = out.reshape(b, h, n * c, d)[:, :, :s]
+        return result
     # Global queries see every key: G full rows, O(G·S).
-    return _global_rows(q, k, v, key_mask, causal=causal, out=out, gidx=gidx, gvalid=gvalid)
+    return _global_rows(q, k, v, key_mask, causal=causal, out=result, gidx=gidx, gvalid=gvalid)
 
 
 def _positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
