@@ -15,6 +15,7 @@ from compress.errors import UserError
 from compress.stage_configs import (
     STAGE_ORDER,
     ExportStage,
+    PruneStage,
     QuantizeStage,
     Stage,
     Strict,
@@ -29,6 +30,7 @@ __all__ = [
     "HFModel",
     "NewModel",
     "PackageModel",
+    "PruneStage",
     "QuantizeStage",
     "Recipe",
     "ReferenceSet",

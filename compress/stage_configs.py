@@ -30,6 +30,69 @@ class TrainStage(Strict):
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads (fixed: results depend on it).")
 
 
+class PruneTarget(Strict):
+    pattern: str = Field(description="Regular expression on module names (Linear layers); must match at least one.")
+    sparsity: float = Field(ge=0, lt=1, description="Fraction of this group's weights set to zero.")
+
+    @model_validator(mode="after")
+    def _valid_regex(self) -> PruneTarget:
+        _check_regex(self.pattern)
+        return self
+
+
+class PruneStage(Strict):
+    type: Literal["prune"]
+    method: Literal["unstructured", "nm", "block", "structured"] = Field(
+        description=(
+            "unstructured: individual weights; nm: N of every M consecutive weights (2:4); block: rows x cols "
+            "blocks; structured: whole attention heads and FFN neurons, physically removed (a smaller model)."
+        )
+    )
+    sparsity: float = Field(0.5, ge=0, lt=1, description="unstructured / block: fraction of weights pruned.")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="unstructured: each layer to the same sparsity, or one global magnitude ranking."
+    )
+    targets: tuple[PruneTarget, ...] = Field(
+        (), description="unstructured / block: per-pattern sparsity (first match wins); default every Linear."
+    )
+    exclude: tuple[str, ...] = Field(
+        ("pooler", r"(^|\.)head$", "classifier"),
+        description="Regular expressions on module names left dense (default: pooler and task heads).",
+    )
+    min_sparsity: float = Field(0.0, ge=0, lt=1, description="global scope: lowest sparsity of any layer.")
+    max_sparsity: float = Field(0.98, ge=0, lt=1, description="global scope: highest sparsity of any layer.")
+    n: int = Field(2, ge=1, description="nm: weights kept per group.")
+    m: int = Field(4, ge=2, description="nm: group size.")
+    block: tuple[int, int] = Field((1, 4), description="block: (rows, cols) of a block.")
+    heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed per layer.")
+    ffn: float = Field(0.0, ge=0, lt=1, description="structured: fraction of FFN neurons removed per layer.")
+    norm: Literal["l1", "l2"] = Field("l2", description="structured: how heads and neurons are ranked.")
+    schedule: Literal["one_shot"] = Field(
+        "one_shot", description="one_shot (gradual with recovery training is planned, issue 4)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneStage:
+        if self.method == "nm" and self.n >= self.m:
+            raise ValueError(f"N:M pruning needs N < M; got {self.n}:{self.m}")
+        if min(self.block) < 1:
+            raise ValueError(f"block sizes must be >= 1; got {self.block}")
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError("min_sparsity must not exceed max_sparsity")
+        if self.method == "structured" and self.heads == 0 and self.ffn == 0:
+            raise ValueError("structured pruning needs heads > 0 or ffn > 0")
+        for pattern in self.exclude:
+            _check_regex(pattern)
+        return self
+
+
+def _check_regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+
+
 class ExportStage(Strict):
     type: Literal["export"]
     exporter: Literal["torchscript", "dynamo"] = Field(
@@ -106,10 +169,11 @@ class ValidateStage(Strict):
     runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
 
 
-Stage = Annotated[TrainStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
-STAGE_ORDER = ("train", "export", "quantize", "validate")
+Stage = Annotated[TrainStage | PruneStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
+STAGE_ORDER = ("train", "prune", "export", "quantize", "validate")
 STAGE_MODELS: dict[str, type[Strict]] = {
     "train": TrainStage,
+    "prune": PruneStage,
     "export": ExportStage,
     "quantize": QuantizeStage,
     "validate": ValidateStage,

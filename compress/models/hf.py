@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.errors import UserError
+from compress.pruning.structured import STRUCTURE_KEY
 from compress.recipe import HFModel, PackageModel
 
 if TYPE_CHECKING:
@@ -64,13 +65,36 @@ def load_model(folder: Path) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    read_config(folder)
+    config = read_config(folder)
+    if STRUCTURE_KEY in config:
+        return _load_pruned(folder, config[STRUCTURE_KEY])
     try:
         model = AutoModel.from_pretrained(
             folder, local_files_only=True, use_safetensors=True, attn_implementation="eager"
         )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"model: cannot load {folder}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_pruned(folder: Path, structure: dict[str, list[int]]) -> torch.nn.Module:
+    """A structurally pruned checkpoint: build the architecture, shrink each layer, then load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from compress.pruning.structured import rebuild
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_config(config, attn_implementation="eager")
+    try:
+        rebuild(model, structure)
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise UserError(f"{folder / 'config.json'}: {STRUCTURE_KEY} does not fit this model ({exc})") from None
+    state = load_file(str(folder / "model.safetensors"))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3]) or "none"
+        raise UserError(f"{folder}: weights do not match the pruned structure (missing: {missing})")
     return model.eval()
 
 

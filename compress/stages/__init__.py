@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from compress.stages import export, quantize, train, validate
+from compress.stages import export, prune, quantize, train, validate
 
 STAGES: dict[str, Callable[..., Any]] = {
     "train": train.run,
+    "prune": prune.run,
     "export": export.run,
     "quantize": quantize.run,
     "validate": validate.run,

@@ -1,0 +1,101 @@
+"""Structured pruning of BERT-family encoders: whole heads and FFN neurons, physically removed.
+
+A head is ranked by the norm of all its weights (its query, key and value rows and its columns of the
+attention output); an FFN neuron by its row of the up projection and its column of the down projection.
+Removal builds smaller Linear layers, so the exported graph is a smaller dense model. The per-layer
+sizes go into config.json as `edge_compress_structure`; `compress.models.hf.load_model` rebuilds them
+before loading the weights (transformers 5 no longer has prune_heads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+STRUCTURE_KEY = "edge_compress_structure"
+
+
+def _norm(parts: list[torch.Tensor], p: int) -> torch.Tensor:
+    stacked = torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1)
+    return stacked.abs().sum(1) if p == 1 else stacked.pow(2).sum(1).sqrt()
+
+
+def head_scores(layer: Any, p: int) -> torch.Tensor:
+    """(heads,) norm of each head's weights in one BERT layer."""
+    attn = layer.attention.self
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+    rows = [getattr(attn, n).weight.detach().reshape(heads, size, -1) for n in ("query", "key", "value")]
+    out = layer.attention.output.dense.weight.detach().reshape(-1, heads, size).transpose(0, 1)  # (heads, D, size)
+    return _norm([*rows, out], p)
+
+
+def neuron_scores(layer: Any, p: int) -> torch.Tensor:
+    """(intermediate,) norm of each FFN neuron's weights."""
+    up = layer.intermediate.dense.weight.detach()  # (I, D)
+    down = layer.output.dense.weight.detach().T  # (I, D)
+    return _norm([up, down], p)
+
+
+def _keep_rows(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
+    new.weight.data = linear.weight.data[idx].clone()
+    if linear.bias is not None:
+        new.bias.data = linear.bias.data[idx].clone()
+    return new
+
+
+def _keep_cols(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
+    new.weight.data = linear.weight.data[:, idx].clone()
+    if linear.bias is not None:
+        new.bias.data = linear.bias.data.clone()
+    return new
+
+
+def remove_heads(layer: Any, keep: torch.Tensor) -> None:
+    """Keep only the heads in `keep` (sorted indices) of one BERT layer."""
+    attn = layer.attention.self
+    size = attn.attention_head_size
+    idx = (keep[:, None] * size + torch.arange(size)).flatten()
+    for name in ("query", "key", "value"):
+        setattr(attn, name, _keep_rows(getattr(attn, name), idx))
+    layer.attention.output.dense = _keep_cols(layer.attention.output.dense, idx)
+    attn.num_attention_heads = len(keep)
+    attn.all_head_size = len(keep) * size
+
+
+def remove_neurons(layer: Any, keep: torch.Tensor) -> None:
+    layer.intermediate.dense = _keep_rows(layer.intermediate.dense, keep)
+    layer.output.dense = _keep_cols(layer.output.dense, keep)
+
+
+def prune_bert(model: Any, heads: float, ffn: float, p: int) -> dict[str, Any]:
+    """Remove the fraction `heads` of heads and `ffn` of FFN neurons in every layer; returns the structure."""
+    layers = model.encoder.layer
+    structure: dict[str, list[int]] = {"heads": [], "intermediate": []}
+    for layer in layers:
+        n_heads = layer.attention.self.num_attention_heads
+        keep_h = n_heads - round(n_heads * heads)
+        if keep_h < 1:
+            raise ValueError(f"prune.heads {heads} would remove every head of a {n_heads}-head layer")
+        if keep_h < n_heads:
+            remove_heads(layer, torch.topk(head_scores(layer, p), keep_h).indices.sort().values)
+        n_ff = layer.intermediate.dense.out_features
+        keep_f = n_ff - round(n_ff * ffn)
+        if keep_f < n_ff:
+            remove_neurons(layer, torch.topk(neuron_scores(layer, p), max(keep_f, 1)).indices.sort().values)
+        structure["heads"].append(layer.attention.self.num_attention_heads)
+        structure["intermediate"].append(layer.intermediate.dense.out_features)
+    model.config.update({STRUCTURE_KEY: structure})
+    return structure
+
+
+def rebuild(model: Any, structure: dict[str, list[int]]) -> None:
+    """Give a freshly built model the per-layer sizes of a pruned checkpoint (weights loaded afterwards)."""
+    for layer, n_heads, n_ff in zip(model.encoder.layer, structure["heads"], structure["intermediate"], strict=True):
+        if n_heads != layer.attention.self.num_attention_heads:
+            remove_heads(layer, torch.arange(n_heads))
+        if n_ff != layer.intermediate.dense.out_features:
+            remove_neurons(layer, torch.arange(n_ff))
