@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from compress.artifact import Artifact
 from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
 from compress.errors import UserError
 from compress.recipe import FileSet, Recipe, ReferenceSet
@@ -22,6 +23,7 @@ class Context:
     recipe: Recipe
     run_dir: Path
     console: Console = field(default_factory=lambda: Console(stderr=True))
+    source: Artifact | None = None  # the recipe's input model (the default distillation teacher)
     out_dir: Path = Path()
     work_dir: Path = Path()  # the current stage's scratch folder, kept across a kill (resumable stages)
     warnings: list[str] = field(default_factory=list)

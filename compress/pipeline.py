@@ -53,6 +53,7 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False, until: 
     run_dir = recipe.output.dir / recipe.name
     ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
     source = source_artifact(recipe)
+    ctx.source = source
     _load_data_up_front(recipe, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir):

@@ -228,6 +228,11 @@ class Recipe(Strict):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}")
         if ("quantize" in kinds or "validate" in kinds) and "export" not in kinds:
             raise ValueError("quantize and validate work on ONNX: add an export stage before them")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> Recipe:
+        kinds = [s.type for s in self.stages]
         zoo = isinstance(self.model, ZooModel | NewModel)
         if zoo != (self.task in ("classification", "lm")):
             raise ValueError("task embedding goes with Hugging Face models; classification and lm with zoo models")
@@ -235,8 +240,10 @@ class Recipe(Strict):
             raise ValueError("model.architecture is a new, untrained model: the first stage must be train")
         if "train" in kinds and not zoo:
             raise ValueError("the train stage trains zoo models (model.zoo or model.architecture)")
-        if "train" in kinds and self.data.train is None:
-            raise ValueError("the train stage needs data.train")
+        if ("train" in kinds or "distill" in kinds) and self.data.train is None:
+            raise ValueError("the train and distill stages need data.train")
+        if "distill" in kinds and zoo:
+            raise ValueError("distill works on Hugging Face embedding models for now (zoo models: planned)")
         if zoo and "export" in kinds:
             raise ValueError("export of zoo models (custom attention ops) is not available yet (issue 6)")
         if zoo and self.data.tokenizer == "model":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,8 +15,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainStage(Strict):
-    type: Literal["train"]
+class TrainingSettings(Strict):
+    """Optimiser and loop settings shared by the stages that train (train, distill)."""
+
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training set (early stopping may end sooner).")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step.")
     lr: float = Field(3e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
@@ -28,6 +30,53 @@ class TrainStage(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch.")
     eval_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many evaluation texts.")
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads (fixed: results depend on it).")
+
+
+class TrainStage(TrainingSettings):
+    type: Literal["train"]
+
+
+class DistillLosses(Strict):
+    """Weights of the distillation losses; a weight of 0 turns a loss off."""
+
+    embedding_cosine: float = Field(
+        1.0, ge=0, description="Embedding task: 1 - cosine of student and teacher embeddings (unlabeled text)."
+    )
+    embedding_mse: float = Field(0.0, ge=0, description="Embedding task: MSE of student and teacher embeddings.")
+    kl: float = Field(0.0, ge=0, description="Classification: soft-target KL at `temperature` (Hinton et al. 2015).")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL loss; must be > 0.")
+    ce: float = Field(0.0, ge=0, description="Classification: cross-entropy on the hard labels.")
+    hidden_mse: float = Field(0.0, ge=0, description="MSE of hidden states at mapped layers (TinyBERT).")
+    attention: float = Field(0.0, ge=0, description="KL of attention distributions at mapped layers (MiniLM).")
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> DistillLosses:
+        if not any((self.embedding_cosine, self.embedding_mse, self.kl, self.ce, self.hidden_mse, self.attention)):
+            raise ValueError("every distillation loss weight is 0")
+        return self
+
+
+class DistillStage(TrainingSettings):
+    type: Literal["distill"]
+    teacher: Path | None = Field(
+        None, description="Teacher model folder (Hugging Face); default the recipe's input model."
+    )
+    keep_every: int | None = Field(
+        None, ge=1, description="Student by layer dropping: keep every k-th layer of the current model."
+    )
+    keep_layers: tuple[int, ...] | None = Field(
+        None, description="Student by layer dropping: the layer indices to keep (copied with their weights)."
+    )
+    layer_map: tuple[int, ...] | None = Field(
+        None, description="Teacher layer for each student layer (hidden/attention losses); default uniform."
+    )
+    losses: DistillLosses = Field(default_factory=DistillLosses)
+
+    @model_validator(mode="after")
+    def _one_student_rule(self) -> DistillStage:
+        if self.keep_every is not None and self.keep_layers is not None:
+            raise ValueError("keep_every and keep_layers are alternatives; give one")
+        return self
 
 
 class PruneTarget(Strict):
@@ -169,11 +218,14 @@ class ValidateStage(Strict):
     runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
 
 
-Stage = Annotated[TrainStage | PruneStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")]
-STAGE_ORDER = ("train", "prune", "export", "quantize", "validate")
+Stage = Annotated[
+    TrainStage | PruneStage | DistillStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")
+]
+STAGE_ORDER = ("train", "prune", "distill", "export", "quantize", "validate")
 STAGE_MODELS: dict[str, type[Strict]] = {
     "train": TrainStage,
     "prune": PruneStage,
+    "distill": DistillStage,
     "export": ExportStage,
     "quantize": QuantizeStage,
     "validate": ValidateStage,

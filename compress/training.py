@@ -22,8 +22,8 @@ import torch
 
 from compress.context import Context
 from compress.data.cache import write_atomic
-from compress.models.zoo import ZooModel, load_zoo, save_zoo
-from compress.stage_configs import TrainStage
+from compress.models.zoo import load_zoo, save_zoo
+from compress.stage_configs import TrainingSettings
 
 Batch = dict[str, torch.Tensor]
 
@@ -39,12 +39,23 @@ class LoopState:
 
 
 @dataclass(frozen=True)
+class Persistence:
+    """How the loop writes and reads the model of a checkpoint (zoo folders, or Hugging Face folders)."""
+
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path], Any]
+
+
+ZOO = Persistence(save=save_zoo, load=load_zoo)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """What the loop optimises: a metric name, whether higher is better, and how to compute it."""
 
     name: str
     higher_is_better: bool
-    run: Callable[[ZooModel], dict[str, Any]]
+    run: Callable[[Any], dict[str, Any]]
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
@@ -60,16 +71,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def fit(
-    model: ZooModel,
-    cfg: TrainStage,
+    model: Any,
+    cfg: TrainingSettings,
     *,
     batches: Callable[[np.ndarray], Iterator[Batch]],
     n_train: int,
     evaluation: Evaluation,
     work: Path,
     ctx: Context,
-) -> tuple[ZooModel, LoopState]:
-    """Train `model`, resuming from `work` if it holds checkpoints; returns the best model and the loop state."""
+    loss_fn: Callable[[Any, Batch], torch.Tensor] | None = None,
+    persistence: Persistence = ZOO,
+) -> tuple[Any, LoopState]:
+    """Train `model`, resuming from `work` if it holds checkpoints; returns the best model and the loop state.
+
+    loss_fn(model, batch) defaults to model.loss(batch); persistence to zoo checkpoints.
+    """
+    compute_loss = loss_fn or (lambda m, b: m.loss(b))
     torch.set_num_threads(cfg.threads)
     steps_per_epoch = -(-n_train // cfg.batch_size)
     if cfg.max_steps_per_epoch:
@@ -80,7 +97,7 @@ def fit(
     state = LoopState()
     latest = _latest(work)
     if latest is not None:
-        model, opt, state = _restore(latest, cfg)
+        model, opt, state = _restore(latest, cfg, persistence)
         ctx.log(f"resuming after epoch {state.epoch} (step {state.step}) from {latest}")
 
     while state.epoch < cfg.epochs and state.stale_epochs < cfg.patience:
@@ -93,7 +110,7 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(state.step, total, warmup, cfg.decay)
                 opt.zero_grad(set_to_none=True)
-                loss = model.loss(batch)
+                loss = compute_loss(model, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
@@ -119,20 +136,20 @@ def fit(
         else:
             state.stale_epochs += 1
         ctx.log(f"epoch {state.epoch}: train loss {np.mean(losses):.4f}, {evaluation.name} {metric:.4f}")
-        _save(work, model, opt, state)
+        _save(work, model, opt, state, persistence)
     if state.stale_epochs >= cfg.patience and state.epoch < cfg.epochs:
         ctx.log(f"early stop: {evaluation.name} did not improve for {cfg.patience} epochs")
-    best = load_zoo(work / f"epoch-{state.best_epoch:03d}")
+    best = persistence.load(work / f"epoch-{state.best_epoch:03d}")
     return best, state
 
 
-def _save(work: Path, model: ZooModel, opt: torch.optim.Optimizer, state: LoopState) -> None:
+def _save(work: Path, model: Any, opt: torch.optim.Optimizer, state: LoopState, persistence: Persistence) -> None:
     from safetensors.torch import save_file
 
     final = work / f"epoch-{state.epoch:03d}"
     tmp = work / f".epoch-{state.epoch:03d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_zoo(model, tmp)
+    persistence.save(model, tmp)
     moments, groups = _flatten_optimizer(opt)
     save_file(moments, str(tmp / "optimizer.safetensors"))
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -150,10 +167,12 @@ def _latest(work: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _restore(folder: Path, cfg: TrainStage) -> tuple[ZooModel, torch.optim.Optimizer, LoopState]:
+def _restore(
+    folder: Path, cfg: TrainingSettings, persistence: Persistence
+) -> tuple[Any, torch.optim.Optimizer, LoopState]:
     from safetensors.torch import load_file
 
-    model = load_zoo(folder)
+    model = persistence.load(folder)
     saved = json.loads((folder / "state.json").read_text())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved["param_groups"]))

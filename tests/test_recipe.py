@@ -106,7 +106,9 @@ def test_calibration_is_static_only(tmp_path: Path) -> None:
 
 def test_stage_order_is_enforced(tmp_path: Path) -> None:
     text = GOOD.replace("  - type: export\n", "") + "  - type: export\n"
-    assert "stages must run in the order train -> export -> quantize -> validate" in _error(tmp_path, text)
+    assert "stages must run in the order train -> prune -> distill -> export -> quantize -> validate" in _error(
+        tmp_path, text
+    )
 
 
 def test_quantize_needs_export(tmp_path: Path) -> None:

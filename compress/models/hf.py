@@ -131,3 +131,15 @@ def encode(
         return_tensors="np",
     )
     return {name: np.asarray(enc[name], dtype=np.int64) for name in names}
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    """Copy a checkpoint folder's tokenizer (and sentence-transformers pooling) files next to new weights."""
+    import shutil
+
+    for name in (*TOKENIZER_FILES, "special_tokens_map.json", "1_Pooling"):
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, out / name, dirs_exist_ok=True)
+        elif path.is_file():
+            shutil.copy2(path, out / name)

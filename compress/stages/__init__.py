@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from compress.stages import export, prune, quantize, train, validate
+from compress.stages import distill, export, prune, quantize, train, validate
 
 STAGES: dict[str, Callable[..., Any]] = {
     "train": train.run,
     "prune": prune.run,
+    "distill": distill.run,
     "export": export.run,
     "quantize": quantize.run,
     "validate": validate.run,

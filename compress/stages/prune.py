@@ -8,7 +8,6 @@ patterns: the report says so). Structured pruning removes heads and FFN neurons:
 from __future__ import annotations
 
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -141,14 +140,8 @@ def _save(model: nn.Module, artifact: Artifact, out: Path) -> None:
     if artifact.kind == "zoo":
         save_zoo(model, out)  # type: ignore[arg-type]
         return
-    source = artifact.file("model")
     model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
-    for name in (*hf.TOKENIZER_FILES, "special_tokens_map.json", "1_Pooling"):
-        path = source / name
-        if path.is_dir():
-            shutil.copytree(path, out / name)
-        elif path.is_file():
-            shutil.copy2(path, out / name)
+    hf.copy_tokenizer_files(artifact.file("model"), out)
 
 
 def _zipped_size(path: Path) -> int:

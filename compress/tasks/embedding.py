@@ -36,6 +36,10 @@ def build_module(encoder: torch.nn.Module, spec: HFModel | PackageModel, names: 
         ) -> torch.Tensor:
             extra = {"token_type_ids": token_type_ids} if with_types else {}
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+            return self.pool(hidden, attention_mask)
+
+        def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            """(B, S, D) token states -> (B, D) embedding, as deployed."""
             if pooling == "cls":
                 pooled = hidden[:, 0]  # (B, D)
             else:

@@ -1,0 +1,156 @@
+"""distill: the original model teaches the compressed one (embedding task, Hugging Face encoders).
+
+The teacher (the recipe's input model, or `teacher:`) is frozen in eval mode; its embeddings of the
+training texts are computed once and reused every epoch. The student is the current artifact, or a
+copy of it with layers dropped. Training reuses the train stage's loop (checkpoints, resume, early
+stopping on Lee Spearman).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.artifact import Artifact
+from compress.context import Context
+from compress.distillation import (
+    attention_kl,
+    check_map,
+    drop_layers,
+    embedding_cosine,
+    hidden_mse,
+    uniform_map,
+)
+from compress.errors import UserError
+from compress.models import hf
+from compress.stage_configs import DistillStage
+from compress.stages.train import bucketed
+from compress.tasks import TASKS
+from compress.training import Batch, Evaluation, Persistence, fit
+
+
+def run(artifact: Artifact, cfg: DistillStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
+    if ctx.recipe.task != "embedding" or artifact.kind != "hf":
+        raise UserError("stages: distill works on Hugging Face embedding models for now (zoo models: planned)")
+    torch.manual_seed(cfg.seed)
+    if cfg.teacher is None and ctx.source is None:
+        raise UserError("distill: no teacher: name one with teacher:")
+    teacher_folder = cfg.teacher or ctx.source.file("model")  # type: ignore[union-attr]
+    spec, task = ctx.recipe.model, TASKS["embedding"]
+    tokenizer = hf.load_tokenizer(artifact.file("model"))
+    teacher_tok = hf.load_tokenizer(teacher_folder)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"distill: teacher {teacher_folder} and student use different vocabularies")
+    names = hf.input_names(tokenizer, hf.read_config(artifact.file("model")))
+    teacher: Any = task.build_module(hf.load_model(teacher_folder), spec, names).requires_grad_(False)
+    encoder: Any = hf.load_model(artifact.file("model"))
+    keep = _kept_layers(cfg, len(encoder.encoder.layer))
+    if keep is not None:
+        encoder = drop_layers(encoder, keep)
+        ctx.log(f"student: layers {list(keep)} of {len(teacher.encoder.encoder.layer)}")
+    student = task.build_module(encoder, spec, names)
+    n_student, n_teacher = len(encoder.encoder.layer), len(teacher.encoder.encoder.layer)
+    layer_map = cfg.layer_map or uniform_map(n_student, n_teacher)
+    check_map(layer_map, n_student, n_teacher)
+
+    texts = ctx.texts("train").texts
+    ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
+    with torch.no_grad():  # the teacher is frozen: its embeddings are computed once, reused every epoch
+        cached = torch.cat(
+            [teacher(**_tensors(ids, np.arange(i, min(i + 32, len(texts))))) for i in range(0, len(texts), 32)]
+        )
+    lengths = ids["attention_mask"].sum(1)
+
+    def batches(order: np.ndarray) -> Iterator[Batch]:
+        for rows in bucketed(order, lengths, cfg.batch_size, seed=cfg.seed):
+            yield {**_tensors(ids, rows), "rows": torch.from_numpy(rows)}
+
+    def loss_fn(model: Any, batch: Batch) -> torch.Tensor:
+        return _loss(model, teacher, batch, cached, cfg=cfg, layer_map=layer_map)
+
+    data = ctx.evaluation
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        chunks = [
+            model(**_tensors(hf.encode(tokenizer, data.texts[i : i + 16], ctx.recipe.data.max_length, names), None))
+            for i in range(0, len(data.texts), 16)
+        ]
+        return task.score(torch.cat(chunks).numpy(), data)
+
+    persistence = Persistence(
+        save=lambda m, folder: m.encoder.save_pretrained(folder, safe_serialization=True),
+        load=lambda folder: task.build_module(hf.load_model(folder), spec, names),
+    )
+    best, state = fit(
+        student,
+        cfg,
+        batches=batches,
+        n_train=len(texts),
+        evaluation=Evaluation("spearman", higher_is_better=True, run=evaluate),
+        work=ctx.work_dir,
+        ctx=ctx,
+        loss_fn=loss_fn,
+        persistence=persistence,
+    )
+    out = ctx.out_dir / "model"
+    best.encoder.save_pretrained(out, safe_serialization=True)
+    hf.copy_tokenizer_files(artifact.file("model"), out)
+    metrics = {
+        "teacher": str(teacher_folder),
+        "student_layers": n_student,
+        "teacher_layers": n_teacher,
+        "layer_map": list(layer_map),
+        "parameters": sum(p.numel() for p in best.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_spearman": state.best_metric,
+        "history": state.history,
+        "train_texts": len(texts),
+    }
+    return Artifact("hf", {"model": out}, {**artifact.meta, "distilled_from": str(teacher_folder)}), metrics
+
+
+def _kept_layers(cfg: DistillStage, depth: int) -> tuple[int, ...] | None:
+    if cfg.keep_layers is not None:
+        return cfg.keep_layers
+    if cfg.keep_every is not None:
+        # Keep every k-th layer counting back from the last, so the top layer always stays.
+        return tuple(range(depth - 1, -1, -cfg.keep_every))[::-1]
+    return None
+
+
+def _tensors(ids: dict[str, np.ndarray], rows: np.ndarray | None) -> dict[str, torch.Tensor]:
+    picked = {k: (v[rows] if rows is not None else v) for k, v in ids.items()}
+    width = max(int(picked["attention_mask"].sum(1).max()), 1)
+    return {k: torch.from_numpy(np.ascontiguousarray(v[:, :width])) for k, v in picked.items()}
+
+
+def _loss(
+    student: Any, teacher: Any, batch: Batch, cached: torch.Tensor, *, cfg: DistillStage, layer_map: tuple[int, ...]
+) -> torch.Tensor:
+    w = cfg.losses
+    inputs = {k: v for k, v in batch.items() if k != "rows"}
+    target = cached[batch["rows"]]
+    deep = w.hidden_mse > 0 or w.attention > 0
+    if not deep:
+        emb = student(**inputs)
+        return w.embedding_cosine * embedding_cosine(emb, target) + w.embedding_mse * ((emb - target) ** 2).mean()
+    mask = inputs["attention_mask"]
+    s_out = student.encoder(**inputs, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        t_out = teacher.encoder(**inputs, output_hidden_states=True, output_attentions=True)
+    emb = student.pool(s_out.last_hidden_state, mask)
+    loss = w.embedding_cosine * embedding_cosine(emb, target) + w.embedding_mse * ((emb - target) ** 2).mean()
+    for i, j in enumerate(layer_map):
+        if w.hidden_mse:
+            loss = loss + w.hidden_mse * hidden_mse(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1], mask)
+        if w.attention:
+            s_att, t_att = s_out.attentions[i], t_out.attentions[j]
+            if s_att.shape != t_att.shape:
+                raise UserError("distill: attention transfer needs the same number of heads in student and teacher")
+            loss = loss + w.attention * attention_kl(s_att, t_att, mask)
+    return loss
