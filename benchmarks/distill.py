@@ -1,104 +1,19 @@
-"""Benchmark: a distilled 3-layer MiniLM student against its 6-layer teacher (issue 5).
+"""Benchmark (issue 5): the 3-layer distilled MiniLM student against its 6-layer teacher, in one run.
 
-    .venv/bin/python benchmarks/distill.py [--runs N]
-
-Runs recipes/minilm-int8.yaml (the teacher's fused fp32 and int8) and recipes/minilm-distill-int8.yaml
-(the student's), reusing finished stages; then times teacher fp32, student fp32, teacher int8 and student
-int8 interleaved in one loop (batch 1, 128 tokens, 2 threads, thread spinning off) and scores each on
-Lee. Writes benchmarks/results/distill.md.
+.venv/bin/python benchmarks/distill.py [--runs N]      -> benchmarks/results/distill.md
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300, help="timed runs per variant")
-    args = parser.parse_args()
-    os.chdir(ROOT)
-
-    from compress.artifact import Artifact
-    from compress.data import load_evaluation
-    from compress.data.cache import write_atomic
-    from compress.latency import interleaved
-    from compress.models import hf
-    from compress.pipeline import run
-    from compress.recipe import load_recipe
-    from compress.targets.native import session
-    from compress.tasks import embedding
-
-    files: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for recipe_path, who in (("recipes/minilm-int8.yaml", "teacher"), ("recipes/minilm-distill-int8.yaml", "student")):
-        recipe = load_recipe(recipe_path)
-        run_dir = run(recipe)
-        stages = {s.type: run_dir / f"{i:02d}_{s.type}" for i, s in enumerate(recipe.stages, 1)}
-        fp32 = Artifact.from_json((stages["export"] / "artifact.json").read_text(), run_dir)
-        int8 = Artifact.from_json((stages["quantize"] / "artifact.json").read_text(), run_dir)
-        files[f"{who} fp32"] = (fp32.file("model"), {})
-        files[f"{who} int8"] = (int8.file("model"), int8.meta.get("session", {}))
-        tok_dir = fp32.file("tokenizer")
-    recipe = load_recipe("recipes/minilm-int8.yaml")
-    tokenizer = hf.load_tokenizer(tok_dir)
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    lee = load_evaluation(recipe.data.evaluation)
-    sessions = {k: session(path, 2, settings, spinning=False) for k, (path, settings) in files.items()}
-    timing = hf.encode(tokenizer, lee.texts[:1], 128, names, pad_to=128)
-    scores = {}
-    for key, sess in sessions.items():
-        emb = np.concatenate(
-            [sess.run(None, hf.encode(tokenizer, lee.texts[i : i + 16], 256, names))[0] for i in range(0, 50, 16)]
-        )
-        scores[key] = embedding.score(emb, lee)
-    lat = interleaved({k: _call(s, timing) for k, s in sessions.items()}, warmup=10, runs=args.runs)
-    base = lat["teacher fp32"]["p50"]
-    rows = [
-        "# Benchmark: distilled MiniLM student (3 layers) vs teacher (6 layers)",
-        "",
-        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; command: "
-        f"`.venv/bin/python benchmarks/distill.py --runs {args.runs}`",
-        f"- ONNX Runtime, batch 1, 128 tokens, 2 threads, spinning off; {args.runs} interleaved runs each; "
-        "Lee (50 documents, 1225 rated pairs) at max_length 256.",
-        "",
-        "| model | median ms | x vs teacher fp32 | size MB | Lee Spearman [95% CI] |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for key, (path, _) in files.items():
-        s = scores[key]
-        lo, hi = s["spearman_ci95"]
-        rows.append(
-            f"| {key} | {lat[key]['p50']:.2f} | {base / lat[key]['p50']:.2f}x | {path.stat().st_size / 1e6:.1f} | "
-            f"{s['spearman']:.4f} [{lo:.3f}, {hi:.3f}] |"
-        )
-    speed = base / lat["student fp32"]["p50"]
-    rho = scores["student fp32"]["spearman"]
-    rows += [
-        "",
-        f"- **{'met' if rho >= 0.49 else 'NOT met'}**: student Lee Spearman >= 0.49 (measured {rho:.4f})",
-        f"- **{'met' if speed >= 1.8 else 'NOT met'}**: student ORT fp32 >= 1.8x faster than the teacher "
-        f"(measured {speed:.2f}x)",
-        "",
-    ]
-    text = "\n".join(rows)
-    write_atomic(ROOT / "benchmarks" / "results" / "distill.md", text.encode())
-    print(text)
-    print(json.dumps({"written": "benchmarks/results/distill.md"}), file=sys.stderr)
-
-
-def _call(sess: Any, feeds: dict[str, np.ndarray]) -> Any:
-    return lambda: sess.run(None, feeds)
-
+from teacher_student import compare
 
 if __name__ == "__main__":
-    main()
+    compare(
+        "recipes/minilm-distill-int8.yaml",
+        "distilled MiniLM student (3 layers) vs teacher (6 layers)",
+        "distill.md",
+        [
+            ("student Lee Spearman >= 0.49", "spearman", 0.49),
+            ("student ORT fp32 >= 1.8x faster than the teacher", "speedup_fp32", 1.8),
+        ],
+    )
