@@ -163,6 +163,16 @@ def stage_note(stage: dict[str, Any]) -> str:
                 else f"; test bits/token {t['bits_per_token']:.4f}"
             )
         return text
+    if stage["type"] == "prune":
+        return (
+            f"{m['method']}: {m['parameters']:,} of {m['parameters_before']:,} parameters kept, "
+            f"{100 * m['sparsity_total']:.1f}% zeros; zipped {m['compressed_size_bytes'] / 1e6:.1f} MB; {m['speed']}"
+        )
+    if stage["type"] == "distill":
+        return (
+            f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher, "
+            f"{m['epochs_run']} epochs, best {m['best_epoch']}: Lee Spearman {m['best_spearman']:.4f}"
+        )
     if stage["type"] == "export":
         fused = m["fused_ops"]
         fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused
