@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo]'
+	$(VENV)/bin/edge-compress build-ops
+	@# The aarch64 ops are optional here: a missing cross compiler is installed only when we are root.
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+		if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+				g++-aarch64-linux-gnu) >/dev/null 2>&1 || true; \
+		fi; \
+		$(VENV)/bin/edge-compress build-ops --arch aarch64 \
+			|| echo "warning: the aarch64 native ops were not built (see above); everything else is set up"; \
+	fi
 	touch $(STAMP)
 
 demo: setup

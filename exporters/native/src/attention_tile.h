@@ -1,0 +1,348 @@
+// The shared inner loop of both attention ops: a block of up to kRows query rows takes key tiles of up to
+// kKeys keys, with an online softmax (running max per row, the accumulator rescaled when it grows), so no
+// row ever holds more than one tile of scores (Milakov & Gimelshein 2018, "Online normalizer calculation
+// for softmax"; the tiling of FlashAttention, Dao et al. 2022).
+//
+// The hot loops use 8-float vector values (GCC vector extensions, not intrinsics), the rest are plain loops
+// over contiguous arrays with compile-time widths that -O3 vectorises. kernels.cc includes this file once
+// per instruction set, each time in its own namespace EC_ISA (see dispatch.cc).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+#ifndef EC_ISA
+#error "compile with -DEC_ISA=<instruction set name>: this header is instantiated once per instruction set"
+#endif
+#define EC_INLINE inline __attribute__((always_inline))
+
+namespace ec {
+namespace EC_ISA {  // every definition below differs per instruction set: keep them apart for the linker
+
+
+// exp(x) for x <= 0, branch-free so it vectorises: 2^n · e^r with |r| <= ln2/2 and a degree-6 Taylor
+// polynomial (relative error about 2e-7). Below -87 (where expf is subnormal) it returns exactly 0, which
+// also makes exp(-inf) = 0 for masked scores.
+EC_INLINE float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float t = clamped * 1.44269504088896341f;  // x / ln 2
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: adding 1.5 * 2^23 drops the fraction
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 split hi + lo
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Eight floats as one value, kept in registers. With AVX it is one native vector; otherwise (SSE2, NEON)
+// two 4-float ones: GCC would spill a 32-byte vector type through memory on 16-byte-vector targets.
+#if defined(__AVX__)
+typedef float f32x8 __attribute__((vector_size(32)));
+EC_INLINE f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
+#else
+typedef float f32x4 __attribute__((vector_size(16)));
+struct f32x8 {
+  f32x4 lo, hi;
+};
+EC_INLINE f32x8 operator*(float a, const f32x8& v) { return f32x8{a * v.lo, a * v.hi}; }
+EC_INLINE f32x8 max8(const f32x8& a, const f32x8& b) {
+  return f32x8{a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi};
+}
+EC_INLINE f32x8& operator+=(f32x8& x, const f32x8& y) {
+  x.lo += y.lo;
+  x.hi += y.hi;
+  return x;
+}
+#endif
+
+EC_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+EC_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
+
+// Register blocking of the two products, per instruction set. An FMA takes 4 cycles and two issue per
+// cycle, so each loop keeps at least 8 independent accumulators; the counts fit the register file
+// (f32x8 values: AVX-512 32, AVX2 16, NEON 32 / 2, SSE2 16 / 2 registers).
+#if defined(__AVX512F__)
+constexpr int kScoreRows = 2;  // query rows per pass over D in scores: 2 x 64 keys = 16 accumulators
+constexpr int kScoreKeys = 64;
+constexpr int kValueCols = 64;  // columns of D per pass in accumulate: 2 rows x 64 = 16 accumulators
+#elif defined(__AVX__) || defined(__aarch64__)
+constexpr int kScoreRows = 1;  // 64 keys = 8 accumulators
+constexpr int kScoreKeys = 64;
+constexpr int kValueCols = 32;  // 2 rows x 32 = 8 accumulators
+#else
+constexpr int kScoreRows = 1;  // SSE2: 32 keys = 8 registers
+constexpr int kScoreKeys = 32;
+constexpr int kValueCols = 16;  // 2 rows x 16 = 8 registers
+#endif
+static_assert(kKeys % kScoreKeys == 0 && kRows % kScoreRows == 0, "blocking must divide the tile");
+
+// One (batch, head) slice: rows of d floats at q, v, y; kt: its keys transposed, (D, ldk).
+struct Head {
+  const float* q;
+  const float* v;
+  float* y;
+  int64_t d;
+  const float* kt;
+  int64_t ldk;
+};
+
+// kt (D, ldk) = k (S, D) transposed, in 64 x 64 tiles.
+inline void transpose_keys(const float* __restrict k, int64_t s, int64_t d, float* __restrict kt, int64_t ldk) {
+  for (int64_t j0 = 0; j0 < s; j0 += 64) {
+    const int64_t j1 = std::min(s, j0 + 64);
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {
+      const int64_t i1 = std::min(d, i0 + 64);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) {
+          kt[i * ldk + j] = k[j * d + i];
+        }
+      }
+    }
+  }
+}
+
+// Online-softmax accumulator for a block of query rows against a stream of key tiles.
+class RowBlock {
+ public:
+  explicit RowBlock(int64_t d)
+      : d_(d), q_(kRows * d), kt_(kKeys * d, 0.0f), s_((kRows + 1) * kKeys), acc_((kRows + 1) * d), m_(kRows), l_(kRows) {}
+
+  // Starts a block: query rows at positions rows[0..n), pre-scaled by 1/sqrt(D).
+  EC_INLINE void start(const Head& h, const int32_t* rows, int n) {
+    n_ = n;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d_));
+    for (int r = 0; r < n; ++r) {
+      const float* src = h.q + rows[r] * d_;
+      float* dst = q_.data() + r * d_;
+      for (int64_t i = 0; i < d_; ++i) {
+        dst[i] = src[i] * scale;
+      }
+      m_[r] = -std::numeric_limits<float>::infinity();
+      l_[r] = 0.0f;
+    }
+    // scores() and accumulate() take rows in pairs: with n odd, row n is a padding row of zero queries,
+    // so zero scores, which stay zero probabilities (the softmax skips it), and is never stored.
+    std::fill(acc_.begin(), acc_.begin() + (n + 1) * d_, 0.0f);
+    skip_[n] = true;
+    std::fill(s_.begin() + n * kKeys, s_.begin() + (n + 1) * kKeys, 0.0f);
+    if (n % 2 == 1) {
+      std::fill(q_.begin() + n * d_, q_.begin() + (n + 1) * d_, 0.0f);
+    }
+  }
+
+  // Adds the keys at positions idx[0..nk) (nk <= kKeys). allow: n x kKeys bytes (row r may see key c when
+  // allow[r * kKeys + c] != 0), or nullptr when every row may see every key of the tile.
+  EC_INLINE void add(const Head& h, const int32_t* idx, int nk, const uint8_t* allow) {
+    const int64_t d = d_;
+    // Keys transposed, (D, kKeys) with leading dimension ldk, so that scores vectorise over keys: a run of
+    // consecutive positions is read in place from the head's transposed keys, other tiles are gathered.
+    const float* kt = h.kt + idx[0];
+    int64_t ldk = h.ldk;
+    if (idx[nk - 1] - idx[0] != nk - 1 || idx[0] + kKeys > h.ldk) {
+      float* __restrict packed = kt_.data();
+      for (int64_t i = 0; i < d; ++i) {
+        const float* src = h.kt + i * h.ldk;
+        for (int c = 0; c < nk; ++c) {
+          packed[i * kKeys + c] = src[idx[c]];
+        }
+      }
+      kt = packed;
+      ldk = kKeys;
+    }
+    const int width = (nk + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // a short last tile costs less
+    for (int r = 0; r < n_; r += kScoreRows) {
+      for (int c = 0; c < width; c += kScoreKeys) {
+        scores(q_.data() + r * d, kt + c, ldk, s_.data() + r * kKeys + c);
+      }
+    }
+    // The softmax step works on whole 8-key groups up to `width` (keys past nk are masked) and keeps 8
+    // partial maxima and sums, so that every loop vectorises (a float reduction in one variable would
+    // not: it must keep its order).
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < n_; ++r) {
+      float* __restrict s = s_.data() + r * kKeys;
+      if (allow != nullptr) {
+        const uint8_t* a = allow + r * kKeys;
+        for (int c = 0; c < width; ++c) {
+          s[c] = (c < nk) & (a[c] != 0) ? s[c] : neg_inf;  // no short circuit: the loop vectorises
+        }
+      } else {
+        for (int c = nk; c < width; ++c) {
+          s[c] = neg_inf;
+        }
+      }
+      f32x8 running = load8(s);
+      for (int c = 8; c < width; c += 8) {
+        running = max8(running, load8(s + c));
+      }
+      float lane_max[8];
+      store8(lane_max, running);
+      float tile_max = lane_max[0];
+      for (int j = 1; j < 8; ++j) {
+        tile_max = lane_max[j] > tile_max ? lane_max[j] : tile_max;
+      }
+      if (tile_max == neg_inf) {
+        skip_[r] = true;  // no key of this tile is allowed for this row
+        std::fill(s, s + width, 0.0f);
+        continue;
+      }
+      skip_[r] = false;
+      if (tile_max > m_[r]) {  // rescale what was accumulated under the smaller max
+        const float alpha = exp_nonpositive(m_[r] - tile_max);
+        float* __restrict acc = acc_.data() + r * d;
+        for (int64_t i = 0; i < d; ++i) {
+          acc[i] *= alpha;
+        }
+        l_[r] *= alpha;
+        m_[r] = tile_max;
+      }
+      const float m = m_[r];
+      for (int c = 0; c < width; ++c) {
+        s[c] = exp_nonpositive(s[c] - m);
+      }
+      float lane_sum[8] = {};
+      for (int c = 0; c < width; c += 8) {
+        for (int j = 0; j < 8; ++j) {
+          lane_sum[j] += s[c + j];
+        }
+      }
+      l_[r] += ((lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3])) +
+               ((lane_sum[4] + lane_sum[5]) + (lane_sum[6] + lane_sum[7]));
+    }
+    for (int r = 0; r < n_; r += 2) {  // rows in pairs; a skipped row's probabilities are zeros
+      if (!skip_[r] || !skip_[r + 1]) {
+        accumulate(h, idx, nk, r);
+      }
+    }
+  }
+
+  // Writes Y for every row whose skip_row flag is 0 (skip_row may be nullptr): acc / l, or 0 when the row
+  // had no allowed key.
+  EC_INLINE void store(const Head& h, const int32_t* rows, const uint8_t* skip_row) const {
+    for (int r = 0; r < n_; ++r) {
+      if (skip_row != nullptr && skip_row[r]) {
+        continue;
+      }
+      float* __restrict dst = h.y + rows[r] * d_;
+      const float* acc = acc_.data() + r * d_;
+      const float inv = l_[r] > 0.0f ? 1.0f / l_[r] : 0.0f;
+      for (int64_t i = 0; i < d_; ++i) {
+        dst[i] = acc[i] * inv;
+      }
+    }
+  }
+
+ private:
+  // s[r][0..kScoreKeys) = q[r] · kt[:, c] for kScoreRows rows, in registers across D. The keys past the
+  // tile read finite keys or padding and are never used.
+  EC_INLINE void scores(const float* __restrict q, const float* __restrict kt, int64_t ldk,
+                        float* __restrict s) const {
+    constexpr int kVecs = kScoreKeys / 8;
+    f32x8 t[kScoreRows][kVecs] = {};
+    for (int64_t i = 0; i < d_; ++i) {
+      const float* row = kt + i * ldk;
+      f32x8 k[kVecs];
+#pragma GCC unroll 8
+      for (int c = 0; c < kVecs; ++c) {
+        k[c] = load8(row + 8 * c);
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < kScoreRows; ++r) {
+        const float a = q[r * d_ + i];
+#pragma GCC unroll 8
+        for (int c = 0; c < kVecs; ++c) {
+          t[r][c] += a * k[c];
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < kScoreRows; ++r) {
+#pragma GCC unroll 8
+      for (int c = 0; c < kVecs; ++c) {
+        store8(s + r * kKeys + 8 * c, t[r][c]);
+      }
+    }
+  }
+
+  // acc[r] += sum_c p[r][c] · V[idx[c]] for rows r0 and r0 + 1 (r0 + 1 may be the zero padding row):
+  // kValueCols columns of D at a time in registers across the whole tile, each V load feeding both rows.
+  EC_INLINE void accumulate(const Head& h, const int32_t* idx, int nk, int r0) {
+    constexpr int kVecs = kValueCols / 8;
+    const int64_t d = d_;
+    const float* p0 = s_.data() + r0 * kKeys;
+    const float* p1 = p0 + kKeys;
+    float* acc0 = acc_.data() + r0 * d;
+    float* acc1 = acc0 + d;
+    int64_t i = 0;
+    for (; i + kValueCols <= d; i += kValueCols) {
+      f32x8 a[kVecs];
+      f32x8 b[kVecs];
+#pragma GCC unroll 8
+      for (int j = 0; j < kVecs; ++j) {
+        a[j] = load8(acc0 + i + 8 * j);
+        b[j] = load8(acc1 + i + 8 * j);
+      }
+      for (int c = 0; c < nk; ++c) {
+        const float x = p0[c];
+        const float y = p1[c];
+        if (x == 0.0f && y == 0.0f) {
+          continue;  // a masked key (the edges of a band)
+        }
+        const float* v = h.v + idx[c] * d + i;
+#pragma GCC unroll 8
+        for (int j = 0; j < kVecs; ++j) {
+          const f32x8 vj = load8(v + 8 * j);
+          a[j] += x * vj;
+          b[j] += y * vj;
+        }
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < kVecs; ++j) {
+        store8(acc0 + i + 8 * j, a[j]);
+        store8(acc1 + i + 8 * j, b[j]);
+      }
+    }
+    if (i < d) {  // the columns past the last full block, key by key
+      for (int c = 0; c < nk; ++c) {
+        const float x = p0[c];
+        const float y = p1[c];
+        const float* v = h.v + idx[c] * d;
+        for (int64_t j = i; j < d; ++j) {
+          acc0[j] += x * v[j];
+          acc1[j] += y * v[j];
+        }
+      }
+    }
+  }
+
+  int64_t d_;
+  int n_ = 0;
+  std::vector<float> q_;    // (kRows, D) scaled queries
+  std::vector<float> kt_;   // (D, kKeys) transposed key tile
+  std::vector<float> s_;    // (kRows + 1, kKeys) scores, then probabilities (one padding row)
+  std::vector<float> acc_;  // (kRows + 1, D) unnormalised outputs (one padding row)
+  std::vector<float> m_;    // running max per row
+  std::vector<float> l_;    // running sum of exp per row
+  bool skip_[kRows + 1] = {};
+};
+
+}  // namespace EC_ISA
+}  // namespace ec

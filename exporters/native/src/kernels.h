@@ -1,0 +1,60 @@
+// The work of one call of either op, as plain data, and the compute kernels that run its items. The op
+// files (ORT glue, validation, masks) fill a job; kernels.cc is compiled once per instruction set and
+// dispatch.cc picks the best one the CPU has.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace ec {
+
+constexpr int kRows = 32;  // query rows per block
+constexpr int kKeys = 64;  // keys per tile: one tile of scores is kRows x kKeys floats (8 KB)
+
+// Leading dimension of a transposed (D, S) key matrix. Past S there is room for one more tile, so every
+// run of consecutive keys is read in place, and rows do not all fall into the same cache sets when S is a
+// power of two.
+inline int64_t transposed_stride(int64_t s) { return (s + 15) / 16 * 16 + 80; }
+
+// WindowedAttention, one call. Items: per (batch, head), row_blocks band blocks then blocks of global rows.
+struct Windowed {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* y;
+  int64_t heads, s, d;
+  int32_t window;  // clamped to S, so position arithmetic stays in int32
+  bool causal;
+  int rows_per_block;  // query rows per band block: narrow windows use smaller blocks (less wasted span)
+  int64_t row_blocks;  // band blocks per head
+  int64_t items_per_head;  // band blocks, then blocks of global query rows
+  std::vector<uint8_t> real;  // (B, S): a real token (attendable key)
+  std::vector<uint8_t> glob;  // (B, S): a global position that is also real
+  std::vector<int32_t> real_prefix;  // (B, S + 1): real keys before each position
+  std::vector<std::vector<int32_t>> globals;  // per batch row: the global positions, ascending
+  std::vector<float> kt;  // (B, H, D, ldk): K transposed
+};
+
+// BlockSparseAttention, one call. Items: per (batch, head, query block), pieces of at most kRows rows.
+struct BlockSparse {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* y;
+  int64_t heads, s, d, block_size, blocks;
+  int64_t pieces;
+  std::vector<std::vector<int32_t>> keys;  // (B · nb): the real key positions query block bi may see
+  std::vector<float> kt;  // (B, H, D, ldk): K transposed
+};
+
+struct Kernels {
+  const char* isa;
+  void (*transpose)(const float* k, int64_t s, int64_t d, float* kt);  // one head: (S, D) -> (D, ldk)
+  void (*windowed)(const Windowed& job, int64_t item);
+  void (*block_sparse)(const BlockSparse& job, int64_t item);
+};
+
+// The kernels for this CPU (chosen once).
+const Kernels& kernels();
+
+}  // namespace ec
