@@ -44,6 +44,21 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: li
     return report
 
 
+def _task_rows(data: str, ref: dict[str, Any], art: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Embedding: Spearman and Pearson; classification: accuracy (with its interval) and macro F1."""
+    rows = []
+    for name in ("spearman", "pearson", "accuracy", "f1_macro"):
+        if name not in art:
+            continue
+        ci = art.get(f"{name}_ci95")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        label = name.replace("_", " ").capitalize() if name != "f1_macro" else "macro F1"
+        rows.append(
+            (f"{data} {label}", f"{ref[name]:.4f}", f"{art[name]:.4f}{interval}", f"{art[name] - ref[name]:+.4f}")
+        )
+    return rows
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(metric, fp32 reference, artifact, comparison) for every target: the table people read."""
     rows: list[tuple[str, str, str, str]] = []
@@ -51,16 +66,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ref, art = t["reference"], t["artifact"]
         setup = t["setup"]
         rows.append((f"[{target}, {setup['kind']}]", "ONNX fp32", "artifact", ""))
-        for name in ("spearman", "pearson"):
-            lo, hi = art["task"][f"{name}_ci95"]
-            rows.append(
-                (
-                    f"{setup['evaluation_set']} {name.capitalize()}",
-                    f"{ref['task'][name]:.4f}",
-                    f"{art['task'][name]:.4f} [{lo:.3f}, {hi:.3f}]",
-                    f"{art['task'][name] - ref['task'][name]:+.4f}",
-                )
-            )
+        rows += _task_rows(setup["evaluation_set"], ref["task"], art["task"])
         fid = t["fidelity"]
         rows.append(("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", ""))
         shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
@@ -149,6 +155,19 @@ def stage_time(stage: dict[str, Any]) -> str:
     return "reused" if stage["reused"] else f"{stage['metrics'].get('seconds', stage['seconds']):.1f}"
 
 
+def _export_note(m: dict[str, Any]) -> str:
+    if "custom_ops" in m:  # a zoo model
+        ops = ", ".join(f"{k} x{v}" for k, v in m["custom_ops"].items()) or "none (standard ops only)"
+        return (
+            f"{m['exporter']} opset {m['opset']}; attention {'/'.join(sorted(set(m['attention'])))}; "
+            f"custom ops: {ops}, ran {m['custom_op_kernel']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e} "
+            f"over {len(m['shapes_checked'])} shapes"
+        )
+    fused = m["fused_ops"]
+    fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused
+    return f"{m['exporter']} opset {m['opset']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e}; fused: {fused_txt}"
+
+
 def stage_note(stage: dict[str, Any]) -> str:
     m = stage["metrics"]
     if stage["type"] == "train":
@@ -169,16 +188,9 @@ def stage_note(stage: dict[str, Any]) -> str:
             f"{100 * m['sparsity_total']:.1f}% zeros; zipped {m['compressed_size_bytes'] / 1e6:.1f} MB; {m['speed']}"
         )
     if stage["type"] == "distill":
-        return (
-            f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher, "
-            f"{m['epochs_run']} epochs, best {m['best_epoch']}: Lee Spearman {m['best_spearman']:.4f}"
-        )
+        return _distill_note(m)
     if stage["type"] == "export":
-        fused = m["fused_ops"]
-        fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused
-        return (
-            f"{m['exporter']} opset {m['opset']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e}; fused: {fused_txt}"
-        )
+        return _export_note(m)
     if stage["type"] == "quantize":
         k = m["kernels"]
         how = m["mode"] + (f" ({m['calibration']})" if m.get("calibration") else "")
@@ -187,3 +199,21 @@ def stage_note(stage: dict[str, Any]) -> str:
             f"{k['float_total']} float; {100 * m['size_ratio']:.0f}% of fp32 size"
         )
     return ", ".join(stage["metrics"].get("targets", {})) or ""
+
+
+def _distill_note(m: dict[str, Any]) -> str:
+    if "student" not in m:  # a Hugging Face embedding student
+        return (
+            f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher, "
+            f"{m['epochs_run']} epochs, best {m['best_epoch']}: Lee Spearman {m['best_spearman']:.4f}"
+        )
+    s = m["student"]
+    text = (
+        f"student d_model {s['d_model']}, {s['n_heads']} heads, {s['n_layers']} layers, d_ff {s['d_ff']} "
+        f"({m['parameters']:,} of the teacher's {m['teacher_parameters']:,} parameters), "
+        f"{m['epochs_run']} epochs, best {m['best_epoch']}"
+    )
+    if "test" in m:
+        key = "accuracy" if "accuracy" in m["test"] else "bits_per_token"
+        text += f"; test {key} {m['test'][key]:.4f} (teacher {m['teacher_test'][key]:.4f})"
+    return text

@@ -101,6 +101,60 @@ def _comes_before(model: object, producer: object, user: object, name: str) -> b
     return False
 
 
+def export_zoo(
+    module: torch.nn.Module, *, example: dict[str, np.ndarray], path: Path, output_names: tuple[str, ...], max_len: int
+) -> list[str]:
+    """Export a zoo model with the dynamo exporter: windowed and block-sparse attention become our
+    ai.edgecompress ops (their ONNX function bodies attached), the other kinds standard ops; dynamic
+    batch and sequence axes. Returns the attention kind of every layer. The model is checked with
+    onnx.checker (full check: our schemas' shape inference included)."""
+    import onnx
+    import torch
+
+    from exporters.ops import attach_functions, register_schemas
+    from exporters.ops.torch_ops import exportable, translation_table
+
+    register_schemas()
+    names = tuple(example)
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_len)
+    with warnings.catch_warnings(), torch.no_grad(), exportable(module, max_len) as kinds:
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=list(names),
+            output_names=list(output_names),
+            dynamic_shapes={name: {0: batch, 1: seq} for name in names},
+            custom_translation_table=translation_table(),
+            opset_version=18,
+            verbose=False,
+        )
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise StageFailed("export: the dynamo exporter returned no program")
+    model = program.model_proto
+    attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    from compress.data.cache import write_atomic
+
+    write_atomic(path, model.SerializeToString())
+    return kinds
+
+
+def custom_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each ai.edgecompress op the model at `path` has (main graph)."""
+    import onnx
+
+    from exporters.ops import DOMAIN
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.domain == DOMAIN:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 @dataclass(frozen=True)
 class Agreement:
     max_abs_diff: float
@@ -109,14 +163,24 @@ class Agreement:
 
 
 def check_against_torch(
-    module: torch.nn.Module, model: Path, batches: list[dict[str, np.ndarray]], tolerance: float
+    module: torch.nn.Module,
+    model: Path,
+    batches: list[dict[str, np.ndarray]],
+    tolerance: float,
+    native: bool = False,
 ) -> Agreement:
-    """Run PyTorch and ONNX Runtime on the same real batches; raise StageFailed beyond `tolerance`."""
+    """Run PyTorch and ONNX Runtime on the same real batches; raise StageFailed beyond `tolerance`.
+    Per-token outputs are compared at real tokens only. native: with our custom-op kernels registered
+    (else ONNX Runtime runs the ops' function bodies)."""
     import onnxruntime as ort
     import torch
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if native:
+        from exporters import native as native_ops
+
+        native_ops.register(so)
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     worst, total, count, shapes = 0.0, 0.0, 0, []
     for feeds in batches:
@@ -126,6 +190,9 @@ def check_against_torch(
         if got.shape != expected.shape:
             raise StageFailed(f"export: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
         diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        mask = feeds.get("attention_mask")
+        if mask is not None and diff.shape[:2] == mask.shape:
+            diff = diff[mask.astype(bool)]  # per-token outputs: padding positions carry no meaning
         worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.size
         shapes.append(tuple(next(iter(feeds.values())).shape))
     if not worst <= tolerance:  # also catches NaN

@@ -7,6 +7,7 @@ Ids: pad 0, cls 1, sep 2, then byte b as b + 3 (vocab_size 259). A text is its U
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,12 @@ class ByteTokenizer:
             input_ids[i, : len(row)] = row
             attention_mask[i, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save(self, folder: Path) -> None:
+        """A marker file: byte tokenization needs no vocabulary."""
+        from compress.data.tokenizers import _mark
+
+        _mark(folder, "bytes")
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text behind one row of ids; special tokens and padding are skipped."""

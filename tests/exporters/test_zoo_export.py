@@ -1,0 +1,135 @@
+"""Zoo models through the pipeline: train -> export (custom attention ops) -> int8 -> validate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from compress.context import Context
+from compress.errors import UserError
+from compress.models.config import ZooConfig
+from compress.models.encoder import build_model
+from compress.pipeline import run
+from compress.recipe import load_recipe
+from compress.stages.export import check_lengths
+from exporters.ops import DOMAIN
+from exporters.ops.torch_ops import exportable
+
+
+def _run(path: Path) -> Path:
+    recipe = load_recipe(path)
+    return run(recipe, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=Console(quiet=True)))
+
+
+def _with_stages(path: Path, stages: list[dict[str, Any]], **data: Any) -> Path:
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"] += stages
+    spec["data"].update(data)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("attention", "op"),
+    [
+        ({"kind": "windowed", "window": 8, "global_tokens": 1}, "WindowedAttention"),
+        ({"kind": "block_sparse", "block": 8, "random_blocks": 1, "global_tokens": 1}, "BlockSparseAttention"),
+        ({"kind": "linformer", "proj_len": 8, "max_len": 128}, None),
+    ],
+)
+def test_zoo_export_uses_the_custom_op(
+    zoo_recipe: Callable[..., Path], attention: dict[str, Any], op: str | None
+) -> None:
+    path = _with_stages(zoo_recipe(train={"epochs": 1}, attention=attention), [{"type": "export"}])
+    run_dir = _run(path)
+    metrics = json.loads((run_dir / "02_export" / "metrics.json").read_text())
+    model = onnx.load(str(run_dir / "02_export" / "model.onnx"))
+    ours = [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+    assert ours == ([op] if op else [])  # one layer: one op; standard-op kinds none
+    assert [f.name for f in model.functions] == ([op] if op else [])  # the portable body travels along
+    assert metrics["max_abs_diff"] < 1e-4
+    # checked below, at, at multiples of and above the window/block, padded and not
+    lengths = {shape[1] for shape in metrics["shapes_checked"]}
+    assert {4, 8, 16, 29, 128} <= lengths  # linformer: around its proj_len, 8
+    assert (run_dir / "02_export" / "tokenizer" / "edge_tokenizer.json").is_file()
+
+
+def test_lm_export_compares_real_tokens(zoo_recipe: Callable[..., Path]) -> None:
+    path = _with_stages(zoo_recipe("lm", train={"epochs": 1}), [{"type": "export"}])
+    run_dir = _run(path)
+    metrics = json.loads((run_dir / "02_export" / "metrics.json").read_text())
+    assert metrics["custom_ops"] == {"WindowedAttention": 1}
+    assert metrics["max_abs_diff"] < 1e-4
+
+
+def test_export_quantize_validate(zoo_recipe: Callable[..., Path], tmp_path: Path) -> None:
+    stages = [
+        {"type": "export"},
+        {"type": "quantize", "mode": "static", "calibration_samples": 32},
+        {"type": "validate", "runs": 10, "warmup": 1, "sequence_length": 64},
+    ]
+    train = {"path": str(tmp_path / "train.jsonl")}
+    path = _with_stages(zoo_recipe(train={"epochs": 2}), stages, calibration=train)
+    run_dir = _run(path)
+    model = onnx.load(str(run_dir / "03_quantize" / "model.onnx"))
+    kinds = {(n.domain, n.op_type) for n in model.graph.node}
+    assert (DOMAIN, "WindowedAttention") in kinds  # the op stays float ...
+    assert ("", "QuantizeLinear") in kinds  # ... between int8 (QDQ) projections
+    quantize = json.loads((run_dir / "03_quantize" / "metrics.json").read_text())
+    assert quantize["kernels"]["int8_total"] > 0
+    assert quantize["fidelity_check"]["cosine_mean"] > 0.98
+    report = json.loads((run_dir / "report.json").read_text())
+    validate = next(s for s in report["stages"] if s["type"] == "validate")["metrics"]["targets"]["x86_64"]
+    assert validate["artifact"]["task"]["examples"] == 32
+    assert abs(validate["artifact"]["task"]["accuracy"] - validate["reference"]["task"]["accuracy"]) <= 0.1
+
+
+def test_model_runs_without_the_native_library(zoo_recipe: Callable[..., Path]) -> None:
+    """A plain ONNX Runtime session with nothing registered runs the function bodies."""
+    path = _with_stages(zoo_recipe(train={"epochs": 1}), [{"type": "export"}])
+    run_dir = _run(path)
+    sess = ort.InferenceSession(str(run_dir / "02_export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(3, 259, (2, 50)).numpy()
+    out = sess.run(None, {"input_ids": ids, "attention_mask": (ids > 0).astype("int64")})[0]
+    assert out.shape == (2, 2)
+
+
+def test_unknown_attention_module_is_refused() -> None:
+    cfg = ZooConfig.from_dict(
+        {"format": "edge-compress-zoo", "version": 1, "task": "classification", "vocab_size": 50, "max_len": 32,
+         "d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32, "attention": {"kind": "windowed", "window": 4}}
+    )  # fmt: skip
+    model = build_model(cfg)
+
+    from compress.models.attention import WindowedAttention
+
+    class Dilated(WindowedAttention):  # a kind the exporter has no op for: must not export as dense
+        pass
+
+    block = model.backbone.body.blocks[0].f.attn
+    block.attn = object.__new__(Dilated)
+    torch.nn.Module.__init__(block.attn)
+    block.attn.cfg = cfg.attention
+    with pytest.raises(ValueError, match="Dilated"), exportable(model, 32):
+        pass
+
+
+def test_zoo_export_recipe_errors(zoo_recipe: Callable[..., Path]) -> None:
+    path = _with_stages(zoo_recipe(), [{"type": "export", "exporter": "torchscript"}])
+    with pytest.raises(UserError, match="dynamo"):
+        load_recipe(path)
+
+
+def test_check_lengths_cover_the_window() -> None:
+    assert check_lengths(8, 128) == [4, 8, 16, 29, 128]
+    assert check_lengths(256, 100) == [100]
+    assert check_lengths(64, 64) == [32, 64]
