@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from compress import distributed
 from compress.errors import StageFailed, UserError
 
 _err = Console(stderr=True)
@@ -86,6 +87,27 @@ def schema() -> None:
     click.echo(json.dumps(recipe_schema(), indent=2))
 
 
+@cli.command("build-ops")
+@click.option(
+    "--arch",
+    type=click.Choice(["x86_64", "aarch64", "all"]),
+    default=None,
+    help="Architecture to build for (default: this machine's); aarch64 needs g++-aarch64-linux-gnu.",
+)
+@click.option("--force", is_flag=True, help="Rebuild even when the sources did not change.")
+def build_ops(arch: str | None, force: bool) -> None:
+    """Compile the native ONNX Runtime kernels of the custom attention ops (exporters/native/).
+
+    ONNX Runtime's headers are fetched once into the cache (Debian's libonnxruntime-dev); an unchanged
+    build is reused.
+    """
+    from exporters.native import ARCHES, host_arch
+    from exporters.native.build import build
+
+    for target in ARCHES if arch == "all" else [arch or host_arch()]:
+        click.echo(f"{target}: {build(target, force=force)}")
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
@@ -96,6 +118,8 @@ def report(run_dir: Path) -> None:
 def _print_summary(run_dir: Path) -> None:
     from compress.report import stage_note, stage_time, summary_rows
 
+    if not distributed.is_main():
+        return  # torchrun: rank 0 writes and prints the report, maybe after this rank has finished
     path = run_dir / "report.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no report.json (is this a finished run directory?)")
@@ -124,6 +148,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders, never from a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        distributed.init()  # under torchrun: join the process group (gloo); alone: nothing
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         _err.print("aborted")

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from compress import distributed
 from compress.artifact import Artifact
 from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
 from compress.errors import UserError
@@ -22,7 +23,8 @@ class Context:
 
     recipe: Recipe
     run_dir: Path
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    # torchrun ranks other than 0 stay quiet: one progress display, one log
+    console: Console = field(default_factory=lambda: Console(stderr=True, quiet=not distributed.is_main()))
     source: Artifact | None = None  # the recipe's input model (the default distillation teacher)
     out_dir: Path = Path()
     work_dir: Path = Path()  # the current stage's scratch folder, kept across a kill (resumable stages)

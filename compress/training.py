@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress import distributed
 from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.models.zoo import load_zoo, save_zoo
@@ -47,6 +48,14 @@ class Persistence:
 
 
 ZOO = Persistence(save=save_zoo, load=load_zoo)
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """Extra work in the loop (gradual pruning): after each optimizer step, and which epochs may be best."""
+
+    after_step: Callable[[Any, int], None]  # (model, steps done)
+    eligible: Callable[[int], bool]  # steps done at an epoch's end -> may this epoch be the best one?
 
 
 @dataclass(frozen=True)
@@ -81,13 +90,16 @@ def fit(
     ctx: Context,
     loss_fn: Callable[[Any, Batch], torch.Tensor] | None = None,
     persistence: Persistence = ZOO,
+    hooks: StepHooks | None = None,
 ) -> tuple[Any, LoopState]:
     """Train `model`, resuming from `work` if it holds checkpoints; returns the best model and the loop state.
 
     loss_fn(model, batch) defaults to model.loss(batch); persistence to zoo checkpoints.
     """
     compute_loss = loss_fn or (lambda m, b: m.loss(b))
-    torch.set_num_threads(cfg.threads)
+    multi = distributed.active()
+    # Under torchrun the processes share the machine's cores: split the thread budget between them.
+    torch.set_num_threads(max(1, cfg.threads // distributed.world_size()) if multi else cfg.threads)
     steps_per_epoch = -(-n_train // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -99,6 +111,7 @@ def fit(
     if latest is not None:
         model, opt, state = _restore(latest, cfg, persistence)
         ctx.log(f"resuming after epoch {state.epoch} (step {state.step}) from {latest}")
+    step_module = distributed.wrap(model, compute_loss) if multi else None
 
     while state.epoch < cfg.epochs and state.stale_epochs < cfg.patience:
         model.train()
@@ -109,13 +122,11 @@ def fit(
             for batch in batches(order):
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(state.step, total, warmup, cfg.decay)
-                opt.zero_grad(set_to_none=True)
-                loss = compute_loss(model, batch)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                losses.append(_step(model, step_module or compute_loss, batch, opt, cfg.grad_clip))
                 state.step += 1
-                losses.append(float(loss.item()))
+                if hooks is not None:
+                    with torch.no_grad():
+                        hooks.after_step(model, state.step)
                 bar.update(task, advance=1, description=f"epoch {state.epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
                 if not ctx.console.is_terminal and len(losses) % max(1, steps_per_epoch // 10) == 0:
                     # No live bar in a log file: a line every tenth of an epoch instead.
@@ -125,22 +136,59 @@ def fit(
         model.eval()
         with torch.no_grad():
             scores = evaluation.run(model)
-        metric = scores[evaluation.name]
-        state.epoch += 1
-        state.history.append({"epoch": state.epoch, "train_loss": float(np.mean(losses)), **scores})
-        improved = state.best_metric is None or (
-            metric > state.best_metric if evaluation.higher_is_better else metric < state.best_metric
-        )
-        if improved:
-            state.best_metric, state.best_epoch, state.stale_epochs = metric, state.epoch, 0
-        else:
-            state.stale_epochs += 1
-        ctx.log(f"epoch {state.epoch}: train loss {np.mean(losses):.4f}, {evaluation.name} {metric:.4f}")
-        _save(work, model, opt, state, persistence)
+        _close_epoch(state, scores, float(np.mean(losses)), evaluation=evaluation, hooks=hooks, ctx=ctx)
+        if distributed.is_main():
+            _save(work, model, opt, state, persistence)
+        distributed.barrier()  # every rank sees the checkpoint before going on (resume, best model)
     if state.stale_epochs >= cfg.patience and state.epoch < cfg.epochs:
         ctx.log(f"early stop: {evaluation.name} did not improve for {cfg.patience} epochs")
     best = persistence.load(work / f"epoch-{state.best_epoch:03d}")
+    distributed.barrier()  # rank 0 may delete the work folder once every rank has read the best model
     return best, state
+
+
+def _step(model: Any, loss_of: Any, batch: Batch, opt: torch.optim.Optimizer, clip: float) -> float:
+    """One optimizer step; returns the batch loss. `loss_of` is loss_fn, or the DDP module under torchrun."""
+    opt.zero_grad(set_to_none=True)
+    if isinstance(loss_of, torch.nn.Module):  # this rank's share of the global batch; DDP averages gradients
+        part, weight = distributed.shard(batch)
+        loss = loss_of(part, weight)
+        loss.backward()
+        loss = distributed.mean(loss.detach())
+    else:
+        loss = loss_of(model, batch)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return float(loss.item())
+
+
+def _close_epoch(
+    state: LoopState,
+    scores: dict[str, Any],
+    train_loss: float,
+    *,
+    evaluation: Evaluation,
+    hooks: StepHooks | None,
+    ctx: Context,
+) -> None:
+    """Record an epoch's scores; track the best eligible epoch and the epochs without improvement."""
+    metric = scores[evaluation.name]
+    state.epoch += 1
+    state.history.append({"epoch": state.epoch, "train_loss": train_loss, **scores})
+    eligible = hooks is None or hooks.eligible(state.step)
+    improved = eligible and (
+        state.best_metric is None
+        or (metric > state.best_metric if evaluation.higher_is_better else metric < state.best_metric)
+    )
+    if improved:
+        state.best_metric, state.best_epoch, state.stale_epochs = metric, state.epoch, 0
+    elif eligible:
+        state.stale_epochs += 1
+    else:
+        state.history[-1]["eligible"] = False
+        ctx.log(f"epoch {state.epoch} is not eligible as the best (the pruning ramp has not ended)")
+    ctx.log(f"epoch {state.epoch}: train loss {train_loss:.4f}, {evaluation.name} {metric:.4f}")
 
 
 def _save(work: Path, model: Any, opt: torch.optim.Optimizer, state: LoopState, persistence: Persistence) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -95,6 +96,61 @@ def recipe_for(tmp_path: Path, tiny_bert: Path, data_files: dict[str, Path]) -> 
         }
         recipe.update(sections)
         path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+SPAM = ["win cash now", "cheap pills online", "you won a prize", "click here to claim money", "free offer today"]
+HAM = ["meeting moved to friday", "notes from the project call", "lunch at noon?", "the report is attached", "see you"]
+
+
+def spam_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = SPAM if label else HAM
+        text = " ".join(words[j] for j in rng.integers(0, len(words), size=3))
+        rows.append({"text": text, "label": "spam" if label else "ham"})
+    return rows
+
+
+@pytest.fixture
+def zoo_recipe(tmp_path: Path) -> Callable[..., Path]:
+    for name, n, seed in (("train", 96, 0), ("valid", 32, 1), ("test", 32, 2)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spam_rows(n, seed)))
+
+    def write(task: str = "classification", train: dict[str, Any] | None = None, **arch: Any) -> Path:
+        architecture = {
+            "task": task,
+            "vocab_size": 259,
+            "max_len": 128,
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 1,
+            "d_ff": 64,
+            "attention": {"kind": "windowed", "window": 8, "global_tokens": 1, "causal": task == "lm"},
+            **arch,
+        }
+        source = {"label_field": "label"} if task == "classification" else {}
+        recipe = {
+            "name": f"zoo-{task}",
+            "model": {"architecture": architecture},
+            "task": task,
+            "data": {
+                "train": {"path": str(tmp_path / "train.jsonl"), **source},
+                "evaluation": {"path": str(tmp_path / "valid.jsonl"), **source},
+                "test": {"path": str(tmp_path / "test.jsonl"), **source},
+                "tokenizer": "bytes",
+                "max_length": 128,
+                "batch_size": 16,
+            },
+            "stages": [{"type": "train", "epochs": 3, "batch_size": 8, "lr": 3e-3, "seed": 0, **(train or {})}],
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+        path = tmp_path / f"{task}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
 

