@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 Target = tuple[str, str, float]  # (name, metric key, threshold): met when the measured value >= threshold
 
 
-def compare(student_recipe: str, title: str, result: str, targets: list[Target]) -> None:
+def compare(student_recipe: str, title: str, result: str, targets: list[Target], command: str = "") -> None:
     parser = argparse.ArgumentParser(description=title)
     parser.add_argument("--runs", type=int, default=300, help="timed runs per variant")
     args = parser.parse_args()
@@ -70,7 +70,7 @@ def compare(student_recipe: str, title: str, result: str, targets: list[Target])
         f"# Benchmark: {title}",
         "",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; student recipe `{student_recipe}`; "
-        f"command: `.venv/bin/python {' '.join(sys.argv)}`",
+        f"command: `.venv/bin/python {command or ' '.join(sys.argv)}`",
         f"- ONNX Runtime, batch 1, 128 tokens, 2 threads, spinning off; {args.runs} interleaved runs each; "
         "Lee (50 documents, 1225 rated pairs) at max_length 256.",
         "",

@@ -1,4 +1,5 @@
-"""distill: the original model teaches the compressed one (embedding task, Hugging Face encoders).
+"""distill: the original model teaches the compressed one (Hugging Face embedding encoders here; zoo
+classifiers and LMs in distill_zoo.py).
 
 The teacher (the recipe's input model, or `teacher:`) is frozen in eval mode; its embeddings of the
 training texts are computed once and reused every epoch. The student is the current artifact, or a
@@ -29,12 +30,18 @@ from compress.models import hf
 from compress.stage_configs import DistillStage
 from compress.stages.train import bucketed
 from compress.tasks import TASKS
-from compress.training import Batch, Evaluation, Persistence, fit
+from compress.training import Batch, Evaluation, Persistence, StepHooks, fit
 
 
-def run(artifact: Artifact, cfg: DistillStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
-    if ctx.recipe.task != "embedding" or artifact.kind != "hf":
-        raise UserError("stages: distill works on Hugging Face embedding models for now (zoo models: planned)")
+def run(
+    artifact: Artifact, cfg: DistillStage, ctx: Context, hooks: StepHooks | None = None
+) -> tuple[Artifact, dict[str, Any]]:
+    if artifact.kind == "zoo":
+        from compress.stages import distill_zoo
+
+        return distill_zoo.run(artifact, cfg, ctx, hooks)
+    if artifact.kind != "hf":
+        raise UserError(f"stages: distill works on PyTorch models, not on a {artifact.kind} artifact")
     torch.manual_seed(cfg.seed)
     if cfg.teacher is None and ctx.source is None:
         raise UserError("distill: no teacher: name one with teacher:")
@@ -94,6 +101,7 @@ def run(artifact: Artifact, cfg: DistillStage, ctx: Context) -> tuple[Artifact, 
         ctx=ctx,
         loss_fn=loss_fn,
         persistence=persistence,
+        hooks=hooks,
     )
     out = ctx.out_dir / "model"
     best.encoder.save_pretrained(out, safe_serialization=True)
@@ -132,7 +140,7 @@ def _tensors(ids: dict[str, np.ndarray], rows: np.ndarray | None) -> dict[str, t
 def _loss(
     student: Any, teacher: Any, batch: Batch, cached: torch.Tensor, *, cfg: DistillStage, layer_map: tuple[int, ...]
 ) -> torch.Tensor:
-    w = cfg.losses
+    w = cfg.losses_for("embedding")
     inputs = {k: v for k, v in batch.items() if k != "rows"}
     target = cached[batch["rows"]]
     deep = w.hidden_mse > 0 or w.attention > 0
