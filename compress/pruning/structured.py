@@ -99,3 +99,41 @@ def rebuild(model: Any, structure: dict[str, list[int]]) -> None:
             remove_heads(layer, torch.arange(n_heads))
         if n_ff != layer.intermediate.dense.out_features:
             remove_neurons(layer, torch.arange(n_ff))
+
+
+def prune_zoo(model: Any, heads: float, ffn: float, p: int) -> tuple[Any, dict[str, Any]]:
+    """Structured pruning of a zoo model (any attention kind, flat, reversible or Hourglass).
+
+    Every block of a zoo model shares one config, so every block keeps the same number of heads and
+    neurons (its own best ones by norm): the result is the zoo model of a smaller config
+    (n_heads, attention_head_dim, d_ff), built fresh and loaded strictly with the kept weights.
+    Returns (pruned model in eval mode, structure summary).
+    """
+    import dataclasses
+
+    from compress.models.encoder import Block, build_model
+
+    cfg = model.cfg
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    keep_h = cfg.n_heads - round(cfg.n_heads * heads)
+    keep_f = max(cfg.d_ff - round(cfg.d_ff * ffn), 1)
+    if keep_h < 1:
+        raise ValueError(f"prune.heads {heads} would remove every head of a {cfg.n_heads}-head model")
+    size = cfg.head_dim
+    for block in blocks:
+        attn = block.f.attn
+        rows = [getattr(attn, n).weight.detach().reshape(cfg.n_heads, size, -1) for n in ("q", "k", "v")]
+        out = attn.out.weight.detach().reshape(-1, cfg.n_heads, size).transpose(0, 1)
+        top = torch.topk(_norm([*rows, out], p), keep_h).indices.sort().values
+        idx = (top[:, None] * size + torch.arange(size)).flatten()
+        for name in ("q", "k", "v"):
+            setattr(attn, name, _keep_rows(getattr(attn, name), idx))
+        attn.out = _keep_cols(attn.out, idx)
+        ff = block.g
+        scores = _norm([ff.up.weight.detach(), ff.down.weight.detach().T], p)
+        top_f = torch.topk(scores, keep_f).indices.sort().values
+        ff.up, ff.down = _keep_rows(ff.up, top_f), _keep_cols(ff.down, top_f)
+    small = dataclasses.replace(cfg, n_heads=keep_h, attention_head_dim=size, d_ff=keep_f)
+    pruned = build_model(small)
+    pruned.load_state_dict(model.state_dict(), strict=True)
+    return pruned.eval(), {"heads": [keep_h] * len(blocks), "intermediate": [keep_f] * len(blocks)}

@@ -21,7 +21,8 @@ from compress.errors import UserError
 from compress.models import hf
 from compress.models.zoo import load_zoo, save_zoo
 from compress.pruning import masks
-from compress.pruning.structured import prune_bert
+from compress.pruning.gradual import MaskKeeper
+from compress.pruning.structured import prune_bert, prune_zoo
 from compress.stage_configs import PruneStage
 
 SPEED_NOTE = {
@@ -36,18 +37,22 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
     model = _load(artifact)
     before = {name: p.numel() for name, p in model.named_parameters()}
     if cfg.method == "structured":
-        if artifact.kind != "hf":
-            raise UserError("stages: structured pruning of zoo models is not available yet; use a mask method")
+        p = 1 if cfg.norm == "l1" else 2
         try:
-            structure = prune_bert(model, cfg.heads, cfg.ffn, 1 if cfg.norm == "l1" else 2)
+            if artifact.kind == "zoo":
+                model, structure = prune_zoo(model, cfg.heads, cfg.ffn, p)
+            else:
+                structure = prune_bert(model, cfg.heads, cfg.ffn, p)
         except ValueError as exc:
             raise UserError(f"stages: prune: {exc}") from None
         ctx.log(f"structured pruning: heads per layer {structure['heads']}, FFN {structure['intermediate']}")
-        layers = _layer_report(model, _selected(model, cfg))
-    else:
-        selected = _selected(model, cfg)
+    selected = _selected(model, cfg)
+    if cfg.method != "structured" and cfg.schedule == "one_shot":
         _apply_masks(selected, cfg)
-        layers = _layer_report(model, selected)
+    recovery: dict[str, Any] | None = None
+    if cfg.recovery is not None:  # masks only: structured recovery is a distill stage (checked in the recipe)
+        model, recovery = _recover(model, artifact, cfg, ctx, selected)
+    layers = _layer_report(model, selected)  # by name: recovery returns a new model object
     out = ctx.out_dir / "model"
     _save(model, artifact, out)
     weights = out / "model.safetensors"
@@ -64,7 +69,10 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
         "dense_size_bytes": weights.stat().st_size,
         "compressed_size_bytes": zipped,
         "speed": SPEED_NOTE[cfg.method],
+        "schedule": cfg.schedule,
     }
+    if recovery is not None:
+        metrics["recovery"] = recovery
     ctx.log(
         f"pruned: {metrics['sparsity_total']:.1%} of {params:,} parameters zero; "
         f"zip {zipped / 1e6:.1f} MB ({SPEED_NOTE[cfg.method]})"
@@ -102,22 +110,33 @@ def _selected(model: nn.Module, cfg: PruneStage) -> dict[str, tuple[nn.Linear, f
 
 @torch.no_grad()
 def _apply_masks(selected: dict[str, tuple[nn.Linear, float]], cfg: PruneStage) -> None:
-    sparsity = {name: s for name, (_, s) in selected.items()}
+    weights = {name: module.weight for name, (module, _) in selected.items()}
+    targets = {name: s for name, (_, s) in selected.items()}
+    for name, mask in _masks_for(weights, targets, cfg, 1.0).items():
+        weights[name].mul_(mask)
+
+
+def _masks_for(
+    weights: dict[str, torch.Tensor], targets: dict[str, float], cfg: PruneStage, fraction: float
+) -> dict[str, torch.Tensor]:
+    """Magnitude masks at `fraction` of each layer's target sparsity (1.0: the target itself)."""
+    sparsity = {name: s * fraction for name, s in targets.items()}
     if cfg.method == "unstructured" and cfg.scope == "global":
-        weights = {name: module.weight for name, (module, _) in selected.items()}
-        sparsity = masks.global_thresholds(weights, cfg.sparsity, cfg.min_sparsity, cfg.max_sparsity)
-    for name, (module, _) in selected.items():
-        w = module.weight
+        sparsity = masks.global_thresholds(
+            weights, cfg.sparsity * fraction, cfg.min_sparsity * fraction, cfg.max_sparsity
+        )
+    out = {}
+    for name, w in weights.items():
         try:
             if cfg.method == "nm":
-                mask = masks.n_of_m(w, cfg.n, cfg.m)
+                out[name] = masks.n_of_m(w, cfg.n, cfg.m)
             elif cfg.method == "block":
-                mask = masks.blocks(w, cfg.block, sparsity[name])
+                out[name] = masks.blocks(w, cfg.block, sparsity[name])
             else:
-                mask = masks.unstructured(w, sparsity[name])
+                out[name] = masks.unstructured(w, sparsity[name])
         except ValueError as exc:
             raise UserError(f"stages: prune: {name}: {exc}") from None
-        w.mul_(mask)
+    return out
 
 
 def _layer_report(model: nn.Module, selected: dict[str, Any]) -> list[dict[str, Any]]:
@@ -152,3 +171,51 @@ def _zipped_size(path: Path) -> int:
     size = target.stat().st_size
     target.unlink()
     return size
+
+
+def _recover(
+    model: nn.Module, artifact: Artifact, cfg: PruneStage, ctx: Context, selected: dict[str, tuple[nn.Linear, float]]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the masked model with its masks kept (gradual: tightened along the cubic ramp)."""
+    from compress.stage_configs import DistillStage, TrainStage
+    from compress.stages import distill, train
+    from compress.training import StepHooks
+
+    rec = cfg.recovery
+    assert rec is not None
+    start = ctx.work_dir / "start"  # the masked (or, gradual, unpruned) model recovery starts from
+    _save(model, artifact, start)
+    begin = Artifact(artifact.kind, {"model": start}, artifact.meta)
+    settings = rec.model_dump(exclude={"distill", "teacher", "losses"})
+    task = ctx.recipe.task
+    n_train = len(ctx.labeled("train").texts if task == "classification" else ctx.texts("train").texts)
+    steps = -(-n_train // rec.batch_size)
+    if rec.max_steps_per_epoch:
+        steps = min(steps, rec.max_steps_per_epoch)
+    ramp_steps = cfg.ramp() * steps if cfg.schedule == "gradual" else 0
+    targets = {name: s for name, (_, s) in selected.items()}
+
+    def make(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+        return _masks_for(weights, targets, cfg, fraction)
+
+    if artifact.kind == "hf" and not rec.distill:
+        raise UserError("stages: prune.recovery: the embedding task has no labels: recovery needs distill: true")
+    root: Any
+    if not rec.distill:
+        root = lambda m: m  # noqa: E731
+    elif artifact.kind == "zoo":
+        root = lambda m: m.student  # noqa: E731
+    else:
+        root = lambda m: m.encoder  # noqa: E731
+    keeper = MaskKeeper(list(selected), make, ramp_steps=ramp_steps, frequency=cfg.frequency, root=root)
+    hooks = StepHooks(after_step=keeper, eligible=keeper.eligible)
+    ctx.log(
+        f"recovery: {rec.epochs} epochs ({steps} steps each), "
+        + (f"sparsity ramp over {ramp_steps} steps, masks every {cfg.frequency}" if ramp_steps else "masks kept")
+    )
+    if rec.distill:
+        stage_cfg = DistillStage(type="distill", teacher=rec.teacher, losses=rec.losses, **settings)
+        done, metrics = distill.run(begin, stage_cfg, ctx, hooks)
+    else:
+        done, metrics = train.run(begin, TrainStage(type="train", **settings), ctx, hooks)
+    return _load(done), metrics
