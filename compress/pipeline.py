@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress import distributed
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.data.cache import write_atomic
@@ -33,6 +35,8 @@ from compress.models.zoo import read_zoo_config
 from compress.recipe import HFModel, PackageModel, Recipe, ZooModel
 from compress.report import write_report
 from compress.stages import STAGES
+
+TRAINING_STAGES = ("train", "prune", "distill")
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,16 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False, until: 
     ctx.source = source
     _load_data_up_front(recipe, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():  # torchrun: rank 0 owns the run directory; see compress/distributed.py
+        distributed.barrier()  # rank 0 has taken the lock (and wiped, with fresh)
+        with tempfile.TemporaryDirectory(prefix=f"edge-compress-rank{distributed.rank()}-") as scratch:
+            return _run_stages(recipe, ctx, source, run_dir, until, scratch=Path(scratch))
     with _exclusive(run_dir):
         if fresh:
             for path in run_dir.iterdir():
                 if path.name != ".lock":
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
+        distributed.barrier()
         return _run_stages(recipe, ctx, source, run_dir, until)
 
 
@@ -88,9 +97,18 @@ def source_artifact(recipe: Recipe) -> Artifact:
     return Artifact("new", {}, {"architecture": model.architecture})
 
 
-def _run_stages(recipe: Recipe, ctx: Context, artifact: Artifact, run_dir: Path, until: str | None) -> Path:
+def _run_stages(  # noqa: PLR0917
+    recipe: Recipe,
+    ctx: Context,
+    artifact: Artifact,
+    run_dir: Path,
+    until: str | None,
+    scratch: Path | None = None,
+) -> Path:
+    """Run the stages; `scratch` (torchrun ranks other than 0) receives this process's outputs instead."""
     folder = artifact.files.get("model")
-    write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
+    if scratch is None:
+        write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
     fingerprint = _source_fingerprint(recipe, folder)
     records: list[StageRecord] = []
     stale = False
@@ -100,7 +118,13 @@ def _run_stages(recipe: Recipe, ctx: Context, artifact: Artifact, run_dir: Path,
     for index, stage in enumerate(stages, 1):
         stage_dir = run_dir / f"{index:02d}_{stage.type}"
         fingerprint = _hash(fingerprint + stage.model_dump_json())
-        if not stale and _is_done(stage_dir, fingerprint):
+        synced = stage.type in TRAINING_STAGES  # torchrun ranks meet only in the stages that train
+        if scratch is not None and not synced:
+            break  # export, quantize, validate: rank 0's alone (a second process would skew latency)
+        if synced:
+            distributed.barrier()
+        done = _is_done(stage_dir, fingerprint)
+        if not stale and (distributed.agree(done) if synced else done):
             artifact = Artifact.from_json((stage_dir / "artifact.json").read_text(), run_dir)
             metrics = json.loads((stage_dir / "metrics.json").read_text())
             ctx.log(f"[dim]{stage_dir.name}: finished earlier, reused[/]")
@@ -108,35 +132,67 @@ def _run_stages(recipe: Recipe, ctx: Context, artifact: Artifact, run_dir: Path,
             continue
         stale = True  # everything after a recomputed stage is recomputed too
         ctx.log(f"[bold]{stage_dir.name}[/]")
-        tmp = run_dir / f".{stage_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        ctx.out_dir = tmp
-        ctx.work_dir = _work_dir(run_dir / f".{stage_dir.name}.work", fingerprint)
-        start = time.perf_counter()
-        warned = len(ctx.warnings)
-        try:
-            artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if [p.name for p in ctx.work_dir.iterdir()] == ["fingerprint"]:
-                shutil.rmtree(ctx.work_dir)  # nothing to resume from: leave no clutter
-            raise
-        seconds = time.perf_counter() - start
-        # Warnings live with the stage, so a rerun that reuses it still reports them.
-        metrics = {**metrics, "seconds": round(seconds, 2), "warnings": ctx.warnings[warned:]}
-        artifact = artifact.moved(tmp, stage_dir)
-        write_atomic(tmp / "artifact.json", artifact.to_json(run_dir).encode())
-        write_atomic(tmp / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        tmp.rename(stage_dir)
-        write_atomic(stage_dir / "done", (fingerprint + "\n").encode())
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-        records.append(StageRecord(index, stage.type, stage_dir, False, seconds, metrics))
+        work = run_dir / f".{stage_dir.name}.work"
+        if scratch is not None:
+            artifact = _run_elsewhere(ctx, stage, artifact, scratch / stage_dir.name, work)
+            continue
+        artifact, record = _run_stage(ctx, stage, artifact, (index, stage_dir, work), fingerprint, synced)
+        records.append(record)
+    if scratch is not None:
+        return run_dir
     if until is None:
         _drop_leftover_stages(run_dir, len(recipe.stages))
     write_report(run_dir, recipe, folder, records)
     return run_dir
+
+
+def _run_stage(  # noqa: PLR0917
+    ctx: Context, stage: Any, artifact: Artifact, where: tuple[int, Path, Path], fingerprint: str, synced: bool
+) -> tuple[Artifact, StageRecord]:
+    """Compute one stage in a temporary folder renamed into place on success; `done` is written last."""
+    index, stage_dir, work = where
+    run_dir = stage_dir.parent
+    tmp = run_dir / f".{stage_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ctx.out_dir = tmp
+    ctx.work_dir = _work_dir(work, fingerprint)
+    if synced:
+        distributed.barrier()  # the other ranks use this work folder (checkpoints) once it is ready
+    start = time.perf_counter()
+    warned = len(ctx.warnings)
+    try:
+        artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if [p.name for p in ctx.work_dir.iterdir()] == ["fingerprint"]:
+            shutil.rmtree(ctx.work_dir)  # nothing to resume from: leave no clutter
+        raise
+    seconds = time.perf_counter() - start
+    # Warnings live with the stage, so a rerun that reuses it still reports them.
+    metrics = {**metrics, "seconds": round(seconds, 2), "warnings": ctx.warnings[warned:]}
+    artifact = artifact.moved(tmp, stage_dir)
+    write_atomic(tmp / "artifact.json", artifact.to_json(run_dir).encode())
+    write_atomic(tmp / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    tmp.rename(stage_dir)
+    write_atomic(stage_dir / "done", (fingerprint + "\n").encode())
+    shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    if synced:
+        distributed.barrier()
+    return artifact, StageRecord(index, stage.type, stage_dir, False, seconds, metrics)
+
+
+def _run_elsewhere(ctx: Context, stage: Any, artifact: Artifact, out: Path, work: Path) -> Artifact:
+    """A stage on a torchrun rank other than 0: outputs go to scratch; checkpoints are read from rank 0's
+    work folder (rank 0 alone writes them)."""
+    out.mkdir(parents=True)
+    ctx.out_dir = out
+    distributed.barrier()  # rank 0 has prepared the work folder
+    ctx.work_dir = work
+    artifact, _ = STAGES[stage.type](artifact, stage, ctx)
+    distributed.barrier()
+    return artifact
 
 
 def _work_dir(work: Path, fingerprint: str) -> Path:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, fiel
 from compress.errors import UserError
 from compress.stage_configs import (
     STAGE_ORDER,
+    DistillStage,
     ExportStage,
     PruneStage,
     QuantizeStage,
@@ -242,10 +243,13 @@ class Recipe(Strict):
             raise ValueError("the train stage trains zoo models (model.zoo or model.architecture)")
         if ("train" in kinds or "distill" in kinds) and self.data.train is None:
             raise ValueError("the train and distill stages need data.train")
-        if "distill" in kinds and zoo:
-            raise ValueError("distill works on Hugging Face embedding models for now (zoo models: planned)")
-        if zoo and "export" in kinds:
-            raise ValueError("export of zoo models (custom attention ops) is not available yet (issue 6)")
+        for stage in self.stages:
+            if isinstance(stage, DistillStage):
+                _check_distill(stage, self.task)
+        if self.task == "lm" and "validate" in kinds:
+            raise ValueError("validate of zoo language models is not available yet (issue 8); classification is")
+        if zoo and any(isinstance(s, ExportStage) and s.exporter == "torchscript" for s in self.stages):
+            raise ValueError("export: zoo models export with the dynamo exporter (their attention becomes custom ops)")
         if zoo and self.data.tokenizer == "model":
             raise ValueError("zoo models need data.tokenizer: bytes or wordpiece")
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
@@ -253,6 +257,18 @@ class Recipe(Strict):
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self
+
+
+def _check_distill(stage: DistillStage, task: str) -> None:
+    losses = stage.losses_for(task)
+    if task == "embedding":
+        wrong = [n for n in ("kl", "ce") if getattr(losses, n)]
+        if stage.student is not None:
+            raise ValueError("distill.student (a fresh zoo config) is for zoo models; use keep_every / keep_layers")
+    else:
+        wrong = [n for n in ("embedding_cosine", "embedding_mse", "attention") if getattr(losses, n)]
+    if wrong:
+        raise ValueError(f"distill.losses: {', '.join(wrong)} do not apply to task {task}")
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,14 +40,22 @@ class DistillLosses(Strict):
     """Weights of the distillation losses; a weight of 0 turns a loss off."""
 
     embedding_cosine: float = Field(
-        1.0, ge=0, description="Embedding task: 1 - cosine of student and teacher embeddings (unlabeled text)."
+        0.0, ge=0, description="Embedding task: 1 - cosine of student and teacher embeddings (unlabeled text)."
     )
     embedding_mse: float = Field(0.0, ge=0, description="Embedding task: MSE of student and teacher embeddings.")
-    kl: float = Field(0.0, ge=0, description="Classification: soft-target KL at `temperature` (Hinton et al. 2015).")
+    kl: float = Field(
+        0.0, ge=0, description="classification / lm: soft-target KL at `temperature` (Hinton et al. 2015)."
+    )
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL loss; must be > 0.")
-    ce: float = Field(0.0, ge=0, description="Classification: cross-entropy on the hard labels.")
-    hidden_mse: float = Field(0.0, ge=0, description="MSE of hidden states at mapped layers (TinyBERT).")
-    attention: float = Field(0.0, ge=0, description="KL of attention distributions at mapped layers (MiniLM).")
+    ce: float = Field(0.0, ge=0, description="classification / lm: cross-entropy on the hard labels (next bytes).")
+    hidden_mse: float = Field(
+        0.0,
+        ge=0,
+        description="MSE of hidden states at mapped layers; a learned projection when widths differ (TinyBERT).",
+    )
+    attention: float = Field(
+        0.0, ge=0, description="Hugging Face models: KL of attention distributions at mapped layers (MiniLM)."
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> DistillLosses:
@@ -67,16 +75,52 @@ class DistillStage(TrainingSettings):
     keep_layers: tuple[int, ...] | None = Field(
         None, description="Student by layer dropping: the layer indices to keep (copied with their weights)."
     )
+    student: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Zoo models: a fresh, smaller student: the current model's architecture with these fields "
+            "replaced (e.g. {d_model: 64, d_ff: 128}), trained from random initialisation by the teacher."
+        ),
+    )
     layer_map: tuple[int, ...] | None = Field(
         None, description="Teacher layer for each student layer (hidden/attention losses); default uniform."
     )
-    losses: DistillLosses = Field(default_factory=DistillLosses)
+    losses: DistillLosses | None = Field(
+        None,
+        description=(
+            "Loss weights. Default by task: embedding {embedding_cosine: 1}; classification {kl: 1, ce: 1}; "
+            "lm {kl: 1, ce: 1}."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_student_rule(self) -> DistillStage:
-        if self.keep_every is not None and self.keep_layers is not None:
-            raise ValueError("keep_every and keep_layers are alternatives; give one")
+        given = [n for n in ("keep_every", "keep_layers", "student") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are alternative ways to make the student; give one")
         return self
+
+    def losses_for(self, task: str) -> DistillLosses:
+        """The recipe's losses, or the task's defaults."""
+        if self.losses is not None:
+            return self.losses
+        if task == "embedding":
+            return DistillLosses(embedding_cosine=1.0)
+        return DistillLosses(kl=1.0, ce=1.0)
+
+
+class RecoverySettings(TrainingSettings):
+    """Training that lets a masked model recover: the task loss, or distillation from a teacher."""
+
+    distill: bool = Field(
+        True,
+        description=(
+            "Learn from the teacher with the distill stage's losses (needed for the embedding task, which has "
+            "no labels); false: the task loss (labels) through the train stage's loop."
+        ),
+    )
+    teacher: Path | None = Field(None, description="Teacher for distill: true; default the recipe's input model.")
+    losses: DistillLosses | None = Field(None, description="distill: true: loss weights (default by task).")
 
 
 class PruneTarget(Strict):
@@ -116,8 +160,19 @@ class PruneStage(Strict):
     heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed per layer.")
     ffn: float = Field(0.0, ge=0, lt=1, description="structured: fraction of FFN neurons removed per layer.")
     norm: Literal["l1", "l2"] = Field("l2", description="structured: how heads and neurons are ranked.")
-    schedule: Literal["one_shot"] = Field(
-        "one_shot", description="one_shot (gradual with recovery training is planned, issue 4)."
+    schedule: Literal["one_shot", "gradual"] = Field(
+        "one_shot",
+        description=(
+            "one_shot: prune to the target at once. gradual (unstructured, block): sparsity rises along the "
+            "cubic schedule of Zhu & Gupta 2017 during recovery training, masks recomputed every `frequency` steps."
+        ),
+    )
+    ramp_epochs: int | None = Field(
+        None, ge=1, description="gradual: epochs over which sparsity rises to the target (default recovery epochs - 1)."
+    )
+    frequency: int = Field(10, ge=1, description="gradual: optimizer steps between mask updates.")
+    recovery: RecoverySettings | None = Field(
+        None, description="Recovery training after (one_shot) or while (gradual) pruning; masks are kept throughout."
     )
 
     @model_validator(mode="after")
@@ -132,7 +187,25 @@ class PruneStage(Strict):
             raise ValueError("structured pruning needs heads > 0 or ffn > 0")
         for pattern in self.exclude:
             _check_regex(pattern)
+        if self.schedule == "gradual":
+            if self.method not in ("unstructured", "block"):
+                raise ValueError(
+                    f"schedule: gradual ramps a sparsity: it applies to unstructured and block, not {self.method}"
+                )
+            if self.recovery is None:
+                raise ValueError("schedule: gradual prunes during training: give recovery settings")
+            if self.recovery.epochs < 2 or (self.ramp_epochs or 1) >= self.recovery.epochs:
+                raise ValueError(
+                    "schedule: gradual needs ramp_epochs < recovery.epochs (an epoch at full sparsity to pick)"
+                )
+        if self.recovery is not None and self.method == "structured":
+            raise ValueError("recovery after structured pruning: follow the prune stage with a distill stage")
         return self
+
+    def ramp(self) -> int:
+        """Epochs of the sparsity ramp (gradual schedule)."""
+        assert self.recovery is not None
+        return self.ramp_epochs or max(1, self.recovery.epochs - 1)
 
 
 def _check_regex(pattern: str) -> None:
@@ -144,12 +217,13 @@ def _check_regex(pattern: str) -> None:
 
 class ExportStage(Strict):
     type: Literal["export"]
-    exporter: Literal["torchscript", "dynamo"] = Field(
-        "torchscript",
+    exporter: Literal["torchscript", "dynamo"] | None = Field(
+        None,
         description=(
-            "torch.onnx exporter. torchscript (default for Hugging Face BERT-family models): ONNX Runtime's "
-            "transformers optimizer fuses its graph into Attention/SkipLayerNorm/EmbedLayerNorm, which the "
-            "quantizer turns into int8 kernels. dynamo: the newer exporter; its graph fuses less."
+            "torch.onnx exporter; default torchscript for Hugging Face models, dynamo for zoo models. "
+            "torchscript: ONNX Runtime's transformers optimizer fuses its graph into Attention/SkipLayerNorm/"
+            "EmbedLayerNorm, which the quantizer turns into int8 kernels. dynamo: the newer exporter; its graph "
+            "fuses less; zoo models need it (windowed and block-sparse attention become custom ops)."
         ),
     )
     opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graph.")

@@ -49,16 +49,19 @@ class ZooConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     hourglass: HourglassConfig | None = None
     pad_id: int = 0
+    # Width of one head; None: d_model / n_heads. Set by structured pruning, which removes heads but
+    # keeps each remaining head's width (q/k/v then project d_model -> n_heads * head width).
+    attention_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task: {self.task!r}; allowed: {', '.join(TASKS)}")
-        for name in ("vocab_size", "max_len", "d_model", "n_heads", "d_ff"):
-            if getattr(self, name) <= 0:
+        for name in ("vocab_size", "max_len", "d_model", "n_heads", "d_ff", "attention_head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.n_layers < 0 or (self.n_layers == 0 and self.hourglass is None):
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
-        if self.d_model % self.n_heads:
+        if self.attention_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -77,7 +80,12 @@ class ZooConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attention_head_dim or self.d_model // self.n_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the concatenated heads: d_model unless heads were pruned."""
+        return self.n_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": ZOO_FORMAT, "version": ZOO_VERSION, **asdict(self)}
