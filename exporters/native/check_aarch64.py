@@ -1,6 +1,6 @@
 """Run the aarch64 build of the native ops under QEMU user emulation and compare it with the x86-64 build.
 
-    python -m exporters.native.check_aarch64 --root DIR [--cpu neoverse-n1] [--prepare]
+    python -m exporters.native.check_aarch64 [--root DIR] [--cpu neoverse-n1] [--prepare]
 
 DIR holds an emulated userland (../shared/notes/arm64-emulation.md): DIR/rootfs, an arm64 Debian 12 with
 python3.11 (mmdebstrap --variant=extract), and DIR/site, aarch64 wheels of onnxruntime and numpy installed
@@ -28,6 +28,8 @@ from compress.errors import UserError
 from exporters.native import library_path
 
 TOLERANCE = 1e-5
+# Where `make setup` prepares the emulated userland (EDGE_COMPRESS_ARM64_ROOT overrides it).
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "build" / "arm64"
 QEMU = "qemu-aarch64-static"
 PYTHON = "usr/bin/python3.11"
 # MIDR fields per emulated CPU (implementer, variant, part, revision), for the generated /proc/cpuinfo.
@@ -115,6 +117,11 @@ for name in cases:
 np.savez(work + "/emulated.npz", **outputs)
 print(cdll.EdgeCompressOpsIsa().decode(), ort.__version__)
 """
+
+
+def default_root() -> Path:
+    """EDGE_COMPRESS_ARM64_ROOT if set, else build/arm64 in the checkout (what `make setup` prepares)."""
+    return Path(os.environ.get("EDGE_COMPRESS_ARM64_ROOT") or DEFAULT_ROOT)
 
 
 def emulation_ready(root: Path) -> str | None:
@@ -270,12 +277,10 @@ def _run(cmd: list[str], what: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get("EDGE_COMPRESS_ARM64_ROOT", "")))
+    parser.add_argument("--root", type=Path, default=default_root(), help="default: %(default)s")
     parser.add_argument("--cpu", default="neoverse-n1", choices=sorted(MIDR))
     parser.add_argument("--prepare", action="store_true", help="create ROOT/rootfs and ROOT/site first")
     args = parser.parse_args()
-    if not str(args.root) or str(args.root) == ".":
-        raise SystemExit("give --root DIR (or set EDGE_COMPRESS_ARM64_ROOT)")
     try:
         if args.prepare:
             prepare(args.root)

@@ -113,13 +113,9 @@ def _max_diff(session: ort.InferenceSession, model: LongformerModel, feeds: dict
 
 
 @pytest.mark.parametrize("length", LENGTHS)
-def test_onnx_matches_transformers(
-    length: int, session: ort.InferenceSession, reference: LongformerModel, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_onnx_matches_transformers(length: int, session: ort.InferenceSession, reference: LongformerModel) -> None:
     """Below, equal to, a multiple of and above the window; with padding and global tokens."""
     diffs = {name: _max_diff(session, reference, feeds) for name, feeds in _variants(length).items()}
-    with capsys.disabled():
-        print(f"\nS={length}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert max(diffs.values()) < TOLERANCE, diffs
 
 

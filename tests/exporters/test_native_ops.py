@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -269,14 +268,12 @@ def test_register_without_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_aarch64_matches_x86() -> None:
-    from exporters.native.check_aarch64 import compare, emulation_ready
+    from exporters.native.check_aarch64 import compare, default_root, emulation_ready
 
-    root = os.environ.get("EDGE_COMPRESS_ARM64_ROOT")
-    if not root:
-        pytest.skip("ARM emulation is not set up (EDGE_COMPRESS_ARM64_ROOT: see exporters/native/check_aarch64.py)")
-    reason = emulation_ready(Path(root))
+    root = default_root()  # prepared by `make setup` when it runs as root
+    reason = emulation_ready(root)
     if reason:
         pytest.skip(reason)
-    result = compare(Path(root), "neoverse-n1")
+    result = compare(root, "neoverse-n1")
     assert result["kernels"] == "neon"
     assert max(result["max_abs_diff"].values()) <= TOL
