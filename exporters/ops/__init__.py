@@ -75,6 +75,7 @@ def attach_functions(model: Any) -> list[str]:
     unknown = used - set(OP_NAMES)
     if unknown:
         raise ValueError(f"the graph uses {DOMAIN} ops this version does not define: {', '.join(sorted(unknown))}")
+    _fill_absent_masks(model)
     have = {(f.domain, f.name) for f in model.functions}
     for proto in function_protos(used):
         if (proto.domain, proto.name) not in have:
@@ -83,3 +84,51 @@ def attach_functions(model: Any) -> list[str]:
     if used and DOMAIN not in domains:
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return sorted(used)
+
+
+# Optional mask inputs per op: input index -> the value an absent mask means (all real / none global).
+_OPTIONAL_MASKS = {"WindowedAttention": {3: True, 4: False}, "BlockSparseAttention": {3: True}}
+
+
+def _fill_absent_masks(model: Any) -> int:
+    """Give every node of our ops explicit masks where they are absent ("" or missing); returns how many.
+
+    ONNX has no way for a function body to test whether an optional input was given, so the body takes
+    both masks; a node that omits one gets a (B, S) constant of the absent meaning, built from Q's shape
+    (Shape -> Gather [0, 2] -> ConstantOfShape). The native kernels read the masks the same way."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    filled = 0
+    for index, node in enumerate(model.graph.node):
+        defaults = _OPTIONAL_MASKS.get(node.op_type) if node.domain == DOMAIN else None
+        if defaults:
+            last = max(defaults) if node.op_type == "WindowedAttention" else len(node.input) - 1
+            inputs = list(node.input) + [""] * max(0, last + 1 - len(node.input))
+            prefix = f"{node.name or node.op_type}_{index}_ec"
+            for position, value in defaults.items():
+                if position < len(inputs) and inputs[position] == "":
+                    name = f"{prefix}_mask{position}"
+                    nodes += [
+                        helper.make_node("Shape", [node.input[0]], [f"{name}_shape"]),
+                        helper.make_node("Constant", [], [f"{name}_axes"], value_ints=[0, 2]),
+                        helper.make_node("Gather", [f"{name}_shape", f"{name}_axes"], [f"{name}_bs"], axis=0),
+                        helper.make_node(
+                            "ConstantOfShape",
+                            [f"{name}_bs"],
+                            [name],
+                            value=helper.make_tensor("value", TensorProto.BOOL, [1], [value]),
+                        ),
+                    ]
+                    inputs[position] = name
+                    filled += 1
+            del node.input[:]
+            node.input.extend(inputs)
+        nodes.append(node)
+    if filled:
+        copies = [type(n)() for n in nodes]
+        for copy, original in zip(copies, nodes, strict=True):
+            copy.CopyFrom(original)
+        del model.graph.node[:]
+        model.graph.node.extend(copies)
+    return filled

@@ -70,6 +70,24 @@ def test_windowed_function_body_matches_reference(causal: int) -> None:
             assert _compare_real_rows(got[0], want, real) < 1e-5, (s, glob, pad)
 
 
+@pytest.mark.parametrize(
+    "inputs", [["Q", "K", "V", "m"], ["Q", "K", "V", "m", ""], ["Q", "K", "V"], ["Q", "K", "V", "", "g"]]
+)
+def test_windowed_absent_masks_mean_all_real_and_no_globals(inputs: list[str]) -> None:
+    """Optional masks left out (or given as "") run in the function body with their documented meaning."""
+    node = helper.make_node("WindowedAttention", inputs, ["Y"], domain=DOMAIN, window=4)
+    names = [n for n in inputs[3:] if n]
+    model = _model(node, [helper.make_tensor_value_info(n, TensorProto.BOOL, ["B", "S"]) for n in names])
+    onnx.checker.check_model(model, full_check=True)
+    assert list(model.graph.node[-1].input)[3:5] != ["", ""]  # explicit masks were filled in
+    q, k, v = (torch.randn(2, H, 13, D) for _ in range(3))
+    real, gm = _masks(2, 13, 0, 2)
+    feeds = {"Q": q.numpy(), "K": k.numpy(), "V": v.numpy(), "m": real.numpy(), "g": gm.numpy()}
+    got = _session(model).run(None, {n: feeds[n] for n in ["Q", "K", "V", *names]})[0]
+    want = banded_attention(q, k, v, real, window=4, causal=False, global_mask=gm if "g" in names else None)
+    assert _compare_real_rows(got, want, real) < 1e-5
+
+
 def test_windowed_body_is_banded_not_dense() -> None:
     """The function body never builds an S x S score matrix: no MatMul output can be S wide."""
     from exporters.ops.windowed_attention import function_proto
