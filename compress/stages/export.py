@@ -239,7 +239,8 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
 
 def check_lengths(window: int, max_length: int) -> list[int]:
     """Sequence lengths that catch windowed/blocked export bugs: below, equal to, a multiple of and
-    above the window (block), an odd length, and the longest; those <= max_length, no repeats."""
+    above the window (block), odd lengths (an Hourglass pads to its shortening factor), and the longest;
+    those <= max_length, no repeats."""
     w = max(window, 1)
-    wanted = [max(2, w // 2), w, 2 * w, 3 * w + 5, max_length]
+    wanted = [max(2, w // 2), w, w + 3, 2 * w, 3 * w + 5, max_length]
     return sorted({n for n in wanted if 2 <= n <= max_length})

@@ -71,6 +71,27 @@ def test_lm_export_compares_real_tokens(zoo_recipe: Callable[..., Path]) -> None
     assert metrics["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize(
+    ("task", "attention", "ops"),
+    [
+        ("lm", {"kind": "windowed", "window": 8, "causal": True}, {"WindowedAttention": 3}),
+        ("classification", {"kind": "kernelized", "features": 16}, {}),
+    ],
+)
+def test_hourglass_exports(
+    zoo_recipe: Callable[..., Path], task: str, attention: dict[str, Any], ops: dict[str, int]
+) -> None:
+    """Hourglass stacks (shortened inner layers, upsampling) export; their attention maps as usual."""
+    hourglass = {"factor": 2, "pre": 1, "inner": 1, "post": 1, "downsample": "linear"}
+    path = zoo_recipe(task, train={"epochs": 1}, n_layers=0, hourglass=hourglass, attention=attention)
+    run_dir = _run(_with_stages(path, [{"type": "export"}]))
+    metrics = json.loads((run_dir / "02_export" / "metrics.json").read_text())
+    assert metrics["custom_ops"] == ops
+    assert metrics["max_abs_diff"] < 1e-4
+    base = attention.get("window", 64)  # kernelized: no window; checked around 64
+    assert {base, base + 3, 2 * base, 128} <= {shape[1] for shape in metrics["shapes_checked"]}
+
+
 def test_export_quantize_validate(zoo_recipe: Callable[..., Path], tmp_path: Path) -> None:
     stages = [
         {"type": "export"},
@@ -130,6 +151,6 @@ def test_zoo_export_recipe_errors(zoo_recipe: Callable[..., Path]) -> None:
 
 
 def test_check_lengths_cover_the_window() -> None:
-    assert check_lengths(8, 128) == [4, 8, 16, 29, 128]
+    assert check_lengths(8, 128) == [4, 8, 11, 16, 29, 128]
     assert check_lengths(256, 100) == [100]
     assert check_lengths(64, 64) == [32, 64]
