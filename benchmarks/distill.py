@@ -47,4 +47,4 @@ if __name__ == "__main__":
             command=command,
         )
     if args.part in ("ddp", "all"):
-        torchrun_pair("recipes/windowed-distill.yaml", "distill_ddp.md")
+        torchrun_pair("recipes/windowed-distill.yaml", "distill_ddp.md", command=command)
