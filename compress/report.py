@@ -203,10 +203,13 @@ def stage_note(stage: dict[str, Any]) -> str:
 
 def _distill_note(m: dict[str, Any]) -> str:
     if "student" not in m:  # a Hugging Face embedding student
-        return (
+        note = (
             f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher, "
             f"{m['epochs_run']} epochs, best {m['best_epoch']}: Lee Spearman {m['best_spearman']:.4f}"
         )
+        if m.get("best_fidelity") is not None:
+            note += f", cosine to the teacher {m['best_fidelity']:.4f} on {m['held_out_texts']} held-out texts"
+        return note
     s = m["student"]
     text = (
         f"student d_model {s['d_model']}, {s['n_heads']} heads, {s['n_layers']} layers, d_ff {s['d_ff']} "

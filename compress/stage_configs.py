@@ -92,6 +92,14 @@ class DistillStage(TrainingSettings):
             "lm {kl: 1, ce: 1}."
         ),
     )
+    select: Literal["task", "fidelity"] = Field(
+        "task",
+        description=(
+            "Which epoch is kept and drives early stopping. task: the best task metric on data.evaluation. "
+            "fidelity (embedding task): the best mean cosine to the teacher's embeddings on a seeded 10% of "
+            "data.train held out from training, so the evaluation set never picks the model."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_student_rule(self) -> DistillStage:

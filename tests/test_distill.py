@@ -106,6 +106,25 @@ def test_distill_layer_dropped_student_end_to_end(distill_recipe: Callable[..., 
     assert export["max_abs_diff"] <= 1e-4
 
 
+def test_select_fidelity_holds_out_training_texts(distill_recipe: Callable[..., Path]) -> None:
+    """select: fidelity keeps the epoch closest to the teacher on held-out training texts, not on Lee."""
+    path = distill_recipe(keep_every=2, epochs=3, select="fidelity")
+    with pytest.raises(UserError, match="holds out 16 of the 12 training texts"):
+        _run(path)  # too few texts to hold any out
+    spec = yaml.safe_load(path.read_text())
+    train = Path(spec["data"]["train"]["path"])
+    texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
+    many = [f"{a} {b}" for a in texts for b in texts[:5]]  # 60 texts
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in many))
+    run_dir = _run(path)
+    m = json.loads((run_dir / "01_distill" / "metrics.json").read_text())
+    fidelity = [h["fidelity"] for h in m["history"]]
+    assert m["held_out_texts"] >= 16 and m["select"] == "fidelity"
+    assert all(-1.0 <= f <= 1.0 for f in fidelity) and all("spearman" in h for h in m["history"])
+    assert m["best_fidelity"] == max(fidelity)
+    assert m["best_epoch"] == fidelity.index(max(fidelity)) + 1  # chosen by fidelity, whatever Spearman says
+
+
 def test_teacher_receives_no_gradient(tiny_bert: Path) -> None:
     from compress.recipe import HFModel
     from compress.tasks import embedding

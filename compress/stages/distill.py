@@ -39,6 +39,9 @@ def run(
     if artifact.kind == "zoo":
         from compress.stages import distill_zoo
 
+        if cfg.select == "fidelity":
+            raise UserError("distill: select: fidelity is for embedding models; zoo students are kept by task metric")
+
         return distill_zoo.run(artifact, cfg, ctx, hooks)
     if artifact.kind != "hf":
         raise UserError(f"stages: distill works on PyTorch models, not on a {artifact.kind} artifact")
@@ -63,12 +66,11 @@ def run(
     layer_map = cfg.layer_map or uniform_map(n_student, n_teacher)
     check_map(layer_map, n_student, n_teacher)
 
-    texts = ctx.texts("train").texts
+    texts, held_out = _split_for_selection(list(ctx.texts("train").texts), cfg)
     ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
-    with torch.no_grad():  # the teacher is frozen: its embeddings are computed once, reused every epoch
-        cached = torch.cat(
-            [teacher(**_tensors(ids, np.arange(i, min(i + 32, len(texts))))) for i in range(0, len(texts), 32)]
-        )
+    cached = _embed(teacher, ids, len(texts))  # the teacher is frozen: computed once, reused every epoch
+    held_ids = hf.encode(tokenizer, held_out, ctx.recipe.data.max_length, names) if held_out else None
+    held_teacher = _embed(teacher, held_ids, len(held_out)) if held_ids is not None else None
     lengths = ids["attention_mask"].sum(1)
 
     def batches(order: np.ndarray) -> Iterator[Batch]:
@@ -85,7 +87,11 @@ def run(
             model(**_tensors(hf.encode(tokenizer, data.texts[i : i + 16], ctx.recipe.data.max_length, names), None))
             for i in range(0, len(data.texts), 16)
         ]
-        return task.score(torch.cat(chunks).numpy(), data)
+        scores = task.score(torch.cat(chunks).numpy(), data)
+        if held_ids is not None and held_teacher is not None:
+            student_emb = _embed(model, held_ids, len(held_out))
+            scores["fidelity"] = float(torch.nn.functional.cosine_similarity(student_emb, held_teacher).mean())
+        return scores
 
     persistence = Persistence(
         save=lambda m, folder: m.encoder.save_pretrained(folder, safe_serialization=True),
@@ -96,7 +102,7 @@ def run(
         cfg,
         batches=batches,
         n_train=len(texts),
-        evaluation=Evaluation("spearman", higher_is_better=True, run=evaluate),
+        evaluation=Evaluation("fidelity" if held_out else "spearman", higher_is_better=True, run=evaluate),
         work=ctx.work_dir,
         ctx=ctx,
         loss_fn=loss_fn,
@@ -115,11 +121,35 @@ def run(
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "best_spearman": state.best_metric,
+        "best_spearman": next(h["spearman"] for h in state.history if h["epoch"] == state.best_epoch),
+        "select": cfg.select,
+        "best_fidelity": state.best_metric if held_out else None,
         "history": state.history,
         "train_texts": len(texts),
+        "held_out_texts": len(held_out),
     }
     return Artifact("hf", {"model": out}, {**artifact.meta, "distilled_from": str(teacher_folder)}), metrics
+
+
+def _split_for_selection(texts: list[str], cfg: DistillStage) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): select fidelity holds a seeded 10% (at least 16) out of training."""
+    if cfg.select != "fidelity":
+        return texts, []
+    n_held = max(16, len(texts) // 10)
+    if len(texts) - n_held < 2 * n_held:
+        raise UserError(
+            f"distill: select: fidelity holds out {n_held} of the {len(texts)} training texts; "
+            f"data.train needs at least {3 * n_held}"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(texts))
+    held = set(order[:n_held].tolist())
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+@torch.no_grad()
+def _embed(model: Any, ids: dict[str, np.ndarray], n: int) -> torch.Tensor:
+    """The model's embeddings of n encoded texts, in batches of 32, without gradients."""
+    return torch.cat([model(**_tensors(ids, np.arange(i, min(i + 32, n)))) for i in range(0, n, 32)])
 
 
 def _kept_layers(cfg: DistillStage, depth: int) -> tuple[int, ...] | None:
