@@ -228,8 +228,14 @@ class RowBlock {
                ((lane_sum[4] + lane_sum[5]) + (lane_sum[6] + lane_sum[7]));
     }
     for (int r = 0; r < n_; r += 2) {  // rows in pairs; a skipped row's probabilities are zeros
-      if (!skip_[r] || !skip_[r + 1]) {
-        accumulate(h, idx, nk, r);
+      if (skip_[r] && skip_[r + 1]) {
+        continue;
+      }
+      // Only a masked tile has zero probabilities worth skipping; elsewhere the test costs more than it saves.
+      if (allow != nullptr) {
+        accumulate<true>(h, idx, nk, r);
+      } else {
+        accumulate<false>(h, idx, nk, r);
       }
     }
   }
@@ -284,6 +290,7 @@ class RowBlock {
 
   // acc[r] += sum_c p[r][c] · V[idx[c]] for rows r0 and r0 + 1 (r0 + 1 may be the zero padding row):
   // kValueCols columns of D at a time in registers across the whole tile, each V load feeding both rows.
+  template <bool kSkipZeros>
   EC_INLINE void accumulate(const Head& h, const int32_t* idx, int nk, int r0) {
     constexpr int kVecs = kValueCols / 8;
     const int64_t d = d_;
@@ -303,7 +310,7 @@ class RowBlock {
       for (int c = 0; c < nk; ++c) {
         const float x = p0[c];
         const float y = p1[c];
-        if (x == 0.0f && y == 0.0f) {
+        if (kSkipZeros && x == 0.0f && y == 0.0f) {
           continue;  // a masked key (the edges of a band)
         }
         const float* v = h.v + idx[c] * d + i;
