@@ -93,6 +93,18 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
                 "thread_spinning": False,
             },
         }
+        ops = artifact.meta.get("custom_ops") or []
+        if ops:  # which implementation of our attention ops these figures measured
+            from exporters import native
+
+            ran = "native" if native.available() else "function body"
+            results[target]["setup"]["custom_op_kernel"] = ran
+            if ran != "native":
+                ctx.warn(
+                    f"validate: on {target} the attention ops ({', '.join(ops)}) ran as their ONNX function "
+                    "bodies (no native kernel library for this machine: edge-compress build-ops); the latency "
+                    "is the portable path's"
+                )
         if art["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
             ctx.warn(f"validate: on {target} ONNX Runtime ran the int8 artifact with no int8 kernel")
     return artifact, {"targets": results}

@@ -21,6 +21,7 @@ from compress.models.encoder import build_model
 from compress.pipeline import run
 from compress.recipe import load_recipe
 from compress.stages.export import check_lengths
+from exporters import native
 from exporters.ops import DOMAIN
 from exporters.ops.torch_ops import exportable
 
@@ -112,6 +113,25 @@ def test_export_quantize_validate(zoo_recipe: Callable[..., Path], tmp_path: Pat
     validate = next(s for s in report["stages"] if s["type"] == "validate")["metrics"]["targets"]["x86_64"]
     assert validate["artifact"]["task"]["examples"] == 32
     assert abs(validate["artifact"]["task"]["accuracy"] - validate["reference"]["task"]["accuracy"]) <= 0.1
+    # the report says which implementation of the attention op the latency figures measured
+    assert validate["setup"]["custom_op_kernel"] == ("native" if native.available() else "function body")
+
+
+def test_without_the_library_export_and_validate_say_so(
+    zoo_recipe: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No native library: the run still works on the function bodies, and says so loudly (no silent fallback)."""
+    monkeypatch.setattr(native, "available", lambda *_: False)
+    monkeypatch.setattr(native, "register", lambda *_: False)
+    stages = [{"type": "export"}, {"type": "validate", "runs": 10, "warmup": 1, "sequence_length": 64}]
+    run_dir = _run(_with_stages(zoo_recipe(train={"epochs": 1}), stages))
+    report = json.loads((run_dir / "report.json").read_text())
+    export = next(s for s in report["stages"] if s["type"] == "export")["metrics"]
+    validate = next(s for s in report["stages"] if s["type"] == "validate")["metrics"]["targets"]["x86_64"]
+    assert export["custom_op_kernel"] == "function body"
+    assert validate["setup"]["custom_op_kernel"] == "function body"
+    warnings = " ".join(report.get("warnings", []))
+    assert "function bodies" in warnings and "edge-compress build-ops" in warnings
 
 
 def test_model_runs_without_the_native_library(zoo_recipe: Callable[..., Path]) -> None:
