@@ -78,12 +78,7 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
         "exporter": exporter,
         "opset": opset,
         "fused_ops": fused,
-        "max_abs_diff": agreement.max_abs_diff,
-        "mean_abs_diff": agreement.mean_abs_diff,
-        "tolerance": cfg.tolerance,
-        "shapes_checked": [list(s) for s in agreement.shapes_checked],
-        "size_bytes": model_path.stat().st_size,
-        "parameters": sum(p.numel() for p in module.parameters()),
+        **_check_metrics(agreement, cfg, model_path, module),
         **extra,
     }
     meta: dict[str, Any] = {
@@ -218,12 +213,7 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
         "attention": kinds,
         "custom_ops": ops,
         "custom_op_kernel": kernel if ops else "none",
-        "max_abs_diff": agreement.max_abs_diff,
-        "mean_abs_diff": agreement.mean_abs_diff,
-        "tolerance": cfg.tolerance,
-        "shapes_checked": [list(s) for s in agreement.shapes_checked],
-        "size_bytes": model_path.stat().st_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        **_check_metrics(agreement, cfg, model_path, model),
     }
     meta: dict[str, Any] = {
         "inputs": ["input_ids", "attention_mask"],
@@ -235,6 +225,18 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
     }
     files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir}
     return Artifact("onnx", files, meta), metrics
+
+
+def _check_metrics(agreement: Any, cfg: ExportStage, model_path: Path, module: Any) -> dict[str, Any]:
+    """The figures every export reports: its ONNX Runtime vs PyTorch agreement, file size, parameters."""
+    return {
+        "max_abs_diff": agreement.max_abs_diff,
+        "mean_abs_diff": agreement.mean_abs_diff,
+        "tolerance": cfg.tolerance,
+        "shapes_checked": [list(s) for s in agreement.shapes_checked],
+        "size_bytes": model_path.stat().st_size,
+        "parameters": sum(p.numel() for p in module.parameters()),
+    }
 
 
 def check_lengths(window: int, max_length: int) -> list[int]:
