@@ -254,6 +254,8 @@ class Recipe(Strict):
             raise ValueError("zoo models need data.tokenizer: bytes or wordpiece")
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
             raise ValueError("static quantization needs data.calibration")
+        if self.task == "lm" and any(isinstance(s, QuantizeStage) and s.goal for s in self.stages):
+            raise ValueError("quantize.goal: accuracy-aware quantization measures classification and embedding tasks")
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self

@@ -193,11 +193,22 @@ def stage_note(stage: dict[str, Any]) -> str:
         return _export_note(m)
     if stage["type"] == "quantize":
         k = m["kernels"]
-        how = m["mode"] + (f" ({m['calibration']})" if m.get("calibration") else "")
-        return (
+        cal = m.get("calibration")
+        how = m["mode"] + (f" ({cal['method']} on {cal['sequences']} texts)" if cal else "")
+        if m.get("preset"):
+            how += f", preset {m['preset']['name']}"
+        note = (
             f"{how}, per-channel {m['per_channel']}; {k['int8_total']} int8 kernels in ORT's graph, "
             f"{k['float_total']} float; {100 * m['size_ratio']:.0f}% of fp32 size"
         )
+        search = m.get("accuracy_aware")
+        if search:
+            best = search["trials"][search["chosen"]]
+            note += (
+                f"; goal: {search['metric_name']} drop {best['drop']:.4f} ≤ {search['allowed_drop']:g} with "
+                f"{len(best['in_float'])} nodes in float after {len(search['trials'])} trials"
+            )
+        return note
     return ", ".join(stage["metrics"].get("targets", {})) or ""
 
 

@@ -1,0 +1,285 @@
+"""Quantization: streaming calibration, target presets, the accuracy-aware search (and its recipe wiring)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+
+from compress import calibration, presets
+from compress.context import Context
+from compress.errors import StageFailed, UserError
+from compress.pipeline import run
+from compress.recipe import load_recipe
+from compress.stage_configs import QuantizeGoal
+from compress.stages import quantize_search
+
+
+def _run(path: Path) -> Path:
+    recipe = load_recipe(path)
+    return run(recipe, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=Console(quiet=True)))
+
+
+# ------------------------------------------------------------------------------------ calibration
+def _two_matmuls(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _batches(n: int, seed: int = 1, outlier: bool = True) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = [{"x": rng.normal(size=(64, 8)).astype(np.float32)} for _ in range(n)]
+    if outlier:  # one batch with an outlier, mid-way: a calibrator that only keeps its last chunk misses it
+        out[n // 2]["x"][0, 0] = 40.0
+    return out
+
+
+def _ranges(cache: Path) -> dict[str, tuple[float, float]]:
+    from onnxruntime.quantization import load_tensors_data
+
+    data = load_tensors_data(cache).data
+    return {k: (float(np.min(v.range_value[0])), float(np.max(v.range_value[1]))) for k, v in data.items()}
+
+
+def test_chunked_minmax_calibration_equals_one_pass(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    _two_matmuls(model)
+    batches = _batches(9)
+    one = calibration.calibrate(
+        model, batches, method="minmax", op_types=["MatMul"], chunk_batches=100, work_dir=tmp_path / "a"
+    )
+    chunked = calibration.calibrate(
+        model, iter(batches), method="minmax", op_types=["MatMul"], chunk_batches=2, work_dir=tmp_path / "b"
+    )
+    assert (one.chunks, chunked.chunks) == (1, 5)
+    assert chunked.batches == 9 and chunked.sequences == 9 * 64
+    assert _ranges(one.cache) == _ranges(chunked.cache)
+    assert _ranges(chunked.cache)["x"][1] == pytest.approx(40.0)  # the outlier of chunk 3 counted
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_chunked_histogram_calibration_sees_every_chunk(tmp_path: Path, method: str) -> None:
+    model = tmp_path / "m.onnx"
+    _two_matmuls(model)
+    batches = _batches(8, outlier=False)
+    for b in batches[1:]:  # later batches are wider: ranges from the first chunk alone would be too narrow
+        b["x"] *= 4.0
+
+    def top(chunk: int, data: list[dict[str, np.ndarray]], name: str) -> float:
+        result = calibration.calibrate(
+            model, data, method=method, op_types=["MatMul"], chunk_batches=chunk, work_dir=tmp_path / name
+        )
+        return _ranges(result.cache)["x"][1]
+
+    first_only, one_pass, chunked = top(1, batches[:1], "first"), top(8, batches, "one"), top(1, batches, "chunked")
+    assert chunked > 2.5 * first_only  # chunks 2..8 were merged, not dropped
+    if method == "percentile":  # the same percentile of the same values, up to binning
+        assert chunked == pytest.approx(one_pass, rel=0.1)
+
+
+def test_calibration_without_batches_is_an_error(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    _two_matmuls(model)
+    with pytest.raises(ValueError, match="no calibration batch"):
+        calibration.calibrate(model, [], method="minmax", op_types=None, chunk_batches=2, work_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_presets_map_to_the_documented_settings() -> None:
+    assert presets.PRESETS["x86_64-vnni"].settings() == {
+        "activation_type": "uint8",
+        "weight_type": "int8",
+        "reduce_range": False,
+    }
+    assert presets.PRESETS["x86_64-avx2"].settings()["reduce_range"] is True  # no u8s8 saturation without VNNI
+    assert presets.PRESETS["aarch64"].settings() == {
+        "activation_type": "uint8",
+        "weight_type": "int8",
+        "reduce_range": False,
+    }
+
+
+def test_auto_preset_follows_targets_and_cpu() -> None:
+    assert presets.choose("auto", ["x86_64"], vnni=True)[0].name == "x86_64-vnni"
+    assert presets.choose("auto", ["x86_64"], vnni=False)[0].name == "x86_64-avx2"
+    assert presets.choose("auto", ["aarch64", "aarch64-neon"], vnni=True)[0].name == "aarch64"
+    # one artifact for every target: the weakest one decides
+    assert presets.choose("auto", ["x86_64", "x86_64-avx2"], vnni=True)[0].name == "x86_64-avx2"
+    preset, why = presets.choose("aarch64", ["x86_64"], vnni=True)
+    assert preset.name == "aarch64" and "recipe" in why
+
+
+def test_vnni_flag_read_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert presets.host_has_vnni(info)
+    info.write_text("processor: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not presets.host_has_vnni(info)
+
+
+# ----------------------------------------------------------------------------- accuracy-aware search
+PENALTY = {"a": 0.001, "b": 0.03, "c": 0.0005, "d": 0.01}
+
+
+def _fake_pipeline(tmp_path: Path) -> tuple[Callable[[list[str], Path], None], Callable[[Path], float], Path]:
+    """A quantizer whose 'model' is the list of nodes kept in float; the metric loses each int8 node's penalty."""
+    fp32 = tmp_path / "fp32.json"
+    fp32.write_text(json.dumps(sorted(PENALTY)))
+
+    def quantize(in_float: list[str], out: Path) -> None:
+        out.write_text(json.dumps(in_float))
+
+    def evaluate(model: Path) -> float:
+        kept = set(json.loads(model.read_text()))
+        return 0.9 - sum(p for n, p in PENALTY.items() if n not in kept)
+
+    return quantize, evaluate, fp32
+
+
+def _search(
+    tmp_path: Path, goal: QuantizeGoal, budget: float = 60.0, candidates: tuple[str, ...] = tuple(PENALTY)
+) -> quantize_search.SearchResult:
+    quantize, evaluate, fp32 = _fake_pipeline(tmp_path)
+    return quantize_search.search(
+        candidates=list(candidates),
+        fixed_float=[],
+        quantize=quantize,
+        evaluate=evaluate,
+        fp32_model=fp32,
+        goal=goal,
+        budget_s=budget,
+        metric_name="accuracy",
+        work_dir=tmp_path,
+        out=tmp_path / "out.json",
+        log=lambda _: None,
+    )
+
+
+def test_search_keeps_most_sensitive_nodes_in_float_until_goal(tmp_path: Path) -> None:
+    result = _search(tmp_path, QuantizeGoal(max_drop=0.002))
+    assert [r["node"] for r in result.ranking] == ["b", "d", "a", "c"]  # sensitivity order
+    chosen = result.trials[result.chosen]
+    assert chosen.in_float == ["b", "d"] and chosen.met  # drop 0.0015 <= 0.002; top-1 alone was not enough
+    assert [t.phase for t in result.trials] == ["full"] + ["sensitivity"] * 4 + ["search"]
+    assert json.loads((tmp_path / "out.json").read_text()) == ["b", "d"]
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert len(saved["trials"]) == len(result.trials) and saved["chosen"] == result.chosen
+
+
+def test_search_stops_at_once_when_full_int8_meets_the_goal(tmp_path: Path) -> None:
+    result = _search(tmp_path, QuantizeGoal(max_drop=0.05))
+    assert len(result.trials) == 1 and result.trials[0].in_float == [] and result.stopped_by == "goal met"
+
+
+def test_relative_goal_scales_with_the_fp32_metric(tmp_path: Path) -> None:
+    result = _search(tmp_path, QuantizeGoal(max_drop=0.02, relative=True))  # 2% of 0.9 = 0.018
+    assert result.allowed_drop == pytest.approx(0.018)
+    assert result.trials[result.chosen].in_float == ["b"]  # drop 0.0115
+
+
+def test_unreachable_goal_fails_and_keeps_the_trials(tmp_path: Path) -> None:
+    with pytest.raises(StageFailed, match="goal not met"):  # b and d are not candidates: they stay int8
+        _search(tmp_path, QuantizeGoal(max_drop=0.01), candidates=("a", "c"))
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert [t["phase"] for t in saved["trials"]] == ["full", "sensitivity", "sensitivity", "search"]
+    assert saved["trials"][saved["chosen"]]["in_float"] == ["a", "c"]  # the best it found is recorded
+
+
+def test_budget_too_small_for_one_trial_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="too small to run one trial"):
+        _search(tmp_path, QuantizeGoal(max_drop=0.002), budget=1e-9)
+
+
+# --------------------------------------------------------------------------------------- the stage
+def test_accuracy_aware_stage_records_its_trials(recipe_for: Callable[..., Path]) -> None:
+    quantize = {"type": "quantize", "mode": "static", "goal": {"max_drop": 0.5, "samples": 8}}
+    run_dir = _run(recipe_for(stages=[{"type": "export"}, quantize]))
+    metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
+    search = metrics["accuracy_aware"]
+    assert search["metric_name"] == "cosine to fp32" and search["fp32"] == pytest.approx(1.0, abs=1e-6)
+    assert search["chosen"] == 0 and search["trials"][0]["met"]
+    assert metrics["kernels"]["int8_total"] > 0
+    assert metrics["calibration"]["sequences"] == 12 and metrics["calibration"]["chunks"] == 1
+
+
+def test_stage_searches_when_full_int8_misses_the_goal(recipe_for: Callable[..., Path]) -> None:
+    # Keep the goal just tighter than what all-int8 reaches: at least one node must go back to float.
+    probe = {"type": "quantize", "mode": "static", "goal": {"max_drop": 1.0, "samples": 8}}
+    first = _run(recipe_for(name="probe", stages=[{"type": "export"}, probe]))
+    full_drop = json.loads((first / "02_quantize" / "metrics.json").read_text())["accuracy_aware"]["trials"][0]["drop"]
+    assert full_drop > 0
+    goal = {"type": "quantize", "mode": "static", "goal": {"max_drop": full_drop * 0.999, "samples": 8}}
+    run_dir = _run(recipe_for(name="tight", stages=[{"type": "export"}, goal]))
+    search = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())["accuracy_aware"]
+    chosen = search["trials"][search["chosen"]]
+    assert chosen["met"] and chosen["in_float"] and chosen["drop"] <= full_drop * 0.999
+    assert search["ranking"] and search["trials"][1]["phase"] == "sensitivity"
+
+
+def test_preset_decides_types_and_is_recorded(recipe_for: Callable[..., Path]) -> None:
+    stages = [{"type": "export"}, {"type": "quantize", "mode": "static", "preset": "x86_64-avx2"}]
+    run_dir = _run(recipe_for(stages=stages))
+    metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
+    assert metrics["preset"]["name"] == "x86_64-avx2" and metrics["reduce_range"] is True
+    assert metrics["activation_type"] == "uint8" and metrics["preset"]["overrides"] == []
+
+
+def test_auto_preset_uses_this_cpu(recipe_for: Callable[..., Path]) -> None:
+    stages = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "reduce_range": True}]
+    run_dir = _run(recipe_for(stages=stages))
+    metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
+    expected = presets.choose("auto", ["x86_64"])[0]
+    assert metrics["preset"]["name"] == expected.name and metrics["reduce_range"] is True
+    assert bool(metrics["preset"]["overrides"]) == (not expected.reduce_range)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "message"),
+    [
+        ({"mode": "static", "goal": {"max_drop": -0.1}}, "max_drop"),
+        ({"mode": "static", "preset": "riscv"}, "preset"),
+        ({"mode": "static", "time_budget": 0}, "time_budget"),
+        ({"mode": "dynamic", "activation_type": "int8"}, "activation_type applies to mode: static only"),
+        ({"mode": "static", "calibration_chunk": 0}, "calibration_chunk"),
+    ],
+)
+def test_bad_quantize_settings_exit_2(recipe_for: Callable[..., Path], quantize: dict, message: str) -> None:
+    path = recipe_for(stages=[{"type": "export"}, {"type": "quantize", **quantize}])
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "check", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_time_budget_exits_2_before_any_trial(recipe_for: Callable[..., Path]) -> None:
+    quantize = {"type": "quantize", "mode": "static", "goal": {"max_drop": 0.01}, "time_budget": 0.0001}
+    path = recipe_for(stages=[{"type": "export"}, quantize])
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "run", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "too small to run one trial" in proc.stderr and "Traceback" not in proc.stderr
