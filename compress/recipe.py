@@ -17,6 +17,7 @@ from compress.stage_configs import (
     DistillStage,
     ExportStage,
     PruneStage,
+    QatStage,
     QuantizeStage,
     Stage,
     Strict,
@@ -32,6 +33,7 @@ __all__ = [
     "NewModel",
     "PackageModel",
     "PruneStage",
+    "QatStage",
     "QuantizeStage",
     "Recipe",
     "ReferenceSet",
@@ -227,8 +229,16 @@ class Recipe(Strict):
                 raise ValueError(f"stage {kind!r} appears {kinds.count(kind)} times; each stage runs once")
         if kinds != sorted(kinds, key=STAGE_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(kinds)}")
-        if ("quantize" in kinds or "validate" in kinds) and "export" not in kinds:
-            raise ValueError("quantize and validate work on ONNX: add an export stage before them")
+        if ("quantize" in kinds or "validate" in kinds or "qat" in kinds) and "export" not in kinds:
+            raise ValueError("quantize, qat and validate work on ONNX: add an export stage before them")
+        if "quantize" in kinds and "qat" in kinds:
+            raise ValueError("qat quantizes the model itself (int8 QDQ export): use quantize or qat, not both")
+        if "qat" in kinds and self.task == "lm":
+            raise ValueError("qat trains embedding and classification models; language models are not supported yet")
+            if self.task == "lm" and any(isinstance(s, QuantizeStage) and s.goal for s in self.stages):
+                raise ValueError(
+                    "quantize.goal: accuracy-aware quantization measures classification and embedding tasks"
+                )
         return self
 
     @model_validator(mode="after")
@@ -241,8 +251,8 @@ class Recipe(Strict):
             raise ValueError("model.architecture is a new, untrained model: the first stage must be train")
         if "train" in kinds and not zoo:
             raise ValueError("the train stage trains zoo models (model.zoo or model.architecture)")
-        if ("train" in kinds or "distill" in kinds) and self.data.train is None:
-            raise ValueError("the train and distill stages need data.train")
+        if ("train" in kinds or "distill" in kinds or "qat" in kinds) and self.data.train is None:
+            raise ValueError("the train, distill and qat stages need data.train")
         for stage in self.stages:
             if isinstance(stage, DistillStage):
                 _check_distill(stage, self.task)
@@ -254,8 +264,6 @@ class Recipe(Strict):
             raise ValueError("zoo models need data.tokenizer: bytes or wordpiece")
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
             raise ValueError("static quantization needs data.calibration")
-        if self.task == "lm" and any(isinstance(s, QuantizeStage) and s.goal for s in self.stages):
-            raise ValueError("quantize.goal: accuracy-aware quantization measures classification and embedding tasks")
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self

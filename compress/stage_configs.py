@@ -335,6 +335,32 @@ class QuantizeStage(Strict):
         return self
 
 
+class QatStage(TrainingSettings):
+    """Quantization-aware training after export: the fp32 model's PyTorch weights are trained with int8
+    fake quantization (torchao pt2e), taught by the fp32 model itself, then exported as QDQ int8 ONNX."""
+
+    type: Literal["qat"]
+    preset: Literal["auto", "x86_64-vnni", "x86_64-avx2", "aarch64"] = Field(
+        "auto", description="int8 types for the target CPUs, as in quantize.preset."
+    )
+    epochs: int = Field(2, ge=1, le=1000, description="Passes over data.train (early stopping may end sooner).")
+    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate: small, the model is already trained.")
+    losses: DistillLosses | None = Field(
+        None,
+        description=(
+            "Distillation from the fp32 model: default embedding_cosine 1 (embedding), kl 1 + ce 1 (classification)."
+        ),
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, description="Largest |ONNX Runtime - PyTorch| of the exported int8 model's outputs."
+    )
+
+    def losses_for(self, task: str) -> DistillLosses:
+        if self.losses is not None:
+            return self.losses
+        return DistillLosses(embedding_cosine=1.0) if task == "embedding" else DistillLosses(kl=1.0, ce=1.0)
+
+
 class ValidateStage(Strict):
     type: Literal["validate"]
     batch_size: int = Field(1, ge=1, le=256, description="Latency: batch size.")
@@ -345,14 +371,16 @@ class ValidateStage(Strict):
 
 
 Stage = Annotated[
-    TrainStage | PruneStage | DistillStage | ExportStage | QuantizeStage | ValidateStage, Field(discriminator="type")
+    TrainStage | PruneStage | DistillStage | ExportStage | QuantizeStage | QatStage | ValidateStage,
+    Field(discriminator="type"),
 ]
-STAGE_ORDER = ("train", "prune", "distill", "export", "quantize", "validate")
+STAGE_ORDER = ("train", "prune", "distill", "export", "quantize", "qat", "validate")
 STAGE_MODELS: dict[str, type[Strict]] = {
     "train": TrainStage,
     "prune": PruneStage,
     "distill": DistillStage,
     "export": ExportStage,
     "quantize": QuantizeStage,
+    "qat": QatStage,
     "validate": ValidateStage,
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from compress.stages import distill, export, prune, quantize, train, validate
+from compress.stages import distill, export, prune, qat, quantize, train, validate
 
 STAGES: dict[str, Callable[..., Any]] = {
     "train": train.run,
@@ -13,6 +13,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "distill": distill.run,
     "export": export.run,
     "quantize": quantize.run,
+    "qat": qat.run,
     "validate": validate.run,
 }
 

@@ -89,7 +89,8 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
         "max_positions": positions,
         **({"custom_ops": sorted(extra["custom_ops"])} if extra else {}),
     }
-    files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir}
+    # "torch": the PyTorch model this graph came from (quantization-aware training trains it)
+    files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir, "torch": folder}
     return Artifact("onnx", files, meta), metrics
 
 
@@ -223,7 +224,7 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
         "max_positions": zcfg.max_len,
         "custom_ops": sorted(ops),
     }
-    files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir}
+    files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir, "torch": folder}
     return Artifact("onnx", files, meta), metrics
 
 

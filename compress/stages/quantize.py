@@ -29,6 +29,8 @@ from compress.targets.native import session
 # after which the QDQ pairs no longer fuse into int8 kernels (../shared/notes/quantization-facts.md).
 QDQ_SESSION = {"disabled_optimizers": ["MatMulAddFusion"]}
 STATIC_DEFAULT_OPS = ("MatMul", "Gemm")
+# What quantize_dynamic quantizes by default that does arithmetic (its registry less Transpose).
+DYNAMIC_COMPUTE_OPS = ("Attention", "Conv", "EmbedLayerNormalization", "Gather", "LSTM", "MatMul")
 
 
 def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
@@ -237,7 +239,8 @@ def _accuracy_aware(
     def evaluate(model: Path) -> float:
         return score(outputs(model, settings if model != source else {}))
 
-    types = set(cfg.op_types or STATIC_DEFAULT_OPS) if cfg.mode == "static" else set(cfg.op_types or ("MatMul", "Gemm"))
+    # The ops the quantizer quantizes are the candidates; data movement (Transpose) is never sensitive.
+    types = set(cfg.op_types or (STATIC_DEFAULT_OPS if cfg.mode == "static" else DYNAMIC_COMPUTE_OPS))
     graph = onnx.load(str(source), load_external_data=False).graph
     candidates = [n.name for n in graph.node if n.op_type in types and n.name not in excluded]
     ctx.log(f"accuracy-aware: goal on {len(texts)} evaluation texts, {len(candidates)} candidate nodes")

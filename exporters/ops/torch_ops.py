@@ -23,8 +23,7 @@ from exporters.ops.common import EC
 STANDARD = (zoo.DenseAttention, zoo.LinformerAttention, zoo.KernelizedAttention)
 
 
-@torch.library.custom_op("edgecompress::windowed_attention", mutates_args=())
-def windowed_attention(
+def windowed_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -39,13 +38,15 @@ def windowed_attention(
     )
 
 
+windowed_attention = torch.library.custom_op("edgecompress::windowed_attention", windowed_reference, mutates_args=())
+
+
 @windowed_attention.register_fake
 def _windowed_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("edgecompress::block_sparse_attention", mutates_args=())
-def block_sparse_attention(
+def block_sparse_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -59,9 +60,44 @@ def block_sparse_attention(
     return zoo.block_sparse_attention(q, k, v, key_mask, lay, block=block, global_blocks=min(global_blocks, nb))
 
 
+block_sparse_attention = torch.library.custom_op(
+    "edgecompress::block_sparse_attention", block_sparse_reference, mutates_args=()
+)
+
+
 @block_sparse_attention.register_fake
 def _block_sparse_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+# Autograd: training through the ops (quantization-aware training trains the exported graph, where each
+# attention is one op node). The backward recomputes the PyTorch reference and differentiates it: the
+# ops' memory stays O(S·w) in the forward, and the gradient is the reference's exactly.
+def _save_inputs(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: ARG001 (the API)
+    q, k, v, mask, extra, *attrs = inputs
+    ctx.save_for_backward(q, k, v, mask, extra)
+    ctx.attrs = attrs
+
+
+def _grad_of(reference: Any, ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, mask, extra = ctx.saved_tensors
+    with torch.enable_grad():
+        qkv = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+        out = reference(*qkv, mask, extra, *ctx.attrs)
+        dq, dk, dv = torch.autograd.grad(out, qkv, grad)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.attrs))
+
+
+def _windowed_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return _grad_of(windowed_reference, ctx, grad)
+
+
+def _block_sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return _grad_of(block_sparse_reference, ctx, grad)
+
+
+windowed_attention.register_autograd(_windowed_backward, setup_context=_save_inputs)
+block_sparse_attention.register_autograd(_block_sparse_backward, setup_context=_save_inputs)
 
 
 def _windowed_onnx(q: Any, k: Any, v: Any, key_mask: Any, global_mask: Any, window: int, causal: bool) -> Any:
