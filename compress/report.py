@@ -209,6 +209,14 @@ def stage_note(stage: dict[str, Any]) -> str:
                 f"{len(best['in_float'])} nodes in float after {len(search['trials'])} trials"
             )
         return note
+    if stage["type"] == "qat":
+        k = m["kernels"]
+        return (
+            f"QAT, preset {m['preset']['name']}: {m['epochs_run']} epochs, kept {m['best_epoch']} "
+            f"({m['selection']} {m['best']:.4f}); ORT vs PyTorch cosine {m['ort_vs_torch_cosine_min']:.4f}; "
+            f"{k['int8_total']} int8 kernels in ORT's graph, {k['float_total']} float; "
+            f"{100 * m['size_ratio']:.0f}% of fp32 size"
+        )
     return ", ".join(stage["metrics"].get("targets", {})) or ""
 
 

@@ -352,7 +352,13 @@ class QatStage(TrainingSettings):
         ),
     )
     tolerance: float = Field(
-        1e-3, gt=0, description="Largest |ONNX Runtime - PyTorch| of the exported int8 model's outputs."
+        5e-3,
+        gt=0,
+        lt=1,
+        description=(
+            "ONNX Runtime's int8 outputs must keep a cosine >= 1 - tolerance to the converted PyTorch model's. "
+            "Not 1e-6: on MiniLM the two agree to 0.998 (padded rows least), while each is 0.994 to fp32."
+        ),
     )
 
     def losses_for(self, task: str) -> DistillLosses:

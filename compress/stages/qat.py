@@ -108,10 +108,12 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     from exporters.onnx_export import _rename_shadowed_values
 
     _rename_shadowed_values(out, tuple(setup.outputs))
-    diff = _ort_vs_torch(life, out, setup)
-    ctx.log(f"ONNX Runtime matches the converted PyTorch model: max |diff| {diff:.2e}")
-    if diff > cfg.tolerance:
-        raise StageFailed(f"qat: ONNX Runtime differs from PyTorch by {diff:.3g} > tolerance {cfg.tolerance:g}")
+    diff, cosine = _ort_vs_torch(life, out, setup)
+    ctx.log(f"ONNX Runtime vs the converted PyTorch model: cosine min {cosine:.6f}, max |diff| {diff:.2e}")
+    if 1 - cosine > cfg.tolerance:
+        raise StageFailed(
+            f"qat: ONNX Runtime's outputs differ from PyTorch's: cosine {cosine:.6f} < 1 - tolerance {cfg.tolerance:g}"
+        )
     kernels = count_kernels(out, QDQ_SESSION)
     if kernels["int8_total"] == 0:
         raise StageFailed(f"qat: ONNX Runtime runs the QAT model with no int8 kernel (float: {kernels['float']})")
@@ -127,6 +129,7 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
         "best": state.best_metric,
         "history": state.history,
         "ort_vs_torch_max_abs_diff": diff,
+        "ort_vs_torch_cosine_min": cosine,
         "kernels": kernels,
         "size_bytes": out.stat().st_size,
         "fp32_size_bytes": artifact.file("model").stat().st_size,
@@ -139,18 +142,26 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     return Artifact("onnx", files, meta), metrics
 
 
-def _ort_vs_torch(life: Lifecycle, path: Path, setup: Setup) -> float:
+def _ort_vs_torch(life: Lifecycle, path: Path, setup: Setup) -> tuple[float, float]:
+    """Max |difference| and the smallest row cosine of ONNX Runtime's outputs to the converted PyTorch model's.
+
+    Both compute the same int8 arithmetic, but a value that lands on a rounding boundary can quantize
+    one step apart (division vs multiplication by the scale), and such flips add up over layers: the
+    check is on the cosine, the max |difference| is reported.
+    """
+    from compress.metrics import cosine_fidelity
     from compress.targets.native import session
 
     assert life.converted is not None
     sess = session(path, threads=2, settings=QDQ_SESSION)
-    worst = 0.0
+    worst, cosine = 0.0, 1.0
     for feeds in setup.checks:
         got = sess.run(None, {n: feeds[n] for n in setup.names})[0]
         with torch.no_grad():
             want = life.converted(*(torch.from_numpy(feeds[n]) for n in setup.names)).numpy()
         worst = max(worst, float(np.abs(got - want).max()))
-    return worst
+        cosine = min(cosine, cosine_fidelity(got, want)["cosine_min"])
+    return worst, cosine
 
 
 def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
