@@ -187,37 +187,40 @@ def stage_note(stage: dict[str, Any]) -> str:
             f"{m['method']}: {m['parameters']:,} of {m['parameters_before']:,} parameters kept, "
             f"{100 * m['sparsity_total']:.1f}% zeros; zipped {m['compressed_size_bytes'] / 1e6:.1f} MB; {m['speed']}"
         )
-    if stage["type"] == "distill":
-        return _distill_note(m)
-    if stage["type"] == "export":
-        return _export_note(m)
-    if stage["type"] == "quantize":
-        k = m["kernels"]
-        cal = m.get("calibration")
-        how = m["mode"] + (f" ({cal['method']} on {cal['sequences']} texts)" if cal else "")
-        if m.get("preset"):
-            how += f", preset {m['preset']['name']}"
-        note = (
-            f"{how}, per-channel {m['per_channel']}; {k['int8_total']} int8 kernels in ORT's graph, "
-            f"{k['float_total']} float; {100 * m['size_ratio']:.0f}% of fp32 size"
-        )
-        search = m.get("accuracy_aware")
-        if search:
-            best = search["trials"][search["chosen"]]
-            note += (
-                f"; goal: {search['metric_name']} drop {best['drop']:.4f} ≤ {search['allowed_drop']:g} with "
-                f"{len(best['in_float'])} nodes in float after {len(search['trials'])} trials"
-            )
-        return note
-    if stage["type"] == "qat":
-        k = m["kernels"]
-        return (
-            f"QAT, preset {m['preset']['name']}: {m['epochs_run']} epochs, kept {m['best_epoch']} "
-            f"({m['selection']} {m['best']:.4f}); ORT vs PyTorch cosine {m['ort_vs_torch_cosine_min']:.4f}; "
-            f"{k['int8_total']} int8 kernels in ORT's graph, {k['float_total']} float; "
-            f"{100 * m['size_ratio']:.0f}% of fp32 size"
-        )
+    notes = {"distill": _distill_note, "export": _export_note, "quantize": _quantize_note, "qat": _qat_note}
+    if stage["type"] in notes:
+        return notes[stage["type"]](m)
     return ", ".join(stage["metrics"].get("targets", {})) or ""
+
+
+def _quantize_note(m: dict[str, Any]) -> str:
+    k = m["kernels"]
+    cal = m.get("calibration")
+    how = m["mode"] + (f" ({cal['method']} on {cal['sequences']} texts)" if cal else "")
+    if m.get("preset"):
+        how += f", preset {m['preset']['name']}"
+    note = (
+        f"{how}, per-channel {m['per_channel']}; {k['int8_total']} int8 kernels in ORT's graph, "
+        f"{k['float_total']} float; {100 * m['size_ratio']:.0f}% of fp32 size"
+    )
+    search = m.get("accuracy_aware")
+    if search:
+        best = search["trials"][search["chosen"]]
+        note += (
+            f"; goal: {search['metric_name']} drop {best['drop']:.4f} ≤ {search['allowed_drop']:g} with "
+            f"{len(best['in_float'])} nodes in float after {len(search['trials'])} trials"
+        )
+    return note
+
+
+def _qat_note(m: dict[str, Any]) -> str:
+    k = m["kernels"]
+    return (
+        f"QAT, preset {m['preset']['name']}: {m['epochs_run']} epochs, kept {m['best_epoch']} "
+        f"({m['selection']} {m['best']:.4f}); ORT vs PyTorch cosine {m['ort_vs_torch_cosine_min']:.4f}; "
+        f"{k['int8_total']} int8 kernels in ORT's graph, {k['float_total']} float; "
+        f"{100 * m['size_ratio']:.0f}% of fp32 size"
+    )
 
 
 def _distill_note(m: dict[str, Any]) -> str:
