@@ -73,6 +73,7 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
             yield {
                 **{n: torch.from_numpy(setup.train[n][rows, :width]) for n in setup.names},
                 **{k: torch.from_numpy(setup.train[k][rows]) for k in ("targets", "labels") if k in setup.train},
+                "rows": torch.from_numpy(rows),
             }
 
     def save(model: QatModel, folder: Path) -> None:
@@ -263,23 +264,28 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
     eval_ids, eval_labels = _encode(ctx, "evaluation", tokenizer, max_length, lm=False, limit=cfg.eval_samples)
     assert train_labels is not None and eval_labels is not None
     names = ["input_ids", "attention_mask"]
-    ctx.log(f"teacher logits for {len(train_labels)} training texts (computed once)")
-    with torch.no_grad():
-        targets = np.concatenate(
-            [
-                teacher(*(torch.from_numpy(train_ids[n][i : i + 16, : _width(train_ids, i)]) for n in names)).numpy()
-                for i in range(0, len(train_labels), 16)
-            ]
-        )
+    # Teacher logits on first use of each text, then kept: a capped epoch (max_steps_per_epoch) never pays
+    # for the texts it does not reach.
+    cache = np.full((len(train_labels), student.cfg.num_labels), np.nan, dtype=np.float32)
+
+    def teacher_logits(rows: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+        idx = rows.numpy()
+        todo = np.isnan(cache[idx, 0])
+        if todo.any():
+            with torch.no_grad():
+                cache[idx[todo]] = teacher(*(t[torch.from_numpy(todo)] for t in inputs)).numpy()
+        return torch.from_numpy(cache[idx])
+
     w = cfg.losses_for("classification")
     if not (w.kl or w.ce):
         raise UserError("qat.losses: a classifier learns from kl and/or ce")
 
     def loss(model: Any, batch: Batch) -> torch.Tensor:
-        logits = model(*(batch[n] for n in names))
+        inputs = [batch[n] for n in names]
+        logits = model(*inputs)
         value = torch.zeros((), dtype=logits.dtype)
         if w.kl:
-            value = value + w.kl * soft_kl(logits, batch["targets"], w.temperature)
+            value = value + w.kl * soft_kl(logits, teacher_logits(batch["rows"], inputs), w.temperature)
         if w.ce:
             value = value + w.ce * F.cross_entropy(logits, batch["labels"])
         return value
@@ -310,7 +316,7 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
         lifecycle=Lifecycle(student, example, dict.fromkeys(names, dims), preset, lambda: exportable(student, max_len)),
         names=names,
         outputs=["logits"],
-        train={**train_ids, "targets": targets, "labels": train_labels},
+        train={**train_ids, "labels": train_labels},
         loss=loss,
         evaluation=Evaluation("accuracy", True, evaluate),
         checks=checks,
