@@ -241,7 +241,7 @@ def _qat_windowed(runs: int, command: str) -> None:
         "",
         "## Targets",
         "",
-        f"- QAT accuracy >= fp32 - 0.2 points: {-drop:+.2f} ({'met' if drop <= 0.2 else 'NOT met'})",
+        f"- QAT accuracy >= fp32 - 0.2 points: {0.0 - drop:+.2f} ({'met' if drop <= 0.2 else 'NOT met'})",
     ]
     report = "\n".join(lines) + "\n"
     write_atomic(QAT_RESULTS, report.encode())
