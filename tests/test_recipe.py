@@ -76,7 +76,7 @@ def test_unknown_field_names_line_and_allowed(tmp_path: Path) -> None:
 def test_unknown_stage_type(tmp_path: Path) -> None:
     message = _error(tmp_path, GOOD.replace("- type: quantize", "- type: quantise"))
     assert ":9: stages[1]" in message
-    assert "quantise" in message and "'export', 'quantize', 'validate'" in message
+    assert "quantise" in message and "'export', 'quantize', 'qat', 'validate'" in message
 
 
 def test_wrong_value_type(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_calibration_is_static_only(tmp_path: Path) -> None:
 
 def test_stage_order_is_enforced(tmp_path: Path) -> None:
     text = GOOD.replace("  - type: export\n", "") + "  - type: export\n"
-    assert "stages must run in the order train -> prune -> distill -> export -> quantize -> validate" in _error(
+    assert "stages must run in the order train -> prune -> distill -> export -> quantize -> qat -> validate" in _error(
         tmp_path, text
     )
 
