@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# int8 presets for target CPUs (compress/presets.py); auto: from the recipe's targets and this CPU.
+PresetChoice = Literal["auto", "x86_64-vnni", "x86_64-avx2", "aarch64"]
+
 
 class Strict(BaseModel):
     """Base of every recipe model: unknown fields are errors, parsed values are frozen."""
@@ -271,7 +274,7 @@ class QuantizeStage(Strict):
             "calibrated on the calibration set, QDQ format."
         ),
     )
-    preset: Literal["auto", "x86_64-vnni", "x86_64-avx2", "aarch64"] = Field(
+    preset: PresetChoice = Field(
         "auto",
         description=(
             "int8 types for the CPUs the artifact ships to (README: Quantization presets). auto: from the recipe's "
@@ -340,9 +343,7 @@ class QatStage(TrainingSettings):
     fake quantization (torchao pt2e), taught by the fp32 model itself, then exported as QDQ int8 ONNX."""
 
     type: Literal["qat"]
-    preset: Literal["auto", "x86_64-vnni", "x86_64-avx2", "aarch64"] = Field(
-        "auto", description="int8 types for the target CPUs, as in quantize.preset."
-    )
+    preset: PresetChoice = Field("auto", description="int8 types for the target CPUs, as in quantize.preset.")
     epochs: int = Field(2, ge=1, le=1000, description="Passes over data.train (early stopping may end sooner).")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate: small, the model is already trained.")
     losses: DistillLosses | None = Field(

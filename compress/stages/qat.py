@@ -30,7 +30,7 @@ from compress.errors import StageFailed, UserError
 from compress.kernels import count_kernels
 from compress.qat import Lifecycle, QatModel
 from compress.stage_configs import QatStage
-from compress.stages.quantize import QDQ_SESSION, _quick_fidelity
+from compress.stages.quantize import QDQ_SESSION, _json, _quick_fidelity
 from compress.stages.train import bucketed
 from compress.training import Batch, Evaluation, Persistence, fit
 
@@ -323,9 +323,3 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
         translation=translation_table(),
         finish=finish,
     )
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, indent=2, sort_keys=True) + "\n"
