@@ -85,6 +85,7 @@ def _static_default(plain: Path, tok: Any, names: tuple[str, ...]) -> Path:
     """ORT's quantize_static with its defaults (QDQ, MinMax, s8 activations, per-tensor) on lee-background."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
+    from compress.calibration import BatchReader
     from compress.data import load_texts
     from compress.models import hf
     from compress.recipe import ReferenceSet
@@ -93,14 +94,9 @@ def _static_default(plain: Path, tok: Any, names: tuple[str, ...]) -> Path:
     if out.exists():
         return out
     texts = load_texts(ReferenceSet(reference="lee-background")).texts[:128]
-    feeds = iter([hf.encode(tok, texts[i : i + 16], 256, names, pad_to=256) for i in range(0, 128, 16)])
-
-    class Reader:
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(feeds, None)
-
+    feeds = [hf.encode(tok, texts[i : i + 16], 256, names, pad_to=256) for i in range(0, 128, 16)]
     logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(plain, out, Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(plain, out, BatchReader(feeds), quant_format=QuantFormat.QDQ)
     return out
 
 
@@ -360,13 +356,7 @@ def _calibrate_child(impl: str, method: str, n: int, model: Path) -> dict[str, f
             )
             quantize_static(typed, Path(tmp) / "q.onnx", None, calibration_cache_path=result.cache, **common)
         else:
-            it = batches()
-
-            class Reader:
-                def get_next(self) -> dict[str, np.ndarray] | None:
-                    return next(it, None)
-
-            quantize_static(typed, Path(tmp) / "q.onnx", Reader(), **common)
+            quantize_static(typed, Path(tmp) / "q.onnx", calibration.BatchReader(batches()), **common)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

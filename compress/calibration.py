@@ -37,10 +37,10 @@ class CalibrationResult:
     tensors: int
 
 
-class _ChunkReader:
-    """CalibrationDataReader over one chunk of batches."""
+class BatchReader:
+    """ONNX Runtime's CalibrationDataReader protocol over any iterable of batches."""
 
-    def __init__(self, batches: list[Batch]) -> None:
+    def __init__(self, batches: Iterable[Batch]) -> None:
         self._it = iter(batches)
 
     def get_next(self) -> Batch | None:
@@ -89,7 +89,7 @@ def calibrate(
     while chunk := list(itertools.islice(source, chunk_batches)):
         # The histogram collector prints a line per call; the stage reports progress itself.
         with contextlib.redirect_stdout(io.StringIO()):
-            calibrator.collect_data(_ChunkReader(chunk))
+            calibrator.collect_data(BatchReader(chunk))
         n_chunks += 1
         n_batches += len(chunk)
         n_seqs += sum(len(next(iter(b.values()))) for b in chunk)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,15 @@ def drop_layers(encoder: Any, keep: tuple[int, ...]) -> Any:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
     return student
+
+
+def held_out_rows(n: int, seed: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) row indices, sorted: a seeded 10% (at least 16) of n texts held out of training,
+    to keep the epoch closest to the teacher on texts it did not train on."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = held_out_count(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def held_out_count(n: int) -> int:
+    return max(16, n // 10)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +180,3 @@ class Lifecycle:
             finish(model)
         write_atomic(path, model.SerializeToString())
         self.state = "exported"
-
-
-def batches_of(tensors: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, torch.Tensor]]:
-    n = len(next(iter(tensors.values())))
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in tensors.items()}

@@ -22,6 +22,8 @@ from compress.distillation import (
     check_map,
     drop_layers,
     embedding_cosine,
+    held_out_count,
+    held_out_rows,
     hidden_mse,
     uniform_map,
 )
@@ -135,15 +137,14 @@ def _split_for_selection(texts: list[str], cfg: DistillStage) -> tuple[list[str]
     """(training texts, held-out texts): select fidelity holds a seeded 10% (at least 16) out of training."""
     if cfg.select != "fidelity":
         return texts, []
-    n_held = max(16, len(texts) // 10)
+    n_held = held_out_count(len(texts))
     if len(texts) - n_held < 2 * n_held:
         raise UserError(
             f"distill: select: fidelity holds out {n_held} of the {len(texts)} training texts; "
             f"data.train needs at least {3 * n_held}"
         )
-    order = np.random.default_rng(cfg.seed).permutation(len(texts))
-    held = set(order[:n_held].tolist())
-    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+    kept, held = held_out_rows(len(texts), cfg.seed)
+    return [texts[i] for i in kept], [texts[i] for i in held]
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from compress import presets
 from compress.artifact import Artifact
 from compress.context import Context
-from compress.distillation import embedding_cosine, soft_kl
+from compress.distillation import embedding_cosine, held_out_count, held_out_rows, soft_kl
 from compress.errors import StageFailed, UserError
 from compress.kernels import count_kernels
 from compress.qat import Lifecycle, QatModel
@@ -167,11 +167,9 @@ def _ort_vs_torch(life: Lifecycle, path: Path, setup: Setup) -> tuple[float, flo
 
 def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded 10% (at least 16) held out of n training texts, and the rest."""
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    held = max(16, n // 10)
-    if n - held < 16:
+    if n - held_out_count(n) < 16:
         raise UserError(f"data.train: qat needs at least 32 texts (has {n})")
-    return np.sort(order[held:]), np.sort(order[:held])
+    return held_out_rows(n, [seed, 7])
 
 
 # ---------------------------------------------------------------------------------------- embedding
