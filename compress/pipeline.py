@@ -29,7 +29,7 @@ from compress import distributed
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.data.cache import write_atomic
-from compress.errors import UserError
+from compress.errors import GateFailed, UserError
 from compress.models import hf
 from compress.models.zoo import read_zoo_config
 from compress.recipe import HFModel, PackageModel, Recipe, ZooModel
@@ -136,7 +136,12 @@ def _run_stages(  # noqa: PLR0917
         if scratch is not None:
             artifact = _run_elsewhere(ctx, stage, artifact, scratch / stage_dir.name, work)
             continue
-        artifact, record = _run_stage(ctx, stage, artifact, (index, stage_dir, work), fingerprint, synced)
+        try:
+            artifact, record = _run_stage(ctx, stage, artifact, (index, stage_dir, work), fingerprint, synced)
+        except GateFailed as exc:  # the report still shows every figure, and which target failed and why
+            records.append(StageRecord(index, stage.type, stage_dir, False, 0.0, exc.metrics))
+            write_report(run_dir, recipe, folder, records)
+            raise
         records.append(record)
     if scratch is not None:
         return run_dir
@@ -163,6 +168,19 @@ def _run_stage(  # noqa: PLR0917
     warned = len(ctx.warnings)
     try:
         artifact, metrics = STAGES[stage.type](artifact, stage, ctx)
+    except GateFailed as exc:
+        # The figures are kept (metrics.json, no `done`): a rerun measures again rather than reuse a failure.
+        exc.metrics = {
+            **exc.metrics,
+            "seconds": round(time.perf_counter() - start, 2),
+            "warnings": ctx.warnings[warned:],
+        }
+        exc.metrics["gate_failed"] = str(exc)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        write_atomic(tmp / "metrics.json", (json.dumps(exc.metrics, indent=2) + "\n").encode())
+        tmp.rename(stage_dir)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if [p.name for p in ctx.work_dir.iterdir()] == ["fingerprint"]:

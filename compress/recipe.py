@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compress.errors import UserError
 from compress.stage_configs import (
@@ -198,8 +207,17 @@ class OutputSpec(Strict):
     dir: Path = Field(Path("runs"), description="Runs are written to DIR/<name>/.")
 
 
-def _default_targets() -> list[Literal["x86_64"]]:
+def _default_targets() -> list[str]:
     return ["x86_64"]
+
+
+def _target_name(name: str) -> str:
+    from compress.targets import check_name
+
+    return check_name(name)
+
+
+TargetName = Annotated[str, AfterValidator(_target_name)]
 
 
 class Recipe(Strict):
@@ -216,8 +234,13 @@ class Recipe(Strict):
     )
     data: DataSpec
     stages: list[Stage] = Field(min_length=1, description="Stages, run in order.")
-    targets: list[Literal["x86_64"]] = Field(
-        default_factory=_default_targets, min_length=1, description="CPU targets validated on: x86_64 (native)."
+    targets: list[TargetName] = Field(
+        default_factory=_default_targets,
+        min_length=1,
+        description=(
+            "CPU targets the validate stage runs the artifact on: x86_64 (this CPU), x86_64-avx2 (emulated, no "
+            "VNNI), aarch64 (emulated Neoverse-N1, dot product), aarch64-neon (emulated Cortex-A72), docker:IMAGE."
+        ),
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -235,10 +258,18 @@ class Recipe(Strict):
             raise ValueError("qat quantizes the model itself (int8 QDQ export): use quantize or qat, not both")
         if "qat" in kinds and self.task == "lm":
             raise ValueError("qat trains embedding and classification models; language models are not supported yet")
-            if self.task == "lm" and any(isinstance(s, QuantizeStage) and s.goal for s in self.stages):
-                raise ValueError(
-                    "quantize.goal: accuracy-aware quantization measures classification and embedding tasks"
-                )
+        if self.task == "lm" and any(isinstance(s, QuantizeStage) and s.goal for s in self.stages):
+            raise ValueError("quantize.goal: accuracy-aware quantization measures classification and embedding tasks")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: each target once; got {self.targets}")
+        for stage in self.stages:
+            if isinstance(stage, ValidateStage):
+                unknown = sorted(set(stage.gate) - {"default", *self.targets})
+                if unknown:
+                    raise ValueError(
+                        f"validate.gate: {', '.join(unknown)} is not one of the recipe's targets "
+                        f"({', '.join(self.targets)}) or 'default'"
+                    )
         return self
 
     @model_validator(mode="after")

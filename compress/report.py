@@ -60,45 +60,36 @@ def _task_rows(data: str, ref: dict[str, Any], art: dict[str, Any]) -> list[tupl
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, fp32 reference, artifact, comparison) for every target: the table people read."""
+    """(metric, fp32 reference, artifact, comparison) for every target: the table people read.
+
+    The reference column is always the fp32 model on native x86-64, on the same texts as the artifact.
+    Latency on emulated targets is labelled emulated and has no reference to compare with.
+    """
     rows: list[tuple[str, str, str, str]] = []
     for target, t in report["targets"].items():
-        ref, art = t["reference"], t["artifact"]
-        setup = t["setup"]
-        rows.append((f"[{target}, {setup['kind']}]", "ONNX fp32", "artifact", ""))
-        rows += _task_rows(setup["evaluation_set"], ref["task"], art["task"])
+        art, setup = t["artifact"], t["setup"]
+        ref = t.get("reference")  # fp32 timed beside the artifact: native x86-64 only
+        ref_task = t.get("reference_task") or (ref or {}).get("task", {})
+        where = setup["kind"] + (f", {setup['cpu']}" if setup.get("cpu") and setup["kind"] != "native" else "")
+        rows.append((f"[{target}, {where}]", "fp32, native x86-64", "artifact here", ""))
+        texts = setup.get("evaluated_texts")
+        of = setup.get("evaluation_texts")
+        data = setup["evaluation_set"] + (f" (first {texts} of {of})" if texts and of and texts < of else "")
+        rows += _task_rows(data, ref_task, art["task"])
         fid = t["fidelity"]
         rows.append(("cosine to fp32 (mean / min)", "1", f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}", ""))
-        shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
-        for p in ("p50", "p90", "p99"):
-            rows.append(
-                (
-                    f"latency {p} ms ({shape})" if p == "p50" else f"latency {p} ms",
-                    f"{ref['latency_ms'][p]:.2f}",
-                    f"{art['latency_ms'][p]:.2f}",
-                    f"{ref['latency_ms'][p] / art['latency_ms'][p]:.2f}x faster" if p == "p50" else "",
-                )
-            )
+        for key, label in (("agreement", "agreement with fp32"), ("consistency", "same as this artifact on x86-64")):
+            if key in t:
+                rows.append((f"{label} ({t[key]['metric']})", "", f"{t[key]['value']:.4f}", ""))
+        rows += _latency_rows(t, ref)
+        size = f"{100 * t['size_ratio']:.0f}% of fp32" if "size_ratio" in t else ""
         rows.append(
-            (
-                "throughput (items/s)",
-                f"{ref['latency_ms']['throughput_per_s']:.1f}",
-                f"{art['latency_ms']['throughput_per_s']:.1f}",
-                "",
-            )
+            ("model size MB", f"{ref['size_bytes'] / 1e6:.1f}" if ref else "", f"{art['size_bytes'] / 1e6:.1f}", size)
         )
         rows.append(
             (
-                "model size MB",
-                f"{ref['size_bytes'] / 1e6:.1f}",
-                f"{art['size_bytes'] / 1e6:.1f}",
-                f"{100 * t['size_ratio']:.0f}% of fp32",
-            )
-        )
-        rows.append(
-            (
-                "peak memory MB",
-                f"{ref['memory']['peak_rss_bytes'] / 1e6:.0f}",
+                "peak memory MB" + (" (emulated process)" if setup["kind"] == "emulated" else ""),
+                f"{ref['memory']['peak_rss_bytes'] / 1e6:.0f}" if ref else "",
                 f"{art['memory']['peak_rss_bytes'] / 1e6:.0f}",
                 "",
             )
@@ -107,9 +98,75 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "int8 / float compute kernels run",
-                f"{ref['kernels']['int8_total']} / {ref['kernels']['float_total']}",
+                f"{ref['kernels']['int8_total']} / {ref['kernels']['float_total']}" if ref else "",
                 f"{kernels['int8_total']} / {kernels['float_total']}",
                 ", ".join(f"{op} x{n}" for op, n in kernels["int8"].items()),
+            )
+        )
+        if setup.get("custom_op_kernel"):
+            rows.append(("attention ops ran as", "", setup["custom_op_kernel"], ""))
+        gate = t.get("gate")
+        if gate and gate.get("limits"):
+            verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["failures"])
+            rows.append(
+                ("gate", _limits_text(gate["limits"]), verdict, gate.get("fix", "") if not gate["passed"] else "")
+            )
+    return rows
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    parts = []
+    if limits.get("max_drop") is not None:
+        parts.append(f"drop <= {limits['max_drop']:g}")
+    if limits.get("min_agreement") is not None:
+        parts.append(f"agreement >= {limits['min_agreement']:g}")
+    return ", ".join(parts)
+
+
+def _latency_rows(t: dict[str, Any], ref: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    setup, art = t["setup"], t["artifact"]
+    emulated = setup["kind"] == "emulated"
+    shape = f"batch {setup['batch_size']}, seq {setup['sequence_length']}, {setup['threads']} threads"
+    runs = art["latency_ms"]["runs"]
+    tag = " EMULATED, not comparable with native" if emulated else ""
+    rows = []
+    for p in ("p50", "p90", "p99"):
+        label = f"latency {p} ms ({shape}, {runs} runs{tag})" if p == "p50" else f"latency {p} ms"
+        if p == "p99" and runs < 100:
+            label += f" (~max: {runs} runs)"
+        rows.append(
+            (
+                label,
+                f"{ref['latency_ms'][p]:.2f}" if ref else "",
+                f"{art['latency_ms'][p]:.2f}",
+                f"{ref['latency_ms'][p] / art['latency_ms'][p]:.2f}x faster" if ref and p == "p50" else "",
+            )
+        )
+    lat = art["latency_ms"]
+    if "iqr" in lat:
+        rows.append(
+            (
+                "latency spread ms (IQR / std)",
+                f"{ref['latency_ms']['iqr']:.2f} / {ref['latency_ms']['std']:.2f}" if ref else "",
+                f"{lat['iqr']:.2f} / {lat['std']:.2f}",
+                "",
+            )
+        )
+    rows.append(
+        (
+            "throughput (items/s)",
+            f"{ref['latency_ms']['throughput_per_s']:.1f}" if ref else "",
+            f"{lat['throughput_per_s']:.1f}",
+            "",
+        )
+    )
+    if "cold_start_ms" in art:
+        rows.append(
+            (
+                "cold start ms (session creation)" + (" EMULATED" if emulated else ""),
+                f"{ref['cold_start_ms']:.0f}" if ref else "",
+                f"{art['cold_start_ms']:.0f}",
+                "",
             )
         )
     return rows

@@ -368,13 +368,58 @@ class QatStage(TrainingSettings):
         return DistillLosses(embedding_cosine=1.0) if task == "embedding" else DistillLosses(kl=1.0, ce=1.0)
 
 
+class GateLimits(Strict):
+    max_drop: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Largest allowed drop of the task metric (accuracy; Spearman for embeddings) on this target below "
+            "the fp32 model on native x86-64, on the same texts."
+        ),
+    )
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "Smallest allowed agreement with the fp32 model on native x86-64: the share of equal predictions "
+            "(classification) or the mean cosine of the embeddings."
+        ),
+    )
+
+
 class ValidateStage(Strict):
     type: Literal["validate"]
     batch_size: int = Field(1, ge=1, le=256, description="Latency: batch size.")
     sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
-    threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads.")
+    threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads (fixed for every target).")
     warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
-    runs: int = Field(100, ge=10, description="Latency: timed runs per model (interleaved with the reference).")
+    runs: int = Field(
+        100,
+        ge=10,
+        description="Latency: timed runs per model (interleaved with the reference); p99 needs 100 or more.",
+    )
+    gate: dict[str, GateLimits] = Field(
+        default_factory=dict,
+        description=(
+            "Pass/fail limits per target name, or 'default' for every target. A target that misses them fails "
+            "the run; the report names the target, the figures, the likely cause and the preset that fixes it."
+        ),
+    )
+    emulated_samples: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Emulated and Docker targets evaluate the first N evaluation texts (emulation is 200-500x slower); "
+            "the gate compares them with the fp32 model on the same texts."
+        ),
+    )
+    emulated_runs: int = Field(
+        5, ge=1, description="Latency runs on emulated targets (labelled emulated; never compared with native)."
+    )
+
+    def limits(self, target: str) -> GateLimits | None:
+        return self.gate.get(target) or self.gate.get("default")
 
 
 Stage = Annotated[

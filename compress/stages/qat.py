@@ -137,7 +137,13 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
         "size_ratio": out.stat().st_size / artifact.file("model").stat().st_size,
         "fidelity_check": fidelity,
     }
-    meta = {**artifact.meta, "precision": "int8", "session": QDQ_SESSION, "preset": preset.name}
+    meta = {
+        **artifact.meta,
+        "precision": "int8",
+        "session": QDQ_SESSION,
+        "preset": preset.name,
+        "int8_types": preset.settings(),
+    }
     files = {k: v for k, v in artifact.files.items() if k != "torch"}
     files.update(model=out, tokenizer=ctx.out_dir / "tokenizer")
     return Artifact("onnx", files, meta), metrics

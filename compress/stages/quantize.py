@@ -122,7 +122,7 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         "fidelity_check": fidelity,
         "accuracy_aware": search_report,
     }
-    meta = {**artifact.meta, "precision": "int8", "session": settings, "preset": preset.name}
+    meta = {**artifact.meta, "precision": "int8", "session": settings, "preset": preset.name, "int8_types": types}
     files = {**artifact.files, "model": out, "tokenizer": ctx.out_dir / "tokenizer"}
     return Artifact("onnx", files, meta), metrics
 

@@ -168,7 +168,7 @@ def compare(root: Path, cpu: str = "neoverse-n1") -> dict[str, Any]:
 
     from exporters.native import register
 
-    _write_cpuinfo(root, cpu)
+    write_cpuinfo(root, root / "rootfs", cpu)
     with tempfile.TemporaryDirectory(prefix="edge-compress-arm64-") as tmp:
         work = Path(tmp)
         cases = _cases()
@@ -236,13 +236,14 @@ def _model(node: Any, feeds: dict[str, np.ndarray], init: list[Any], opsets: lis
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def _write_cpuinfo(root: Path, cpu: str) -> None:
+def write_cpuinfo(root: Path, rootfs: Path, cpu: str) -> list[str]:
     """ROOTFS/proc/cpuinfo for `cpu`: QEMU 7.2 shows guests the host's x86 one, on which onnxruntime's CPU
-    detection crashes; features are taken from the aux vector QEMU gives, so none is claimed it lacks."""
+    detection crashes; features are taken from the aux vector QEMU gives, so none is claimed it lacks.
+    Returns the features written."""
     with tempfile.TemporaryDirectory(prefix="edge-compress-auxv-") as tmp:
         script = Path(tmp) / "auxv.py"
         script.write_text(_AUXV_SCRIPT)
-        words = _emulate(root, cpu, [str(script)]).split()
+        words = _emulate(root, cpu, [str(script)], rootfs=rootfs).split()
     hwcap, hwcap2 = int(words[0]), int(words[1])
     features = [name for bit, name in enumerate(HWCAP) if hwcap >> bit & 1]
     features += [name for bit, name in enumerate(HWCAP2) if hwcap2 >> bit & 1]
@@ -251,14 +252,21 @@ def _write_cpuinfo(root: Path, cpu: str) -> None:
         f"BogoMIPS\t: 50.00\nFeatures\t: {' '.join(features)}\nCPU implementer\t: {implementer:#x}\n"
         f"CPU architecture: 8\nCPU variant\t: {variant:#x}\nCPU part\t: {part:#05x}\nCPU revision\t: {revision}\n\n"
     )
-    proc = root / "rootfs" / "proc"
+    proc = rootfs / "proc"
     proc.mkdir(exist_ok=True)
+    (proc / "cpuinfo").unlink(missing_ok=True)  # a hard-linked copy of the rootfs must not share it
     (proc / "cpuinfo").write_text("".join(f"processor\t: {i}\n{block}" for i in range(2)))
+    return features
 
 
-def _emulate(root: Path, cpu: str, args: list[str]) -> str:
-    rootfs = root / "rootfs"
-    env = dict(os.environ, QEMU_CPU=cpu, PYTHONPATH=str(root / "site"), PYTHONDONTWRITEBYTECODE="1")
+def emulation_env(root: Path, cpu: str) -> dict[str, str]:
+    """The environment of an emulated aarch64 python: the CPU model and the aarch64 wheels' folder."""
+    return dict(os.environ, QEMU_CPU=cpu, PYTHONPATH=str(root / "site"), PYTHONDONTWRITEBYTECODE="1")
+
+
+def _emulate(root: Path, cpu: str, args: list[str], rootfs: Path | None = None) -> str:
+    rootfs = rootfs or root / "rootfs"
+    env = emulation_env(root, cpu)
     proc = subprocess.run(
         [QEMU, "-L", str(rootfs), str(rootfs / PYTHON), *args], capture_output=True, text=True, env=env, check=False
     )
