@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.data.cache import write_atomic
+from compress.errors import UserError
 from compress.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: li
     targets: dict[str, Any] = {}
     for record in records:
         targets.update(record.metrics.get("targets", {}))
+    from compress.report_html import provenance
+
+    validate = next((r.metrics for r in records if r.type == "validate"), None)
     report = {
         "name": recipe.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -38,9 +42,28 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: li
         "stages": stages,
         "targets": targets,
         "warnings": warnings,
+        "provenance": provenance(run_dir, validate),
     }
     write_atomic(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    render(run_dir, report)
+    return report
+
+
+def render(run_dir: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """(Re)write report.md and report.html from report.json (or the report given)."""
+    from compress.report_html import render as render_html
+
+    if report is None:
+        path = run_dir / "report.json"
+        if not path.is_file():
+            raise UserError(f"{run_dir}: no report.json (is this a finished run directory?)")
+        try:
+            report = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    assert report is not None
     write_atomic(run_dir / "report.md", markdown(report).encode())
+    write_atomic(run_dir / "report.html", render_html(report).encode())
     return report
 
 
@@ -201,10 +224,38 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "Task metrics carry a bootstrap 95% interval over the rated pairs; differences inside it are noise.",
-            "Latency is measured interleaved with the reference on this machine and is noisy: compare ratios.",
+            "Native latency is measured interleaved with the reference and is noisy: compare ratios. Emulated latency "
+            "(qemu) says nothing about a real CPU of that kind; emulation measures accuracy and agreement.",
         ]
+    gated = [(n, t["gate"]) for n, t in report["targets"].items() if t.get("gate", {}).get("limits")]
+    if gated:
+        lines += ["", "## Gate", ""]
+        for name, gate in gated:
+            if gate["passed"]:
+                lines.append(f"- **{name}**: passed ({_limits_text(gate['limits'])})")
+            else:
+                lines.append(
+                    f"- **{name}: FAILED** ({'; '.join(gate['failures'])}). Likely cause: {gate['cause']}. "
+                    f"Fix: {gate['fix']}."
+                )
     lines += ["", "## Warnings", ""]
     lines += [f"- {w}" for w in report["warnings"]] or ["- none"]
+    prov = report.get("provenance")
+    if prov:
+        host = prov["host"]
+        lines += [
+            "",
+            "## Provenance",
+            "",
+            f"- recipe (resolved) sha256: `{prov['recipe_sha256']}`",
+            "- packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
+            f"- host: {host['cpu']} ({host['machine']}), flags {' '.join(host['cpu_flags'])}",
+        ]
+        if "onnxruntime_session" in prov:
+            lines.append(f"- ONNX Runtime session: `{json.dumps(prov['onnxruntime_session'])}`")
+        lines += [f"- `{k}`: sha256 `{v}`" for k, v in prov["artifact_sha256"].items()]
+        lines.append("")
+        lines.append("Plots (latency, accuracy front, sparsity, int8/float node map): report.html.")
     return "\n".join(lines) + "\n"
 
 

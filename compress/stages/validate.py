@@ -64,7 +64,6 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     native_timed = "x86_64" in ctx.recipe.targets
     ctx.log(f"validating natively on x86-64: {len(texts)} texts" + (f", {cfg.runs} timed runs" if native_timed else ""))
     base = _evaluate(native, jobs, jobs.full(native), ["reference", "artifact"], native_timed, ctx)
-    ref_out, art_native = base["outputs"]["reference"], base["outputs"]["artifact"]
 
     results: dict[str, Any] = {}
     for target in chosen:
@@ -75,57 +74,10 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
             job = jobs.subset(target, cfg.emulated_samples) if subset else jobs.full(target)
             ctx.log(f"validating on {target.describe()}: {job.texts} texts, {job.runs} timed runs")
             run_ = _evaluate(target, jobs, job, ["artifact"], True, ctx)
-        n = len(run_["outputs"]["artifact"])
-        art_out = run_["outputs"]["artifact"]
-        roles = ["artifact", "reference"] if target.name == "x86_64" else ["artifact"]
-        per_model: dict[str, Any] = {}
-        for role in roles:
-            path = artifact.file("model" if role == "artifact" else "reference")
-            mem = _measure(target, jobs, role, run_["job"])
-            per_model[role] = {
-                "task": scorer(run_["outputs"][role], n),
-                "latency_ms": summarize(run_["samples"][role], cfg.batch_size),
-                "latency_samples_ms": [round(x, 4) for x in run_["samples"][role]],
-                "cold_start_ms": run_["cold_start_ms"][role],
-                "size_bytes": path.stat().st_size,
-                "memory": mem["memory"],
-                "kernels": mem["kernels"],
-            }
-        result: dict[str, Any] = {
-            **per_model,
-            "reference_task": scorer(ref_out[:n], n),
-            "fidelity": cosine_fidelity(art_out, ref_out[:n]),
-            "agreement": _agreement(ctx.recipe.task, art_out, ref_out[:n]),
-            "consistency": _agreement(ctx.recipe.task, art_out, art_native[:n]),
-            "setup": {
-                "batch_size": cfg.batch_size,
-                "sequence_length": cfg.sequence_length,
-                "threads": cfg.threads,
-                "warmup": cfg.warmup if target.kind == "native" else 1,
-                "runs": run_["job"].runs,
-                "evaluation_set": data_name,
-                "evaluated_texts": n,
-                "evaluation_texts": len(texts),
-                "kind": target.kind,
-                "cpu": target.cpu,
-                "arch": target.arch,
-                "thread_spinning": False,
-                "onnxruntime": run_["env"]["onnxruntime"],
-                "cpu_features": _features(target, run_["env"]),
-            },
-        }
-        if "reference" in per_model:
-            ref_lat, art_lat = per_model["reference"]["latency_ms"], per_model["artifact"]["latency_ms"]
-            result["speedup_p50"] = ref_lat["p50"] / art_lat["p50"]
-            result["size_ratio"] = per_model["artifact"]["size_bytes"] / per_model["reference"]["size_bytes"]
-        _drop(ctx.recipe.task, result)
-        _custom_op_kernel(artifact, target, run_["env"], result, ctx)
-        if per_model["artifact"]["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
-            ctx.warn(f"validate: on {target.name} ONNX Runtime ran the int8 artifact with no int8 kernel")
-        results[target.name] = result
+        results[target.name] = _result(target, run_, base, jobs, ctx, (scorer, data_name, len(texts)))
 
     for name, result in results.items():
-        result["gate"] = _gate(name, result, results, cfg, artifact, ctx.recipe.task)
+        result["gate"] = _gate(name, result, cfg, artifact, ctx.recipe.task)
     if not jobs.optimized_graph().is_file():  # x86_64 is not a target: the node map still comes from it
         _measure(native, jobs, "artifact", base["job"])
     metrics = {
@@ -143,6 +95,67 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
             metrics,
         )
     return artifact, metrics
+
+
+def _result(  # noqa: PLR0917
+    target: Target,
+    run_: dict[str, Any],
+    base: dict[str, Any],
+    jobs: _JobFolders,
+    ctx: Context,
+    scoring: tuple[Callable[[np.ndarray, int], dict[str, Any]], str, int],
+) -> dict[str, Any]:
+    """One target's figures: task, agreement, consistency, latency, memory, kernels."""
+    scorer, data_name, total = scoring
+    artifact, cfg = jobs.artifact, jobs.cfg
+    n = len(run_["outputs"]["artifact"])
+    art_out = run_["outputs"]["artifact"]
+    roles = ["artifact", "reference"] if target.name == "x86_64" else ["artifact"]
+    per_model: dict[str, Any] = {}
+    for role in roles:
+        path = artifact.file("model" if role == "artifact" else "reference")
+        mem = _measure(target, jobs, role, run_["job"])
+        per_model[role] = {
+            "task": scorer(run_["outputs"][role], n),
+            "latency_ms": summarize(run_["samples"][role], cfg.batch_size),
+            "latency_samples_ms": [round(x, 4) for x in run_["samples"][role]],
+            "cold_start_ms": run_["cold_start_ms"][role],
+            "size_bytes": path.stat().st_size,
+            "memory": mem["memory"],
+            "kernels": mem["kernels"],
+        }
+    result: dict[str, Any] = {
+        **per_model,
+        "reference_task": scorer(base["outputs"]["reference"][:n], n),
+        "fidelity": cosine_fidelity(art_out, base["outputs"]["reference"][:n]),
+        "agreement": _agreement(ctx.recipe.task, art_out, base["outputs"]["reference"][:n]),
+        "consistency": _agreement(ctx.recipe.task, art_out, base["outputs"]["artifact"][:n]),
+        "setup": {
+            "batch_size": cfg.batch_size,
+            "sequence_length": cfg.sequence_length,
+            "threads": cfg.threads,
+            "warmup": cfg.warmup if target.kind == "native" else 1,
+            "runs": run_["job"].runs,
+            "evaluation_set": data_name,
+            "evaluated_texts": n,
+            "evaluation_texts": total,
+            "kind": target.kind,
+            "cpu": target.cpu,
+            "arch": target.arch,
+            "thread_spinning": False,
+            "onnxruntime": run_["env"]["onnxruntime"],
+            "cpu_features": _features(target, run_["env"]),
+        },
+    }
+    if "reference" in per_model:
+        ref_lat, art_lat = per_model["reference"]["latency_ms"], per_model["artifact"]["latency_ms"]
+        result["speedup_p50"] = ref_lat["p50"] / art_lat["p50"]
+        result["size_ratio"] = per_model["artifact"]["size_bytes"] / per_model["reference"]["size_bytes"]
+    _drop(ctx.recipe.task, result)
+    _custom_op_kernel(artifact, target, run_["env"], result, ctx)
+    if per_model["artifact"]["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
+        ctx.warn(f"validate: on {target.name} ONNX Runtime ran the int8 artifact with no int8 kernel")
+    return result
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -187,7 +200,7 @@ class _JobFolders:
                 )
             shutil.copyfile(lib, folder / lib.name)
         if target.kind == "docker":
-            os.chmod(folder, 0o777)
+            folder.chmod(0o777)  # the image's user writes its outputs here
         return folder
 
     def full(self, target: Target) -> _Job:
@@ -349,9 +362,7 @@ def _drop(task: str, result: dict[str, Any]) -> None:
     result["drop"] = {"metric": key, "reference": ref, "artifact": art, "value": ref - art if ok else None}
 
 
-def _gate(
-    name: str, result: dict[str, Any], results: dict[str, Any], cfg: ValidateStage, artifact: Artifact, task: str
-) -> dict[str, Any]:
+def _gate(name: str, result: dict[str, Any], cfg: ValidateStage, artifact: Artifact, task: str) -> dict[str, Any]:
     limits = cfg.limits(name)
     gate: dict[str, Any] = {"limits": limits.model_dump() if limits else None, "failures": [], "passed": True}
     if limits is None:
@@ -427,19 +438,18 @@ def weight_sparsity(model: Path) -> list[dict[str, Any]]:
     for node in graph.node:
         if node.op_type not in FLOAT_COMPUTE_OPS | INT8_OPS | {"MatMulInteger"}:
             continue
-        for name in node.input[1:3] if node.op_type != "MatMul" else node.input[1:2]:
-            zero_point = 0.0
-            source = producers.get(name)
+        for given in node.input[1:3] if node.op_type != "MatMul" else node.input[1:2]:
+            name, zp = given, np.zeros((), np.float64)
+            source = producers.get(given)
             if source is not None and source.op_type == "DequantizeLinear":
                 if len(source.input) > 2 and source.input[2] in inits:
-                    zero_point = numpy_helper.to_array(inits[source.input[2]]).astype(np.float64)
+                    zp = numpy_helper.to_array(inits[source.input[2]]).astype(np.float64)
                 name = source.input[0]
             if name not in inits:
                 continue
             w = numpy_helper.to_array(inits[name])
             if w.ndim != 2:
                 continue
-            zp = np.asarray(zero_point, np.float64)
             zero = (w.astype(np.float64) == (zp if zp.ndim == 0 else zp.reshape(1, -1))).mean()
             rows.append({"node": node.name or name, "weight": name, "shape": list(w.shape), "zeros": float(zero)})
             break

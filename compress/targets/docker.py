@@ -59,7 +59,7 @@ class DockerTarget(Target):
             self.cpu = "emulated aarch64 (binfmt), in a container"
         return None
 
-    def setup(self, log: Log) -> None:
+    def setup(self, log: Log) -> None:  # noqa: ARG002 (nothing to build: the image comes from `package`)
         problem = self.problem()
         if problem:
             from compress.errors import UserError

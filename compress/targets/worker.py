@@ -29,7 +29,7 @@ from typing import Any
 
 def _hwm() -> int:
     """Peak resident set (VmHWM) of this process in bytes; ru_maxrss is inherited across fork+exec."""
-    with open("/proc/self/status") as status:
+    with Path("/proc/self/status").open() as status:
         for line in status:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024

@@ -279,8 +279,11 @@ def _emulate(root: Path, cpu: str, args: list[str], rootfs: Path | None = None) 
 def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"]
-        raise UserError(f"aarch64 setup: {what} failed: {lines[-1]}")
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"]
+        # The first "E:" line is the cause (e.g. a mirror that cannot be reached); the last is a summary.
+        first = next((ln for ln in lines if ln.startswith(("E:", "ERROR:"))), lines[-1])
+        hint = " (no network to the package mirrors?)" if "connect" in first.lower() else ""
+        raise UserError(f"aarch64 setup: {what} failed: {first}{hint}")
 
 
 def main() -> None:
