@@ -16,19 +16,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo]'
 	$(VENV)/bin/edge-compress build-ops
-	@# aarch64: the ops cross-compiled, and an emulated userland (QEMU) that checks them against x86-64.
+	@# aarch64: the ops cross-compiled, and an emulated userland (QEMU) that checks them against x86-64;
+	@# the emulated validation targets (x86_64-avx2, aarch64, aarch64-neon); headless Chromium for the
+	@# report test.
 	@# Optional here: missing Debian tools are installed only when we are root.
 	@if [ "$$(uname -m)" = x86_64 ]; then \
 		if [ "$$(id -u)" = 0 ] && ! (command -v aarch64-linux-gnu-g++ && command -v qemu-aarch64-static \
-				&& command -v mmdebstrap) >/dev/null 2>&1; then \
+				&& command -v mmdebstrap && command -v chromium-headless-shell) >/dev/null 2>&1; then \
 			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-				g++-aarch64-linux-gnu qemu-user-static mmdebstrap) >/dev/null 2>&1 || true; \
+				g++-aarch64-linux-gnu qemu-user-static mmdebstrap chromium-headless-shell) >/dev/null 2>&1 || true; \
 		fi; \
 		$(VENV)/bin/edge-compress build-ops --arch aarch64 \
 			|| echo "warning: the aarch64 native ops were not built (see above); everything else is set up"; \
 		if [ "$$(id -u)" = 0 ]; then \
 			$(PY) -m exporters.native.check_aarch64 --prepare >/dev/null \
 				|| echo "warning: no emulated aarch64 userland (the aarch64 checks will be skipped)"; \
+			$(VENV)/bin/edge-compress targets setup >/dev/null \
+				|| echo "warning: the emulated validation targets are not set up (edge-compress targets setup)"; \
 		fi; \
 	fi
 	touch $(STAMP)

@@ -239,3 +239,12 @@ def test_target_setup_without_network_is_a_one_line_error(tmp_path: Path) -> Non
 def test_docker_target_without_the_image_is_a_clear_error() -> None:
     problem = targets.get("docker:edge-compress/does-not-exist:1").problem()
     assert problem is not None and "edge-compress/does-not-exist:1" in problem
+
+
+def test_native_probe_runs_with_a_relative_job_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run directories are often relative (output.dir: runs): the worker must still find its files."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs/job").mkdir(parents=True)
+    result = targets.get("x86_64").run(Path("runs/job"), {"mode": "probe", "threads": 1})
+    assert result["machine"] == "x86_64" and result["onnxruntime"]
+    assert "avx2" in result["cpu_features"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -67,6 +68,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
 
     results: dict[str, Any] = {}
     for target in chosen:
+        started = time.perf_counter()
         subset = target.kind == "emulated" or target.arch != native.arch
         if target.name == "x86_64":
             run_ = base
@@ -75,6 +77,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
             ctx.log(f"validating on {target.describe()}: {job.texts} texts, {job.runs} timed runs")
             run_ = _evaluate(target, jobs, job, ["artifact"], True, ctx)
         results[target.name] = _result(target, run_, base, jobs, ctx, (scorer, data_name, len(texts)))
+        results[target.name]["seconds"] = round(time.perf_counter() - started, 1)  # this target's own wall time
 
     for name, result in results.items():
         result["gate"] = _gate(name, result, cfg, artifact, ctx.recipe.task)

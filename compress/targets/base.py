@@ -44,6 +44,7 @@ class Target:
 
         A failure inside the target is a StageFailed naming the target and the worker's last error line.
         """
+        job_dir = job_dir.resolve()  # the worker runs with job_dir as its working directory
         (job_dir / "job.json").write_text(json.dumps(job))
         shutil.copyfile(WORKER, job_dir / "worker.py")
         cmd, env = self.command(job_dir)
