@@ -410,7 +410,8 @@ class ValidateStage(Strict):
         64,
         ge=1,
         description=(
-            "Emulated and Docker targets evaluate the first N evaluation texts (emulation is 200-500x slower); "
+            "Emulated targets evaluate the first N evaluation texts, rounded up to whole batches (emulation is "
+            "200-500x slower); "
             "the gate compares them with the fp32 model on the same texts."
         ),
     )

@@ -193,15 +193,12 @@ class _JobFolders:
         np.savez(folder / "batches.npz", **arrays)  # type: ignore[arg-type]
         np.savez(folder / "timing.npz", **self.timing)
         if self.artifact.meta.get("custom_ops"):
-            from exporters.native import library_path
+            from exporters import native
 
-            lib = library_path(target.arch)
-            if not lib.is_file():
-                raise UserError(
-                    f"targets: the model's attention ops need the {target.arch} kernel library for {target.name}: "
-                    f"edge-compress build-ops --arch {target.arch}"
-                )
-            shutil.copyfile(lib, folder / lib.name)
+            # Without the library the ops run as their ONNX function bodies; _custom_op_kernel warns loudly.
+            if native.available(target.arch):
+                lib = native.library_path(target.arch)
+                shutil.copyfile(lib, folder / lib.name)
         if target.kind == "docker":
             folder.chmod(0o777)  # the image's user writes its outputs here
         return folder
@@ -234,12 +231,11 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _job_spec(job: _Job, artifact: Artifact, cfg: ValidateStage, mode: str, roles: list[str]) -> dict[str, Any]:
-    from exporters.native import library_path
 
     lib = None
     if artifact.meta.get("custom_ops"):
         found = [p.name for p in job.folder.glob("*.so")]
-        lib = found[0] if found else library_path().name
+        lib = found[0] if found else None
     settings = artifact.meta.get("session", {})
     return {
         "mode": mode,
@@ -324,7 +320,8 @@ def _custom_op_kernel(
     if not isa:
         ctx.warn(
             f"validate: on {target.name} the attention ops ({', '.join(ops)}) ran as their ONNX function bodies "
-            "(no native kernel library): the latency is the portable path's"
+            f"(no native kernel library: edge-compress build-ops --arch {target.arch}); the latency is the "
+            "portable path's"
         )
 
 
@@ -442,18 +439,21 @@ def weight_sparsity(model: Path) -> list[dict[str, Any]]:
         if node.op_type not in FLOAT_COMPUTE_OPS | INT8_OPS | {"MatMulInteger"}:
             continue
         for given in node.input[1:3] if node.op_type != "MatMul" else node.input[1:2]:
-            name, zp = given, np.zeros((), np.float64)
+            name, zp, axis = given, np.zeros((), np.float64), 1
             source = producers.get(given)
             if source is not None and source.op_type == "DequantizeLinear":
                 if len(source.input) > 2 and source.input[2] in inits:
                     zp = numpy_helper.to_array(inits[source.input[2]]).astype(np.float64)
+                axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
                 name = source.input[0]
             if name not in inits:
                 continue
             w = numpy_helper.to_array(inits[name])
             if w.ndim != 2:
                 continue
-            zero = (w.astype(np.float64) == (zp if zp.ndim == 0 else zp.reshape(1, -1))).mean()
+            if zp.ndim == 1:  # per-channel zero points along the DequantizeLinear's axis
+                zp = zp.reshape(-1, 1) if axis % 2 == 0 else zp.reshape(1, -1)
+            zero = (w.astype(np.float64) == zp).mean()
             rows.append({"node": node.name or name, "weight": name, "shape": list(w.shape), "zeros": float(zero)})
             break
     return rows
