@@ -288,7 +288,7 @@ class Recipe(Strict):
             if isinstance(stage, DistillStage):
                 _check_distill(stage, self.task)
         if self.task == "lm" and "validate" in kinds:
-            raise ValueError("validate of zoo language models is not available yet (issue 8); classification is")
+            raise ValueError("validate of zoo language models is not available yet; classification is")
         if zoo and any(isinstance(s, ExportStage) and s.exporter == "torchscript" for s in self.stages):
             raise ValueError("export: zoo models export with the dynamo exporter (their attention becomes custom ops)")
         if zoo and self.data.tokenizer == "model":

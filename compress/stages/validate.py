@@ -439,7 +439,8 @@ def weight_sparsity(model: Path) -> list[dict[str, Any]]:
         if node.op_type not in FLOAT_COMPUTE_OPS | INT8_OPS | {"MatMulInteger"}:
             continue
         for given in node.input[1:3] if node.op_type != "MatMul" else node.input[1:2]:
-            name, zp, axis = given, np.zeros((), np.float64), 1
+            name, axis = given, 1
+            zp: np.ndarray = np.zeros((), np.float64)
             source = producers.get(given)
             if source is not None and source.op_type == "DequantizeLinear":
                 if len(source.input) > 2 and source.input[2] in inits:
