@@ -32,7 +32,7 @@ from compress.metrics import cosine_fidelity
 from compress.models import hf
 from compress.pipeline import run
 from compress.recipe import Recipe, load_recipe
-from compress.targets.native import session
+from compress.targets.native import cpu_model, session
 from compress.tasks import embedding
 from exporters.onnx_export import export
 
@@ -164,7 +164,7 @@ def _header(runs: int, command: str) -> list[str]:
     return [
         "# Benchmark: all-MiniLM-L6-v2, pipeline int8 vs the alternatives",
         "",
-        f"- Machine: {_cpu_model()}, {cores} logical cores ({platform.machine()}, Linux {platform.release()})",
+        f"- Machine: {cpu_model()}, {cores} logical cores ({platform.machine()}, Linux {platform.release()})",
         f"- Versions: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {platform.python_version()}",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -216,16 +216,6 @@ def _targets(variants: dict[str, Variant], latency: dict[str, dict[str, float]],
     ]
     lines = [f"- **{'met' if ok else 'NOT met'}**: {name} (measured {value})" for name, ok, value in checks]
     return ["", "## Targets", "", *lines, ""]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _shown(path: Path) -> str:

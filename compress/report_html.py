@@ -40,14 +40,12 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
             packages[dist] = version(dist)
         except PackageNotFoundError:
             continue
-    cpu_model, flags = "unknown", []
+    from compress.targets.native import cpu_model
+
+    flags: list[str] = []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f in CPU_FLAGS]
-                break
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        flags = [f for f in line.partition(":")[2].split() if f in CPU_FLAGS]
     except OSError:
         pass
     recipe = run_dir / "resolved_recipe.yaml"
@@ -65,7 +63,7 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
         "recipe_sha256": sha256(recipe) if recipe.is_file() else None,
         "python": platform.python_version(),
         "packages": packages,
-        "host": {"machine": platform.machine(), "cpu": cpu_model, "cpu_flags": flags},
+        "host": {"machine": platform.machine(), "cpu": cpu_model(), "cpu_flags": flags},
         "artifact_sha256": artifacts,
     }
     if validate:

@@ -22,7 +22,7 @@ class NativeTarget(Target):
         from compress.presets import host_has_vnni
 
         self.vnni = host_has_vnni()
-        self.cpu = _cpu_model()
+        self.cpu = cpu_model()
 
     def problem(self) -> str | None:
         machine = platform.machine().lower()
@@ -34,14 +34,15 @@ class NativeTarget(Target):
         return [sys.executable, str(job_dir / "worker.py"), str(job_dir)], None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (from /proc/cpuinfo)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "this machine's CPU"
+    return platform.processor() or "this machine's CPU"
 
 
 def session(
