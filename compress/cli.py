@@ -172,8 +172,7 @@ def _probe(target: object) -> dict[str, Any]:
     assert isinstance(target, Target)
     with tempfile.TemporaryDirectory(prefix="edge-compress-probe-") as tmp:
         result = target.run(Path(tmp), {"mode": "probe", "threads": 1})
-    if target.name == "x86_64-avx2":
-        result["cpu_features"] = ["avx2", "fma", "f16c"]  # qemu-user shows the host's cpuinfo
+    result["cpu_features"] = target.cpu_features(result["cpu_features"])
     return result
 
 

@@ -147,7 +147,7 @@ def _result(  # noqa: PLR0917
             "arch": target.arch,
             "thread_spinning": False,
             "onnxruntime": run_["env"]["onnxruntime"],
-            "cpu_features": _features(target, run_["env"]),
+            "cpu_features": target.cpu_features(run_["env"].get("cpu_features", [])),
         },
     }
     if "reference" in per_model:
@@ -165,8 +165,9 @@ def _result(  # noqa: PLR0917
 
 
 class _Job:
-    def __init__(self, folder: Path, texts: int, batches: int, runs: int, warmup: int) -> None:
+    def __init__(self, folder: Path, texts: int, batches: int, runs: int, warmup: int, inputs: list[str]) -> None:  # noqa: PLR0917
         self.folder, self.texts, self.batches, self.runs, self.warmup = folder, texts, batches, runs, warmup
+        self.inputs = inputs
 
 
 class _JobFolders:
@@ -209,14 +210,15 @@ class _JobFolders:
             self.native_folder = folder
         runs = self.cfg.runs if target.kind != "emulated" else self.cfg.emulated_runs
         warmup = self.cfg.warmup if target.kind != "emulated" else 1
-        return _Job(folder, sum(len(next(iter(b.values()))) for b in self.batches), len(self.batches), runs, warmup)
+        texts = sum(len(next(iter(b.values()))) for b in self.batches)
+        return _Job(folder, texts, len(self.batches), runs, warmup, self.inputs)
 
     def subset(self, target: Target, samples: int) -> _Job:
         size = len(next(iter(self.batches[0].values())))
         count = min(len(self.batches), max(1, math.ceil(samples / size)))
         folder = self._make(target, count, target.name)
         texts = sum(len(next(iter(b.values()))) for b in self.batches[:count])
-        return _Job(folder, texts, count, self.cfg.emulated_runs, 1)
+        return _Job(folder, texts, count, self.cfg.emulated_runs, 1, self.inputs)
 
     def optimized_graph(self) -> Path:
         assert self.native_folder is not None
@@ -243,7 +245,7 @@ def _job_spec(job: _Job, artifact: Artifact, cfg: ValidateStage, mode: str, role
         "models": {"artifact": "artifact.onnx", "reference": "reference.onnx"},
         "settings": {"artifact": settings, "reference": {}},
         "threads": cfg.threads,
-        "inputs": list(np.load(job.folder / "timing.npz").keys()),
+        "inputs": list(job.inputs),
         "batches": job.batches,
         "warmup": job.warmup,
         "runs": job.runs,
@@ -301,12 +303,6 @@ def _ready(target: Target, ctx: Context) -> None:
     problem = target.problem()
     if problem:
         raise UserError(f"targets: {target.name} is still not usable after setup: {problem}")
-
-
-def _features(target: Target, env: dict[str, Any]) -> list[str]:
-    if target.name == "x86_64-avx2":  # qemu-user shows the host's cpuinfo; the emulated CPU is a Haswell
-        return ["avx2", "fma", "f16c"]
-    return list(env.get("cpu_features", []))
 
 
 def _custom_op_kernel(

@@ -36,6 +36,10 @@ class Target:
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
         raise NotImplementedError
 
+    def cpu_features(self, reported: list[str]) -> list[str]:
+        """The CPU features this target has, given those its worker reported."""
+        return reported
+
     def describe(self) -> str:
         return f"{self.name} ({self.kind}, {self.cpu})"
 
