@@ -45,6 +45,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check compress exporters tests benchmarks
 	$(VENV)/bin/ruff format --check compress exporters tests benchmarks
+	$(VENV)/bin/hadolint docker/*.Dockerfile
 
 typecheck: setup
 	$(VENV)/bin/mypy

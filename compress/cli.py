@@ -163,6 +163,102 @@ def targets_setup(names: tuple[str, ...]) -> None:
         )
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default RUN_DIR/package).")
+@click.option("--image", default=None, help="Also build a Docker image NAME[:TAG] with the bundle baked in.")
+@click.option(
+    "--arch",
+    type=click.Choice(["amd64", "arm64", "all"]),
+    default=None,
+    help="Image architecture (default: this machine's); all: NAME:TAG-amd64 and NAME:TAG-arm64.",
+)
+@click.option("--allow-unvalidated", is_flag=True, help="Package a run whose validation gate failed or is missing.")
+def package(run_dir: Path, out: Path | None, image: str | None, arch: str | None, allow_unvalidated: bool) -> None:
+    """Write RUN_DIR's deployable bundle (model.onnx, tokenizer/, metadata.json) and, with --image, its image.
+
+    The bundle is what the runtime image serves: mount it read-only at /model
+    (`docker run -v BUNDLE:/model:ro edge-compress/runtime:amd64`), or bake it in with --image. The Docker
+    engine is the one DOCKER_HOST names (or the private one `edge-compress docker start` runs).
+    """
+    from compress.container import images
+    from compress.serving.bundle import write_bundle
+
+    if arch is not None and image is None:
+        raise UserError("--arch needs --image (the bundle itself is the same for every architecture)")
+    bundle = out or run_dir / "package"
+    meta = write_bundle(run_dir, bundle, allow_unvalidated=allow_unvalidated)
+    click.echo(f"bundle: {bundle} ({meta['task']}, {meta['precision']}, sha256 {meta['model_sha256'][:12]})")
+    if not meta["validated"]["passed"]:
+        _err.print(f"[bold yellow]warning:[/] not validated: {meta['validated']['why']}", highlight=False)
+    if image is None:
+        return
+    env = images.engine_env()
+    arches = ["amd64", "arm64"] if arch == "all" else [arch or images.host_arch()]
+    for one in arches:
+        tag = images.arch_tag(image, one) if len(arches) > 1 else image
+        images.build_model_image(bundle, tag, one, env, click.echo)
+        size = images.docker(["image", "inspect", "-f", "{{.Size}}", tag], env, "inspecting the image").strip()
+        click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core).")
+def serve(bundle: Path, host: str, port: int, threads: int | None) -> None:
+    """Serve BUNDLE (from `edge-compress package`) on this machine: the runtime images' server, natively."""
+    from compress.serving import server
+    from exporters.native import available, library_path
+
+    args = ["--model", str(bundle), "--host", host, "--port", str(port)]
+    args += ["--threads", str(threads)] if threads else []
+    args += ["--ops-library", str(library_path())] if available() else []
+    code = server.main(args)
+    if code:
+        raise UserError(f"serve: the server could not start on {bundle} (see above)")
+
+
+@cli.group("docker")
+def docker_group() -> None:
+    """A private Docker engine and the runtime images (see docker/README.md)."""
+
+
+@docker_group.command("start")
+def docker_start() -> None:
+    """Start a private Docker engine (own socket and data root under build/docker/engine) and print its DOCKER_HOST."""
+    from compress.container.engine import Engine
+    from compress.container.images import build_root
+
+    engine = Engine(build_root() / "engine")
+    engine.start(click.echo)
+    click.echo(f"export DOCKER_HOST={engine.host}")
+
+
+@docker_group.command("stop")
+def docker_stop() -> None:
+    """Stop the private engine by its PID and put back the host networking it changed."""
+    from compress.container.engine import Engine
+    from compress.container.images import build_root
+
+    restored = Engine(build_root() / "engine").stop()
+    click.echo(f"stopped; host networking {'restored: ' + ', '.join(restored) if restored else 'unchanged'}")
+
+
+@docker_group.command("build")
+@click.option("--arch", type=click.Choice(["amd64", "arm64", "all"]), default="all", show_default=True)
+def docker_build(arch: str) -> None:
+    """Build the base and runtime images (python3.11, onnxruntime, numpy, tokenizers, our kernels, the server)."""
+    from compress.container import images
+
+    env = images.engine_env()
+    for one in ["amd64", "arm64"] if arch == "all" else [arch]:
+        tag = images.build_runtime(one, env, click.echo)
+        size = images.docker(["image", "inspect", "-f", "{{.Size}}", tag], env, "inspecting the image").strip()
+        click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
+
+
 def _probe(target: object) -> dict[str, Any]:
     """The health check: the worker starts on the target and imports onnxruntime."""
     import tempfile

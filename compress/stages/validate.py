@@ -69,7 +69,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     results: dict[str, Any] = {}
     for target in chosen:
         started = time.perf_counter()
-        subset = target.kind == "emulated" or target.arch != native.arch
+        subset = target.emulated or target.arch != native.arch
         if target.name == "x86_64":
             run_ = base
         else:
@@ -142,7 +142,8 @@ def _result(  # noqa: PLR0917
             "evaluation_set": data_name,
             "evaluated_texts": n,
             "evaluation_texts": total,
-            "kind": target.kind,
+            "kind": "emulated" if target.emulated else target.kind,
+            "runner": target.kind,
             "cpu": target.cpu,
             "arch": target.arch,
             "thread_spinning": False,
@@ -208,8 +209,8 @@ class _JobFolders:
         folder = self._make(target, len(self.batches), target.name)
         if target.name == "x86_64":
             self.native_folder = folder
-        runs = self.cfg.runs if target.kind != "emulated" else self.cfg.emulated_runs
-        warmup = self.cfg.warmup if target.kind != "emulated" else 1
+        runs = self.cfg.runs if not target.emulated else self.cfg.emulated_runs
+        warmup = self.cfg.warmup if not target.emulated else 1
         texts = sum(len(next(iter(b.values()))) for b in self.batches)
         return _Job(folder, texts, len(self.batches), runs, warmup, self.inputs)
 

@@ -26,6 +26,11 @@ class Target:
     vnni: bool | None = None  # x86-64: whether the u8s8 kernels have VNNI (None: not x86, or unknown)
     timeout_s = 3600
 
+    @property
+    def emulated(self) -> bool:
+        """Whether this target's CPU is emulated (its latency says nothing about real hardware)."""
+        return self.kind == "emulated"
+
     def problem(self) -> str | None:
         """None when the target can run now, else what is missing and the command that fixes it."""
         return None

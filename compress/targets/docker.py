@@ -2,13 +2,13 @@
 
 The image needs python3 with numpy and onnxruntime (edge-compress's runtime images have them). The job
 folder is mounted read-write at /job; the container gets no network. The Docker engine is the one the
-`docker` client reaches (DOCKER_HOST); ../shared/notes/docker-engine.md says how to run a private one.
+`docker` client reaches (DOCKER_HOST, or the private engine of `edge-compress docker start`). arm64
+images run here under qemu through binfmt_misc, as an emulated Neoverse-N1 (compress/container/images.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Literal
@@ -16,11 +16,6 @@ from typing import Literal
 from compress.targets.base import Log, Target
 
 ARCHES: dict[str, Literal["x86_64", "aarch64"]] = {"amd64": "x86_64", "arm64": "aarch64"}
-
-
-def docker_cli() -> str | None:
-    """Debian's client first (/usr/bin/docker); any other docker on PATH otherwise."""
-    return "/usr/bin/docker" if Path("/usr/bin/docker").is_file() else shutil.which("docker")
 
 
 class DockerTarget(Target):
@@ -31,17 +26,27 @@ class DockerTarget(Target):
         self.name = f"docker:{image}"
         self.cpu = "this machine's CPU, in a container"
         self.arch: Literal["x86_64", "aarch64"] = "x86_64"
+        self.platform = "amd64"
+
+    @property
+    def emulated(self) -> bool:
+        from compress.container.images import host_arch
+
+        return self.platform != host_arch()
 
     def _inspect(self) -> tuple[str | None, str]:
-        cli = docker_cli()
-        if cli is None:
-            return None, "no docker client on PATH"
+        from compress.container.engine import CLIENT
+        from compress.container.images import client_env
+
+        if not Path(CLIENT).is_file():
+            return None, f"no docker client at {CLIENT}"
         proc = subprocess.run(
-            [cli, "image", "inspect", "-f", "{{.Architecture}}", self.image],
+            [CLIENT, "image", "inspect", "-f", "{{.Architecture}}", self.image],
             capture_output=True,
             text=True,
             check=False,
             timeout=60,
+            env=client_env(),
         )
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
@@ -49,25 +54,45 @@ class DockerTarget(Target):
         return proc.stdout.strip(), ""
 
     def problem(self) -> str | None:
+        from compress.container.images import host_arch
+
         arch, why = self._inspect()
         if arch is None:
             return f"image {self.image} is not available to docker ({why}); build it first (edge-compress package)"
         if arch not in ARCHES:
             return f"image {self.image} is for {arch}; targets run amd64 or arm64 images"
-        self.arch = ARCHES[arch]
-        if self.arch == "aarch64":
-            self.cpu = "emulated aarch64 (binfmt), in a container"
+        self.platform, self.arch = arch, ARCHES[arch]
+        if arch != host_arch():
+            from compress.container.images import EMULATED_CPU
+
+            self.cpu = f"emulated {EMULATED_CPU} (binfmt), in a container"
         return None
 
-    def setup(self, log: Log) -> None:  # noqa: ARG002 (nothing to build: the image comes from `package`)
+    def setup(self, log: Log) -> None:
         problem = self.problem()
         if problem:
             from compress.errors import UserError
 
             raise UserError(f"targets: {self.name}: {problem}")
+        from compress.container.images import ensure_binfmt, host_arch
+
+        if self.platform != host_arch():
+            ensure_binfmt(log)
 
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
-        cli = docker_cli() or "docker"
-        cmd = [cli, "run", "--rm", "--network", "none", "-u", f"{os.getuid()}:{os.getgid()}", "-v", f"{job_dir}:/job"]
-        cmd += ["--entrypoint", "python3"]
-        return [*cmd, self.image, "/job/worker.py", "/job"], None
+        from compress.container.engine import CLIENT
+        from compress.container.images import client_env, run_flags
+
+        cmd = [
+            CLIENT,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-u",
+            f"{os.getuid()}:{os.getgid()}",
+            "-v",
+            f"{job_dir}:/job",
+        ]
+        cmd += [*run_flags(self.platform), "--entrypoint", "python3"]
+        return [*cmd, self.image, "/job/worker.py", "/job"], client_env()

@@ -31,6 +31,7 @@ TOOLS = {
     "qemu-aarch64-static": "qemu-user-static",
     "mmdebstrap": "mmdebstrap",
     "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "dockerd": "docker.io",
 }
 
 

@@ -1,0 +1,440 @@
+"""The inference server of a packaged model: this file alone, with numpy, onnxruntime and tokenizers.
+
+    python server.py --model BUNDLE [--host 0.0.0.0] [--port 8080] [--threads N]
+
+BUNDLE is what `edge-compress package` writes: model.onnx, tokenizer/ and metadata.json. The same file
+runs in the runtime images (no edge-compress, no PyTorch) and natively (`edge-compress serve`).
+
+    POST /v1/predict   {"texts": ["...", ...], "truncate": false}  (or {"text": "..."})
+                       -> {"embeddings": [[...]]} or {"labels": [...], "scores": [[...]]}, and "tokens"
+    GET  /healthz      -> {"status": "ok"}: the model is loaded and answers
+    GET  /metadata     -> model hash, recipe, validation metrics, runtime versions
+
+Bad requests get a 4xx with a one-line JSON {"error": ...} and the server keeps serving. One inference
+runs at a time, with every core: on a small device, two requests sharing the cores are each slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+FORMAT = "edge-compress-bundle"
+LIBRARY_ENV = "EDGE_COMPRESS_OPS_LIBRARY"  # the native kernels of our attention ops, for models that use them
+
+
+class BadRequest(Exception):
+    """A client error: the HTTP status and a one-line message."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BundleError(Exception):
+    """The model folder cannot be served (missing files, wrong hash, missing kernels)."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ByteEncoder:
+    """edge-compress's byte tokenizer: pad 0, [CLS] 1, [SEP] 2, byte b as b + 3."""
+
+    pad_id = 0
+
+    def ids(self, text: str) -> list[int]:
+        return [1, *(b + 3 for b in text.encode("utf-8")), 2]
+
+    def truncated(self, ids: list[int], limit: int) -> list[int]:
+        return [*ids[: limit - 1], ids[-1]]
+
+
+class WordPieceEncoder:
+    """A Hugging Face tokenizer.json (the checkpoint's own), through the tokenizers library."""
+
+    def __init__(self, folder: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        config = (
+            json.loads((folder / "tokenizer_config.json").read_text())
+            if (folder / "tokenizer_config.json").is_file()
+            else {}
+        )
+        pad = config.get("pad_token", "[PAD]")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = self.tok.token_to_id(str(pad))
+        if pad_id is None:
+            raise BundleError(f"{folder}: the tokenizer has no padding token {pad!r}")
+        self.pad_id = int(pad_id)
+        self.lower = bool(config.get("do_lower_case", False))
+
+    def encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(list(e.ids), list(e.type_ids)) for e in self.tok.encode_batch(texts)]
+
+    def truncated(self, ids: list[int], limit: int) -> list[int]:
+        return [*ids[: limit - 1], ids[-1]]  # keep the closing [SEP]
+
+
+class Model:
+    """The bundle's ONNX model behind its tokenizer: texts in, task outputs out."""
+
+    def __init__(self, folder: Path, threads: int, library: str | None = None) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        self.np = np
+        meta_path = folder / "metadata.json"
+        if not meta_path.is_file():
+            raise BundleError(f"{folder}: no metadata.json (make the folder with `edge-compress package RUN_DIR`)")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise BundleError(f"{meta_path}: not an {FORMAT} (format {self.meta.get('format')!r})")
+        model = folder / "model.onnx"
+        if not model.is_file():
+            raise BundleError(f"{folder}: no model.onnx")
+        digest = sha256_of(model)
+        if digest != self.meta["model_sha256"]:
+            raise BundleError(f"{model}: sha256 {digest[:12]} is not the packaged {self.meta['model_sha256'][:12]}")
+        self.task: str = self.meta["task"]
+        self.inputs: list[str] = list(self.meta["inputs"])
+        self.max_length: int = int(self.meta["max_length"])
+        self.labels: list[str] | None = self.meta.get("labels")
+        kind = self.meta["tokenizer"]
+        self.encoder: ByteEncoder | WordPieceEncoder = (
+            ByteEncoder() if kind == "bytes" else WordPieceEncoder(folder / "tokenizer")
+        )
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        settings = self.meta.get("session", {})
+        for key, value in settings.get("config_entries", {}).items():
+            so.add_session_config_entry(key, str(value))
+        self.library_isa: str | None = None
+        if self.meta.get("custom_ops"):
+            library = library or os.environ.get(LIBRARY_ENV)
+            if not library or not Path(library).is_file():
+                raise BundleError(
+                    f"the model uses {', '.join(self.meta['custom_ops'])} and no native kernel library was given "
+                    f"(--ops-library or ${LIBRARY_ENV}); the runtime images carry it"
+                )
+            so.register_custom_ops_library(library)
+            self.library_isa = _library_isa(library)
+        start = time.perf_counter()
+        self.session = ort.InferenceSession(
+            str(model),
+            so,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(settings.get("disabled_optimizers", [])),
+        )
+        self.load_ms = (time.perf_counter() - start) * 1000.0
+        self.sha256 = digest
+        self.threads = threads
+        self.lock = threading.Lock()
+        self.runtime = {
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": threads,
+            "custom_ops_library_isa": self.library_isa,
+        }
+
+    def encode(self, texts: list[str], truncate: bool) -> tuple[dict[str, Any], list[int]]:
+        np = self.np
+        rows: list[tuple[list[int], list[int]]]
+        if isinstance(self.encoder, ByteEncoder):
+            rows = [(ids, [0] * len(ids)) for ids in map(self.encoder.ids, texts)]
+        else:
+            rows = self.encoder.encode(texts)
+        ids_rows: list[list[int]] = []
+        type_rows: list[list[int]] = []
+        for i, (ids, types) in enumerate(rows):
+            if len(ids) > self.max_length and not truncate:
+                raise BadRequest(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"texts[{i}] is {len(ids)} tokens; this model takes at most {self.max_length} "
+                    '(send "truncate": true to cut it)',
+                )
+            kept = self.encoder.truncated(ids, self.max_length) if len(ids) > self.max_length else ids
+            ids_rows.append(kept)
+            type_rows.append(types[: len(kept)])
+        width = max(len(r) for r in ids_rows)
+        batch = {
+            "input_ids": np.full((len(ids_rows), width), self.encoder.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(ids_rows), width), dtype=np.int64),
+            "token_type_ids": np.zeros((len(ids_rows), width), dtype=np.int64),
+        }
+        for i, (ids, types) in enumerate(zip(ids_rows, type_rows, strict=True)):
+            batch["input_ids"][i, : len(ids)] = ids
+            batch["attention_mask"][i, : len(ids)] = 1
+            batch["token_type_ids"][i, : len(types)] = types
+        return {name: batch[name] for name in self.inputs}, [len(r) for r in ids_rows]
+
+    def predict(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
+        np = self.np
+        feeds, tokens = self.encode(texts, truncate)
+        with self.lock:
+            out = self.session.run(None, feeds)[0]
+        result: dict[str, Any] = {"tokens": tokens}
+        if self.task == "embedding":
+            result["embeddings"] = out.astype(float).tolist()
+        else:
+            shifted = out - out.max(axis=-1, keepdims=True)
+            scores = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+            picks = scores.argmax(axis=-1).tolist()
+            result["labels"] = [self.labels[p] if self.labels else p for p in picks]
+            result["scores"] = scores.astype(float).tolist()
+        return result
+
+
+def _library_isa(path: str) -> str | None:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(path)
+        lib.EdgeCompressOpsIsa.restype = ctypes.c_char_p
+        return str(lib.EdgeCompressOpsIsa().decode())
+    except (OSError, AttributeError):
+        return None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's next request reuses the connection
+    disable_nagle_algorithm = True  # TCP_NODELAY: Nagle + delayed ACK would add 40 ms to small answers
+    server: Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.access_log:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    def _send(self, status: HTTPStatus, body: dict[str, Any], close: bool = False) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+        self._consumed = False  # the next request on this connection has its own body
+
+    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
+        """A 4xx/5xx with a one-line JSON error. A body left unread would be parsed as the next request:
+        such a connection is closed after the answer."""
+        self.server.errors += 1
+        try:
+            pending = not self._consumed and int(self.headers.get("Content-Length") or 0) > 0
+        except ValueError:
+            pending = True
+        self._send(status, {"error": message}, close=close or pending or bool(self.headers.get("Transfer-Encoding")))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:  # noqa: ARG002
+        """http.server's own errors (bad request line, unknown method, header too long) as JSON too."""
+        self.server.errors += 1
+        self._send(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase}, close=True)
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._send(HTTPStatus.OK, {"status": "ok", "requests": self.server.served, "errors": self.server.errors})
+        elif self.path == "/metadata":
+            self._send(HTTPStatus.OK, self.server.metadata())
+        elif self.path == "/v1/predict":
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST for /v1/predict")
+        else:
+            self._error(
+                HTTPStatus.NOT_FOUND, f"no route {self.path}; try POST /v1/predict, GET /healthz, GET /metadata"
+            )
+
+    def do_POST(self) -> None:
+        if self.path != "/v1/predict":
+            self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}; try POST /v1/predict")
+            return
+        try:
+            texts, truncate = self._read_request()
+            result = self.server.model.predict(texts, truncate)
+        except BadRequest as exc:
+            # The body was read whole unless it was too big or of unknown length: then close after answering.
+            self._error(exc.status, str(exc))
+            return
+        except Exception as exc:
+            sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"inference failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
+            return
+        self.server.served += 1
+        self._send(HTTPStatus.OK, result)
+
+    def do_PUT(self) -> None:
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET /healthz, GET /metadata and POST /v1/predict")
+
+    do_DELETE = do_PATCH = do_PUT  # noqa: N815
+
+    def _read_request(self) -> tuple[list[str], bool]:
+        limits = self.server.limits
+        if self.headers.get("Transfer-Encoding"):
+            raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (no chunked transfer)")
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"Content-Length {length_header!r} is not a number") from None
+        if length < 0:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
+        if length > limits["max_body_bytes"]:
+            raise BadRequest(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"body is {length} bytes; the limit is {limits['max_body_bytes']} (--max-body-bytes)",
+            )
+        body = self.rfile.read(length)
+        self._consumed = True
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise BadRequest(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"Content-Type must be application/json, not {content_type or 'none'!r}",
+            )
+        try:
+            request = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"malformed JSON: {exc}") from None
+        return _texts_of(request, limits["max_texts"])
+
+    _consumed = False
+
+
+def _texts_of(request: Any, max_texts: int) -> tuple[list[str], bool]:
+    """The texts and the truncate flag of a predict request, or a BadRequest saying what is wrong."""
+    unprocessable = HTTPStatus.UNPROCESSABLE_ENTITY
+    if not isinstance(request, dict):
+        raise BadRequest(unprocessable, 'the body must be a JSON object: {"texts": ["..."]}')
+    unknown = sorted(set(request) - {"texts", "text", "truncate"})
+    if unknown:
+        raise BadRequest(unprocessable, f"unknown field {unknown[0]!r}; send texts (or text) and truncate")
+    if ("texts" in request) == ("text" in request):
+        raise BadRequest(unprocessable, 'send exactly one of "texts" (a list of strings) or "text" (a string)')
+    texts = request["texts"] if "texts" in request else [request["text"]]
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest(unprocessable, '"texts" must be a non-empty list of strings')
+    if len(texts) > max_texts:
+        raise BadRequest(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"{len(texts)} texts in one request; the limit is {max_texts} (--max-texts)",
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BadRequest(unprocessable, f"texts[{i}] is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise BadRequest(unprocessable, f"texts[{i}] is empty")
+    truncate = request.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise BadRequest(unprocessable, '"truncate" must be true or false')
+    return texts, truncate
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], model: Model, limits: dict[str, int], access_log: bool) -> None:
+        super().__init__(address, Handler)
+        self.model = model
+        self.limits = limits
+        self.access_log = access_log
+        self.served = 0
+        self.errors = 0
+        self.started = time.time()
+
+    def metadata(self) -> dict[str, Any]:
+        meta = dict(self.model.meta)
+        meta["runtime"] = self.model.runtime
+        meta["limits"] = self.limits
+        meta["uptime_s"] = round(time.time() - self.started, 1)
+        return meta
+
+
+def healthcheck(port: int) -> int:
+    """The image's HEALTHCHECK: 0 when the server on this port answers /healthz with 200."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=4) as answer:
+            return 0 if answer.status == HTTPStatus.OK else 1
+    except OSError:
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve a packaged edge-compress model over HTTP.")
+    parser.add_argument("--model", default=os.environ.get("EDGE_COMPRESS_MODEL", "/model"), help="the bundle folder")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime intra-op threads"
+    )
+    parser.add_argument(
+        "--ops-library", default=None, help=f"native kernels of our attention ops (default ${LIBRARY_ENV})"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-texts", type=int, default=64)
+    parser.add_argument("--access-log", action="store_true")
+    parser.add_argument("--healthcheck", action="store_true", help="ask a running server's /healthz (exit 0 or 1)")
+    args = parser.parse_args(argv)
+    if args.healthcheck:
+        return healthcheck(args.port)
+    try:
+        model = Model(Path(args.model), max(1, args.threads), args.ops_library)
+        model.predict(["warm up"], truncate=True)  # the first answer should not pay for lazy initialisation
+    except BundleError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    limits = {"max_body_bytes": args.max_body_bytes, "max_texts": args.max_texts}
+    try:
+        server = Server((args.host, args.port), model, limits, args.access_log)
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}\n")
+        return 2
+
+    def stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)  # as PID 1 in a container, SIGTERM is ignored unless handled
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    print(
+        f"serving {model.meta.get('name', 'model')} ({model.task}, sha256 {model.sha256[:12]}) "
+        f"on http://{host!s}:{port} (loaded in {model.load_ms:.0f} ms, {model.threads} threads)",
+        flush=True,
+    )
+    server.serve_forever(poll_interval=0.2)
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

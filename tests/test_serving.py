@@ -1,0 +1,238 @@
+"""The deployable bundle and its inference server, natively: the same server.py the runtime images run.
+
+A tiny BERT goes through export -> quantize -> validate; `edge-compress package` writes its bundle and
+the server (a real subprocess on loopback) must answer what the pipeline's own ONNX Runtime session
+answers, refuse bad requests with a 4xx and one-line JSON, and keep serving under load.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from compress.artifact import Artifact
+from compress.context import Context
+from compress.feeds import encoder
+from compress.pipeline import run
+from compress.recipe import load_recipe
+from compress.serving.bundle import write_bundle
+from tests.conftest import TEXTS
+from tests.test_cli import assert_user_error, cli
+
+SERVER = Path(__file__).resolve().parents[1] / "compress" / "serving" / "server.py"
+
+
+def _run(path: Path) -> Path:
+    recipe = load_recipe(path)
+    return run(recipe, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=Console(quiet=True)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Client:
+    """HTTP/1.1 on one keep-alive connection, as a device's client would hold it."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        self.conn.request(method, path, body=body, headers=headers or {})
+        answer = self.conn.getresponse()
+        data = answer.read()
+        if answer.getheader("Connection") == "close":
+            self.conn.close()
+        return answer.status, json.loads(data)
+
+    def predict(self, payload: Any) -> tuple[int, Any]:
+        return self.request("POST", "/v1/predict", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+
+def start_server(bundle: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the server prints one line once it listens
+    assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+@pytest.fixture
+def served(recipe_for: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, Path, int]]:
+    run_dir = _run(recipe_for())
+    bundle = tmp_path / "bundle"
+    write_bundle(run_dir, bundle)
+    port = free_port()
+    proc = start_server(bundle, port, "--max-body-bytes", "4096", "--max-texts", "8")
+    yield run_dir, bundle, port
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0  # SIGTERM is a clean shutdown (as PID 1 in a container, too)
+
+
+def test_server_answers_what_the_pipeline_session_answers(served: tuple[Path, Path, int]) -> None:
+    import onnxruntime as ort
+
+    run_dir, bundle, port = served
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["task"] == "embedding" and meta["precision"] == "int8" and meta["validated"]["passed"]
+    assert meta["max_length"] == 32 and meta["tokenizer"] == "wordpiece" and "x86_64" in meta["targets"]
+    last = sorted(run_dir.glob("0*_validate"))[0]
+    artifact = Artifact.from_json((last / "artifact.json").read_text(), run_dir)
+    feeds = encoder(artifact)(TEXTS[:5], 32, None)
+    session = ort.InferenceSession(str(artifact.file("model")), providers=["CPUExecutionProvider"])
+    expected = session.run(None, feeds)[0]
+
+    client = Client(port)
+    status, answer = client.predict({"texts": list(TEXTS[:5])})
+    assert status == 200
+    got = np.asarray(answer["embeddings"], dtype=np.float32)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # same tokens, same graph, same kernels
+    assert answer["tokens"] == feeds["attention_mask"].sum(axis=1).tolist()
+    status, one = client.predict({"text": TEXTS[0]})  # alone: unpadded (dynamic int8 ranges see no padding)
+    assert status == 200
+    alone = session.run(None, encoder(artifact)(TEXTS[:1], 32, None))[0]
+    np.testing.assert_allclose(one["embeddings"][0], alone[0], atol=1e-5)
+
+    status, info = client.request("GET", "/metadata")
+    assert status == 200 and info["model_sha256"] == meta["model_sha256"] and "name: tiny" in info["recipe"]
+    assert info["runtime"]["onnxruntime"] == ort.__version__
+    assert client.request("GET", "/healthz") == (200, {"status": "ok", "requests": 2, "errors": 0})
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "needle"),
+    [
+        (b'{"texts": ["a"', {"Content-Type": "application/json"}, 400, "malformed JSON"),
+        (b'{"texts": []}', {"Content-Type": "application/json"}, 422, "non-empty list"),
+        (b'{"texts": ["  "]}', {"Content-Type": "application/json"}, 422, "texts[0] is empty"),
+        (b'{"texts": [3]}', {"Content-Type": "application/json"}, 422, "not a string"),
+        (b'["a"]', {"Content-Type": "application/json"}, 422, "JSON object"),
+        (b'{"texts": ["a"], "top_k": 3}', {"Content-Type": "application/json"}, 422, "unknown field 'top_k'"),
+        (b'{"texts": ["a"], "truncate": "yes"}', {"Content-Type": "application/json"}, 422, "truncate"),
+        (json.dumps({"texts": ["bank"] * 9}).encode(), {"Content-Type": "application/json"}, 413, "limit is 8"),
+        (json.dumps({"text": "bank " * 40}).encode(), {"Content-Type": "application/json"}, 413, "at most 32"),
+        (b'{"texts": ["a"]}', {"Content-Type": "text/plain"}, 415, "application/json"),
+        (b"x" * 5000, {"Content-Type": "application/json"}, 413, "limit is 4096"),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(
+    served: tuple[Path, Path, int], body: bytes, headers: dict[str, str], status: int, needle: str
+) -> None:
+    _, _, port = served
+    client = Client(port)
+    got, answer = client.request("POST", "/v1/predict", body, headers)
+    assert got == status and needle in answer["error"] and "\n" not in answer["error"]
+    if client.conn.sock is None:  # the server closed a connection whose body it did not read
+        client = Client(port)
+    status_ok, ok = client.predict({"texts": ["the bank raised rates"]})
+    assert status_ok == 200 and len(ok["embeddings"]) == 1
+    assert client.request("GET", "/healthz")[1]["errors"] == 1
+
+
+def test_routes_lengths_and_truncation(served: tuple[Path, Path, int]) -> None:
+    _, _, port = served
+    client = Client(port)
+    assert client.request("GET", "/nope")[0] == 404
+    assert client.request("GET", "/v1/predict")[0] == 405
+    assert client.request("PUT", "/v1/predict", b"{}", {"Content-Type": "application/json"})[0] == 405
+    status, answer = client.predict({"text": "bank " * 40, "truncate": True})
+    assert status == 200 and answer["tokens"] == [32]
+    # no Content-Length: 411, then the connection is closed and a new one works
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
+    assert raw.recv(4096).split(b" ")[1] == b"411"
+    raw.close()
+    assert Client(port).predict({"text": "bank"})[0] == 200
+
+
+def _load(port: int, requests: int, seconds: float) -> dict[str, Any]:
+    """A second process sends `requests` single-text requests (bounded by `seconds`) on one connection."""
+    code = f"""
+import http.client, json, time, sys
+conn = http.client.HTTPConnection("127.0.0.1", {port}, timeout=30)
+texts = {list(TEXTS)!r}
+lat, codes, start = [], {{}}, time.perf_counter()
+for i in range({requests}):
+    if time.perf_counter() - start > {seconds}:
+        break
+    body = json.dumps({{"texts": [texts[i % len(texts)]]}})
+    t = time.perf_counter()
+    conn.request("POST", "/v1/predict", body=body, headers={{"Content-Type": "application/json"}})
+    answer = conn.getresponse(); answer.read()
+    lat.append((time.perf_counter() - t) * 1000); codes[answer.status] = codes.get(answer.status, 0) + 1
+print(json.dumps({{"latency_ms": lat, "codes": codes, "seconds": time.perf_counter() - start}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds + 60, check=True
+    )
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_server_under_load_from_another_process(served: tuple[Path, Path, int]) -> None:
+    _, _, port = served
+    result = _load(port, requests=200, seconds=30)
+    latencies = np.asarray(result["latency_ms"])
+    assert result["codes"] == {"200": len(latencies)} and len(latencies) >= 20
+    throughput = len(latencies) / result["seconds"]
+    print(
+        f"\nserver: {throughput:.0f} req/s, "
+        f"p50 {np.percentile(latencies, 50):.2f} ms, p99 {np.percentile(latencies, 99):.2f} ms"
+    )
+    status, health = Client(port).request("GET", "/healthz")
+    assert status == 200 and health["requests"] == len(latencies)
+
+
+def test_package_cli_writes_the_bundle_and_refuses_bad_runs(recipe_for: Callable[..., Path], tmp_path: Path) -> None:
+    run_dir = _run(recipe_for(stages=[{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]))
+    proc = cli("package", str(run_dir))
+    assert_user_error(proc, "no validate stage", "--allow-unvalidated")
+    proc = cli("package", str(run_dir), "--allow-unvalidated", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert "not validated" in proc.stderr
+    meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
+    assert meta["validated"]["passed"] is False and (tmp_path / "b" / "tokenizer" / "tokenizer.json").is_file()
+    before = (tmp_path / "b" / "model.onnx").read_bytes()
+    assert_user_error(cli("package", str(tmp_path / "missing")), "no such run folder")
+    assert_user_error(cli("package", str(run_dir), "--arch", "arm64"), "--arch needs --image")
+    (run_dir / "02_quantize" / "done").unlink()
+    assert_user_error(
+        cli("package", str(run_dir), "--allow-unvalidated", "--out", str(tmp_path / "b")), "did not finish"
+    )
+    assert (tmp_path / "b" / "model.onnx").read_bytes() == before  # a refused package leaves the bundle whole
+
+
+def test_server_refuses_a_tampered_or_missing_bundle(served: tuple[Path, Path, int], tmp_path: Path) -> None:
+    _, bundle, _ = served
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(bundle), str(copy)], check=True)
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")
+    for folder, needle in ((copy, "is not the packaged"), (tmp_path / "none", "no metadata.json")):
+        proc = subprocess.run(
+            [sys.executable, str(SERVER), "--model", str(folder), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
