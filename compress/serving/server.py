@@ -127,6 +127,9 @@ class Model:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        # Intra-op threads spin during a run (fast kernels), and stop when it ends: between two requests the
+        # cores belong to the HTTP thread, the tokenizer and the client (measured: benchmarks/serving.py).
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         settings = self.meta.get("session", {})
         for key, value in settings.get("config_entries", {}).items():
             so.add_session_config_entry(key, str(value))
