@@ -248,13 +248,18 @@ def docker_stop() -> None:
 
 @docker_group.command("build")
 @click.option("--arch", type=click.Choice(["amd64", "arm64", "all"]), default="all", show_default=True)
-def docker_build(arch: str) -> None:
+@click.option("--pipeline", is_flag=True, help="Also the amd64 pipeline image (edge-compress with PyTorch CPU).")
+def docker_build(arch: str, pipeline: bool) -> None:
     """Build the base and runtime images (python3.11, onnxruntime, numpy, tokenizers, our kernels, the server)."""
     from compress.container import images
 
     env = images.engine_env()
-    for one in ["amd64", "arm64"] if arch == "all" else [arch]:
-        tag = images.build_runtime(one, env, click.echo)
+    built = [
+        (images.build_runtime(one, env, click.echo), one) for one in (["amd64", "arm64"] if arch == "all" else [arch])
+    ]
+    if pipeline:
+        built.append((images.build_pipeline(env, click.echo), "amd64"))
+    for tag, one in built:
         size = images.docker(["image", "inspect", "-f", "{{.Size}}", tag], env, "inspecting the image").strip()
         click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
 

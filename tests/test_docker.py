@@ -169,3 +169,29 @@ def test_docker_targets_validate_a_custom_op_model_inside_both_runtime_images(
         assert target["setup"]["custom_op_kernel"].startswith("native"), target["setup"]["custom_op_kernel"]
         assert target["consistency"]["value"] == 1.0 and target["gate"]["passed"]
     assert not [w for w in report["warnings"] if "function bod" in w]
+
+
+def test_pipeline_image_runs_the_demo_recipe_offline_and_its_run_packages(
+    engine: dict[str, str], tmp_path: Path
+) -> None:
+    """The amd64 pipeline image (PyTorch CPU + edge-compress) runs recipes/minilm-int8.yaml with no network."""
+    from compress.serving.bundle import write_bundle
+
+    tag = images.build_pipeline(engine, lambda _msg: None)
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)  # the image's user (10001) writes the run here
+    spec = yaml.safe_load((REPO / "recipes" / "minilm-int8.yaml").read_text())
+    spec["output"] = {"dir": "runs"}
+    spec["stages"][-1]["runs"] = 10
+    (work / "minilm.yaml").write_text(yaml.safe_dump(spec))
+    proc = docker(
+        engine, "run", "--rm", "--network", "none", "-v", f"{work}:/work", tag, "run", "minilm.yaml", check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((work / "runs" / "minilm-int8" / "report.json").read_text())
+    target = report["targets"]["x86_64"]
+    assert target["gate"]["passed"] and target["artifact"]["kernels"]["int8"].get("QAttention") == 6
+    assert report["provenance"]["packages"]["torch"].startswith("2.13.0")
+    meta = write_bundle(work / "runs" / "minilm-int8", tmp_path / "bundle")
+    assert meta["validated"]["passed"] and meta["task"] == "embedding"

@@ -269,3 +269,68 @@ def _run(cmd: list[str], what: str) -> None:
         errors = [ln for ln in lines if ln.startswith(("E:", "ERROR"))] or lines or ["no output"]
         hint = " (no network to the package mirrors?)" if what in ("mmdebstrap", "pip install") else ""
         raise UserError(f"docker: {what} failed: {errors[0][-300:]}{hint}")
+
+
+def pipeline_tag() -> str:
+    return f"edge-compress/pipeline:{version('edge-compress')}"
+
+
+def build_pipeline(env: dict[str, str], log: Log) -> str:
+    """The amd64 pipeline image: a Debian minbase, a venv with the host's resolved wheels, kernels, data cache."""
+    from compress.data.cache import cache_dir
+    from compress.targets.emulated import ensure_tools
+    from exporters.native.build import build as build_ops
+
+    if host_arch() != "amd64":
+        raise UserError("docker: the pipeline image is built for amd64, on an x86-64 host")
+    out = build_root() / "amd64" / "debian"
+    tar = out / "rootfs.tar"
+    if not tar.is_file():
+        ensure_tools(["mmdebstrap"], log)
+        log("amd64: Debian 12 minbase with python3 and python3-venv (mmdebstrap)")
+        out.mkdir(parents=True, exist_ok=True)
+        partial = out / "rootfs.partial.tar"
+        cmd = [
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            "--include=python3,python3-venv",
+            "--architectures=amd64",
+        ]
+        cmd += ["--aptopt=APT::Install-Recommends false", "--dpkgopt=path-exclude=/usr/share/doc/*"]
+        _run([*cmd, "bookworm", str(partial), "/etc/apt/sources.list.d/debian.sources"], "mmdebstrap")
+        partial.rename(tar)
+    docker(
+        [
+            "build",
+            "-q",
+            "-f",
+            str(DOCKERFILES / "debian.Dockerfile"),
+            "-t",
+            "edge-compress/debian:bookworm-amd64",
+            str(out),
+        ],
+        env,
+        "building edge-compress/debian:bookworm-amd64",
+    )
+    context = build_root() / "amd64" / "pipeline"
+    shutil.rmtree(context, ignore_errors=True)
+    (context / "lib").mkdir(parents=True)
+    log("amd64: wheels of torch 2.13.0 and edge-compress[demo] (pip wheel, from the host's index and cache)")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(context / "wheels"), "torch==2.13.0", f"{REPO}[demo]"]
+    _run(cmd, "pip install")
+    library = build_ops("x86_64")
+    shutil.copytree(library.parent, context / "lib" / "x86_64")
+    cache = cache_dir()
+    shutil.copytree(cache, context / "cache", ignore=shutil.ignore_patterns("*.tmp*", "onnxruntime-headers"))
+    tag = pipeline_tag()
+    log(f"amd64: pipeline image {tag}")
+    docker(
+        ["build", "-q", "--network", "none", "-f", str(DOCKERFILES / "pipeline.Dockerfile"),
+         "--build-arg", f"VERSION={version('edge-compress')}",
+         "-t", tag, "-t", "edge-compress/pipeline:latest", str(context)],
+        env,
+        f"building {tag}",
+    )  # fmt: skip
+    shutil.rmtree(context / "wheels", ignore_errors=True)
+    return tag

@@ -102,6 +102,7 @@ class Model:
         import numpy as np
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # warnings such as "Failed to persist telemetry" on a read-only root
         self.np = np
         meta_path = folder / "metadata.json"
         if not meta_path.is_file():
