@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -236,3 +237,81 @@ def test_server_refuses_a_tampered_or_missing_bundle(served: tuple[Path, Path, i
             check=False,
         )
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_classification_bundle_with_custom_ops_serves_labels_and_scores(
+    zoo_recipe: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A windowed zoo classifier (byte tokenizer, our WindowedAttention op): the server's scores are ORT's softmax."""
+    import onnxruntime as ort
+    import yaml
+
+    from exporters import native
+
+    if not native.available():
+        pytest.skip("the native kernels are not built (edge-compress build-ops)")
+    path = zoo_recipe(train={"epochs": 1})
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"] += [
+        {"type": "export"},
+        {"type": "quantize", "mode": "dynamic"},
+        {"type": "validate", "runs": 10, "warmup": 1, "sequence_length": 32},
+    ]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_dir = _run(path)
+    bundle = tmp_path / "bundle"
+    meta = write_bundle(run_dir, bundle)
+    assert meta["task"] == "classification" and meta["tokenizer"] == "bytes"
+    assert meta["custom_ops"] == ["WindowedAttention"]
+    texts = ["win cash now you won a prize", "meeting moved to friday see you"]
+    options = ort.SessionOptions()
+    native.register(options)
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    port = free_port()
+    # Without the kernels the server refuses to start rather than run the ops some other way.
+    refused = subprocess.run(
+        [sys.executable, str(SERVER), "--model", str(bundle), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "EDGE_COMPRESS_OPS_LIBRARY"},
+    )
+    assert refused.returncode == 2 and "WindowedAttention" in refused.stderr
+    proc = start_server(bundle, port, "--ops-library", str(native.library_path()))
+    try:
+        status, answer = Client(port).predict({"texts": texts})
+        status_info, info = Client(port).request("GET", "/metadata")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert status == 200 and status_info == 200
+    assert info["runtime"]["custom_ops_library_isa"] in native.check_compatible()["kernels"]
+    rows = [[1, *(b + 3 for b in text.encode()), 2] for text in texts]  # [CLS] bytes+3 [SEP], padded with 0
+    ids = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    logits = session.run(None, {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)})[0]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(answer["scores"], probs, atol=1e-5)
+    assert answer["labels"] == probs.argmax(axis=1).tolist() and answer["tokens"] == [len(r) for r in rows]
+
+
+def test_package_image_without_an_engine_and_serve_without_a_bundle_are_one_line_errors(
+    served: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    run_dir, _, _ = served
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no.sock", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "package", str(run_dir), "--out", str(tmp_path / "b"), "--image", "x:y"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert_user_error(proc, "no engine answers", "edge-compress docker start")
+    assert (tmp_path / "b" / "metadata.json").is_file()  # the bundle was written before the image was asked for
+    proc = cli("serve", str(tmp_path / "missing"), "--port", str(free_port()))
+    assert_user_error(proc, "no metadata.json")
