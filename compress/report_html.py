@@ -10,7 +10,6 @@ likely cause and fix, the stages, warnings and the provenance card. Rendered fro
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import platform
@@ -19,17 +18,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from compress.serving.server import sha256_of as sha256  # the server's own check; it imports only the stdlib
+
 PACKAGES = ("edge-compress", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "torchao")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
 COLORS = {"int8": "#2e7d32", "float": "#ef6c00", "custom": "#1565c0"}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]:
