@@ -24,6 +24,7 @@
 
 namespace ec {
 namespace EC_ISA {  // every definition below differs per instruction set: keep them apart for the linker
+namespace {  // and local to kernels.cc: nothing here may become a weak symbol another ISA's copy could replace
 
 
 // exp(x) for x <= 0, branch-free so it vectorises: 2^n · e^r with |r| <= ln2/2 and a degree-6 Taylor
@@ -49,15 +50,42 @@ EC_INLINE float exp_nonpositive(float x) {
 
 // Eight floats as one value, kept in registers. With AVX it is one native vector; otherwise (SSE2, NEON)
 // two 4-float ones: GCC would spill a 32-byte vector type through memory on 16-byte-vector targets.
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+// exp_nonpositive on every lane of a GCC vector V (int lanes I), in vector instructions. Written out
+// because GCC leaves the scalar version's loop scalar on AVX2 and NEON (the float -> int conversion and
+// the select), and the softmax step then costs about a third of the kernel's time.
+template <typename V, typename I>
+EC_INLINE V exp_nonpositive_lanes(V x) {
+  const I tiny = x < -87.0f;  // all ones where the result is 0
+  const V clamped = tiny ? V{} - 87.0f : x;
+  const V t = clamped * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;
+  const V r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = V{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return tiny ? V{} : p * (V)bits;  // a cast between vectors of one size keeps the bits
+}
+
 #if defined(__AVX__)
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 EC_INLINE f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
+EC_INLINE f32x8 exp8(f32x8 x) { return exp_nonpositive_lanes<f32x8, i32x8>(x); }
+EC_INLINE f32x8 splat8(float a) { return f32x8{} + a; }
 #else
-typedef float f32x4 __attribute__((vector_size(16)));
 struct f32x8 {
   f32x4 lo, hi;
 };
 EC_INLINE f32x8 operator*(float a, const f32x8& v) { return f32x8{a * v.lo, a * v.hi}; }
+EC_INLINE f32x8 operator-(const f32x8& a, const f32x8& b) { return f32x8{a.lo - b.lo, a.hi - b.hi}; }
 EC_INLINE f32x8 max8(const f32x8& a, const f32x8& b) {
   return f32x8{a.lo > b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi};
 }
@@ -66,6 +94,10 @@ EC_INLINE f32x8& operator+=(f32x8& x, const f32x8& y) {
   x.hi += y.hi;
   return x;
 }
+EC_INLINE f32x8 exp8(const f32x8& x) {
+  return f32x8{exp_nonpositive_lanes<f32x4, i32x4>(x.lo), exp_nonpositive_lanes<f32x4, i32x4>(x.hi)};
+}
+EC_INLINE f32x8 splat8(float a) { return f32x8{f32x4{} + a, f32x4{} + a}; }
 #endif
 
 EC_INLINE f32x8 load8(const float* p) {
@@ -167,10 +199,16 @@ class RowBlock {
       kt = packed;
       ldk = kKeys;
     }
-    const int width = (nk + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // a short last tile costs less
+    const int width = (nk + 7) / 8 * 8;  // a short tile costs its own width, rounded up to 8 keys
     for (int r = 0; r < n_; r += kScoreRows) {
-      for (int c = 0; c < width; c += kScoreKeys) {
-        scores(q_.data() + r * d, kt + c, ldk, s_.data() + r * kKeys + c);
+      const float* qr = q_.data() + r * d;
+      float* sr = s_.data() + r * kKeys;
+      int c = 0;
+      for (; c + kScoreKeys <= width; c += kScoreKeys) {
+        scores<kScoreKeys / 8>(qr, kt + c, ldk, sr + c);
+      }
+      if (c < width) {
+        scores_tail(width - c, qr, kt + c, ldk, sr + c);
       }
     }
     // The softmax step works on whole 8-key groups up to `width` (keys past nk are masked) and keeps 8
@@ -214,28 +252,41 @@ class RowBlock {
         l_[r] *= alpha;
         m_[r] = tile_max;
       }
-      const float m = m_[r];
-      for (int c = 0; c < width; ++c) {
-        s[c] = exp_nonpositive(s[c] - m);
-      }
-      float lane_sum[8] = {};
+      const f32x8 m = splat8(m_[r]);
+      f32x8 sum = splat8(0.0f);
       for (int c = 0; c < width; c += 8) {
-        for (int j = 0; j < 8; ++j) {
-          lane_sum[j] += s[c + j];
-        }
+        const f32x8 e = exp8(load8(s + c) - m);
+        store8(s + c, e);
+        sum += e;
       }
+      float lane_sum[8];
+      store8(lane_sum, sum);
       l_[r] += ((lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3])) +
                ((lane_sum[4] + lane_sum[5]) + (lane_sum[6] + lane_sum[7]));
     }
+    // Values: a run of consecutive positions (the band) is addressed from its first row, other tiles
+    // through idx.
+    const bool run = idx[nk - 1] - idx[0] == nk - 1;
     for (int r = 0; r < n_; r += 2) {  // rows in pairs; a skipped row's probabilities are zeros
       if (skip_[r] && skip_[r + 1]) {
         continue;
       }
-      // Only a masked tile has zero probabilities worth skipping; elsewhere the test costs more than it saves.
-      if (allow != nullptr) {
-        accumulate<true>(h, idx, nk, r);
+      int lo = 0;
+      int hi = nk;
+      if (allow != nullptr) {  // only the keys from the first to the last one either row sees (band edges)
+        const float* p0 = s_.data() + r * kKeys;
+        const float* p1 = p0 + kKeys;
+        while (lo < hi && p0[lo] == 0.0f && p1[lo] == 0.0f) {
+          ++lo;
+        }
+        while (hi > lo && p0[hi - 1] == 0.0f && p1[hi - 1] == 0.0f) {
+          --hi;
+        }
+      }
+      if (run) {
+        accumulate<true>(h, idx, lo, hi, r);
       } else {
-        accumulate<false>(h, idx, nk, r);
+        accumulate<false>(h, idx, lo, hi, r);
       }
     }
   }
@@ -257,11 +308,30 @@ class RowBlock {
   }
 
  private:
-  // s[r][0..kScoreKeys) = q[r] · kt[:, c] for kScoreRows rows, in registers across D. The keys past the
-  // tile read finite keys or padding and are never used.
+  // The scores of the last keys of a tile: width < kScoreKeys of them, a multiple of 8.
+  EC_INLINE void scores_tail(int width, const float* __restrict q, const float* __restrict kt, int64_t ldk,
+                             float* __restrict s) const {
+    switch (width / 8) {
+      case 1: return scores<1>(q, kt, ldk, s);
+      case 2: return scores<2>(q, kt, ldk, s);
+      case 3: return scores<3>(q, kt, ldk, s);
+      default: break;
+    }
+    if constexpr (kScoreKeys == 64) {
+      switch (width / 8) {
+        case 4: return scores<4>(q, kt, ldk, s);
+        case 5: return scores<5>(q, kt, ldk, s);
+        case 6: return scores<6>(q, kt, ldk, s);
+        default: return scores<7>(q, kt, ldk, s);
+      }
+    }
+  }
+
+  // s[r][0..8 kVecs) = q[r] · kt[:, c] for kScoreRows rows, in registers across D. The keys past the
+  // tile (up to the next multiple of 8) read finite keys or padding and are never used.
+  template <int kVecs>
   EC_INLINE void scores(const float* __restrict q, const float* __restrict kt, int64_t ldk,
                         float* __restrict s) const {
-    constexpr int kVecs = kScoreKeys / 8;
     f32x8 t[kScoreRows][kVecs] = {};
     for (int64_t i = 0; i < d_; ++i) {
       const float* row = kt + i * ldk;
@@ -288,16 +358,18 @@ class RowBlock {
     }
   }
 
-  // acc[r] += sum_c p[r][c] · V[idx[c]] for rows r0 and r0 + 1 (r0 + 1 may be the zero padding row):
-  // kValueCols columns of D at a time in registers across the whole tile, each V load feeding both rows.
-  template <bool kSkipZeros>
-  EC_INLINE void accumulate(const Head& h, const int32_t* idx, int nk, int r0) {
+  // acc[r] += sum_c p[r][c] · V[idx[c]] over keys c in [lo, hi), for rows r0 and r0 + 1 (r0 + 1 may be the
+  // zero padding row): kValueCols columns of D at a time in registers across the keys, each V load feeding
+  // both rows. kRun: idx holds consecutive positions, so V rows are addressed from the first.
+  template <bool kRun>
+  EC_INLINE void accumulate(const Head& h, const int32_t* idx, int lo, int hi, int r0) {
     constexpr int kVecs = kValueCols / 8;
     const int64_t d = d_;
     const float* p0 = s_.data() + r0 * kKeys;
     const float* p1 = p0 + kKeys;
     float* acc0 = acc_.data() + r0 * d;
     float* acc1 = acc0 + d;
+    const float* vrun = h.v + idx[0] * d;
     int64_t i = 0;
     for (; i + kValueCols <= d; i += kValueCols) {
       f32x8 a[kVecs];
@@ -307,13 +379,10 @@ class RowBlock {
         a[j] = load8(acc0 + i + 8 * j);
         b[j] = load8(acc1 + i + 8 * j);
       }
-      for (int c = 0; c < nk; ++c) {
+      for (int c = lo; c < hi; ++c) {
         const float x = p0[c];
         const float y = p1[c];
-        if (kSkipZeros && x == 0.0f && y == 0.0f) {
-          continue;  // a masked key (the edges of a band)
-        }
-        const float* v = h.v + idx[c] * d + i;
+        const float* v = (kRun ? vrun + c * d : h.v + idx[c] * d) + i;
 #pragma GCC unroll 8
         for (int j = 0; j < kVecs; ++j) {
           const f32x8 vj = load8(v + 8 * j);
@@ -328,7 +397,7 @@ class RowBlock {
       }
     }
     if (i < d) {  // the columns past the last full block, key by key
-      for (int c = 0; c < nk; ++c) {
+      for (int c = lo; c < hi; ++c) {
         const float x = p0[c];
         const float y = p1[c];
         const float* v = h.v + idx[c] * d;
@@ -351,5 +420,6 @@ class RowBlock {
   bool skip_[kRows + 1] = {};
 };
 
+}  // namespace
 }  // namespace EC_ISA
 }  // namespace ec
