@@ -90,13 +90,13 @@ OrtStatusPtr compute(void* kernel, OrtKernelContext* ctx) {
         }
       }
     }
-    w.kt.resize(batch * heads * d * transposed_stride(s));
+    w.kt = aligned_floats(w.kt_storage, batch * heads * d * transposed_stride(s));
   } catch (const std::bad_alloc&) {
     return g_api->CreateStatus(ORT_FAIL, "BlockSparseAttention: out of memory for the key lists");
   }
   const Kernels& run = kernels();
   EC_RETURN_IF_ERROR(parallel_for(ctx, static_cast<size_t>(batch * heads), [&w, &run](size_t bh) {
-    run.transpose(w.k + bh * w.s * w.d, w.s, w.d, w.kt.data() + bh * w.d * transposed_stride(w.s));
+    run.transpose(w.k + bh * w.s * w.d, w.s, w.d, w.kt + bh * w.d * transposed_stride(w.s));
   }));
   return parallel_for(ctx, static_cast<size_t>(batch * heads * blocks * w.pieces),
                       [&w, &run](size_t item) { run.block_sparse(w, static_cast<int64_t>(item)); });

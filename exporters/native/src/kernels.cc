@@ -37,13 +37,22 @@ EC_INLINE void band_allow(const Windowed& w, int64_t b, const int32_t* rows, int
   }
 }
 
+// Whether any of the nk positions from a is a global token.
+EC_INLINE bool any_global(const uint8_t* glob, int32_t a, int nk) {
+  uint8_t any = 0;
+  for (int c = 0; c < nk; ++c) {
+    any |= glob[a + c];
+  }
+  return any != 0;
+}
+
 void windowed_item(const Windowed& w, int64_t item) {
   const int64_t bh = item / w.items_per_head;
   const int64_t blk = item % w.items_per_head;
   const int64_t b = bh / w.heads;
   const int64_t offset = bh * w.s * w.d;
   const int64_t ldk = transposed_stride(w.s);
-  const Head h{w.q + offset, w.v + offset, w.y + offset, w.d, w.kt.data() + bh * w.d * ldk, ldk};
+  const Head h{w.q + offset, w.v + offset, w.y + offset, w.d, w.kt + bh * w.d * ldk, ldk};
   const int32_t* prefix = w.real_prefix.data() + b * (w.s + 1);
   const std::vector<int32_t>& globals = w.globals[b];
   const int32_t s = static_cast<int32_t>(w.s);
@@ -52,6 +61,8 @@ void windowed_item(const Windowed& w, int64_t item) {
   int32_t rows[kRows];
   int32_t idx[kKeys];
   uint8_t allow[kRows * kKeys];
+  int32_t span[2 * kRows];
+  const uint8_t* glob = w.glob.data() + b * w.s;
 
   if (blk < w.row_blocks) {
     // A band block: rows [i0, i1) see keys [lo, hi) through the window, plus the global keys outside it.
@@ -73,6 +84,14 @@ void windowed_item(const Windowed& w, int64_t item) {
       const bool in_band = a >= i1 - 1 - window && a + nk - 1 <= (w.causal ? i0 : i0 + window);
       if (all_real && in_band) {
         block.add(h, idx, nk, nullptr);  // the middle of the band: every row sees every key
+      } else if (all_real && !any_global(glob, a, nk)) {
+        // An edge of the band: row i sees keys [i - window, i + window] (i when causal), a range per row.
+        for (int r = 0; r < n; ++r) {
+          const int32_t i = i0 + r;
+          span[2 * r] = i - window - a;
+          span[2 * r + 1] = (w.causal ? i : i + window) + 1 - a;
+        }
+        block.add(h, idx, nk, nullptr, span);
       } else {
         band_allow(w, b, rows, n, idx, nk, allow);
         block.add(h, idx, nk, allow);
@@ -97,7 +116,7 @@ void windowed_item(const Windowed& w, int64_t item) {
       band_allow(w, b, rows, n, idx, nk, allow);
       block.add(h, idx, nk, allow);
     }
-    block.store(h, rows, w.glob.data() + b * w.s + i0);  // global rows are written by their own blocks
+    block.store(h, rows, glob + i0);  // global rows are written by their own blocks
     return;
   }
 
@@ -135,7 +154,7 @@ void block_sparse_item(const BlockSparse& w, int64_t item) {
   const int64_t b = bh / w.heads;
   const int64_t offset = bh * w.s * w.d;
   const int64_t ldk = transposed_stride(w.s);
-  const Head h{w.q + offset, w.v + offset, w.y + offset, w.d, w.kt.data() + bh * w.d * ldk, ldk};
+  const Head h{w.q + offset, w.v + offset, w.y + offset, w.d, w.kt + bh * w.d * ldk, ldk};
   const int64_t first = bi * w.block_size + piece * kRows;
   const int n = static_cast<int>(std::min<int64_t>(kRows, (bi + 1) * w.block_size - first));
   int32_t rows[kRows];

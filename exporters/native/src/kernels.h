@@ -16,6 +16,15 @@ constexpr int kKeys = 64;  // keys per tile: one tile of scores is kRows x kKeys
 // power of two.
 inline int64_t transposed_stride(int64_t s) { return (s + 15) / 16 * 16 + 80; }
 
+// n floats in storage, from a 64-byte boundary: vector loads of a row of transposed keys then never straddle
+// two cache lines (malloc aligns to 16 bytes; a split load costs two, and the score loop is made of them).
+// Called by the op files only (not per instruction set).
+inline float* aligned_floats(std::vector<float>& storage, int64_t n) {
+  storage.resize(n + 16);
+  const auto address = reinterpret_cast<uintptr_t>(storage.data());
+  return storage.data() + (64 - address % 64) % 64 / sizeof(float);
+}
+
 // WindowedAttention, one call. Items: per (batch, head), row_blocks band blocks then blocks of global rows.
 struct Windowed {
   const float* q;
@@ -32,7 +41,8 @@ struct Windowed {
   std::vector<uint8_t> glob;  // (B, S): a global position that is also real
   std::vector<int32_t> real_prefix;  // (B, S + 1): real keys before each position
   std::vector<std::vector<int32_t>> globals;  // per batch row: the global positions, ascending
-  std::vector<float> kt;  // (B, H, D, ldk): K transposed
+  std::vector<float> kt_storage;
+  float* kt = nullptr;  // (B, H, D, ldk): K transposed, in kt_storage, 64-byte aligned (see aligned_floats)
 };
 
 // BlockSparseAttention, one call. Items: per (batch, head, query block), pieces of at most kRows rows.
@@ -44,7 +54,8 @@ struct BlockSparse {
   int64_t heads, s, d, block_size, blocks;
   int64_t pieces;
   std::vector<std::vector<int32_t>> keys;  // (B · nb): the real key positions query block bi may see
-  std::vector<float> kt;  // (B, H, D, ldk): K transposed
+  std::vector<float> kt_storage;
+  float* kt = nullptr;  // (B, H, D, ldk): K transposed, in kt_storage, 64-byte aligned (see aligned_floats)
 };
 
 struct Kernels {

@@ -76,13 +76,13 @@ OrtStatusPtr compute(void* kernel, OrtKernelContext* ctx) {
       most_globals = std::max(most_globals, w.globals[b].size());
     }
     w.items_per_head = w.row_blocks + static_cast<int64_t>((most_globals + kRows - 1) / kRows);
-    w.kt.resize(batch * heads * d * transposed_stride(s));
+    w.kt = aligned_floats(w.kt_storage, batch * heads * d * transposed_stride(s));
   } catch (const std::bad_alloc&) {
     return g_api->CreateStatus(ORT_FAIL, "WindowedAttention: out of memory for the masks");
   }
   const Kernels& run = kernels();
   EC_RETURN_IF_ERROR(parallel_for(ctx, static_cast<size_t>(batch * heads), [&w, &run](size_t bh) {
-    run.transpose(w.k + bh * w.s * w.d, w.s, w.d, w.kt.data() + bh * w.d * transposed_stride(w.s));
+    run.transpose(w.k + bh * w.s * w.d, w.s, w.d, w.kt + bh * w.d * transposed_stride(w.s));
   }));
   return parallel_for(ctx, static_cast<size_t>(batch * heads * w.items_per_head),
                       [&w, &run](size_t item) { run.windowed(w, static_cast<int64_t>(item)); });
