@@ -143,7 +143,7 @@ class Model:
                     f"(--ops-library or ${LIBRARY_ENV}); the runtime images carry it"
                 )
             so.register_custom_ops_library(library)
-            self.library_isa = _library_isa(library)
+            self.library_isa = library_isa(library)
         start = time.perf_counter()
         self.session = ort.InferenceSession(
             str(model),
@@ -212,7 +212,7 @@ class Model:
         return result
 
 
-def _library_isa(path: str) -> str | None:
+def library_isa(path: str) -> str | None:
     import ctypes
 
     try:

