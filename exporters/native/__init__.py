@@ -98,8 +98,9 @@ def register(options: Any) -> bool:
         options.register_custom_ops_library(str(path))
     except Exception as exc:  # ORT raises its own pybind11 exception types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fix = "unset it or name a kernel set this CPU runs" if "EDGE_COMPRESS_KERNELS" in reason else None
         raise IncompatibleLibrary(
-            f"ONNX Runtime refused {path}: {reason}; rebuild with `edge-compress build-ops`"
+            f"ONNX Runtime refused {path}: {reason}; {fix or 'rebuild with `edge-compress build-ops`'}"
         ) from None
     return True
 

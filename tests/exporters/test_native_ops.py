@@ -277,3 +277,74 @@ def test_aarch64_matches_x86() -> None:
     result = compare(root, "neoverse-n1")
     assert result["kernels"] == "neon"
     assert max(result["max_abs_diff"].values()) <= TOL
+
+
+_EVERY_SET = """
+import sys
+import numpy as np, onnxruntime as ort, ctypes
+from onnx import TensorProto, helper
+from exporters import native
+
+so = ort.SessionOptions()
+native.register(so)
+lib = ctypes.CDLL(str(native.library_path()))
+lib.EdgeCompressOpsIsa.restype = ctypes.c_char_p
+opsets = [helper.make_opsetid("", 18), helper.make_opsetid("ai.edgecompress", 1)]
+out = {"isa": np.array(lib.EdgeCompressOpsIsa().decode())}
+rng = np.random.default_rng(0)
+for s, window, causal, d in [(37, 8, 0, 16), (300, 40, 0, 64), (300, 40, 1, 64), (1000, 256, 0, 64)]:
+    q, k, v = (rng.standard_normal((2, 2, s, d)).astype(np.float32) for _ in range(3))
+    pad = np.ones((2, s), bool)
+    pad[1, s - s // 3 :] = False
+    glob = np.zeros((2, s), bool)
+    glob[:, 0] = glob[0, s // 2] = True
+    feeds = {"Q": q, "K": k, "V": v, "m": pad, "g": glob}
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(q.shape)) for n in "QKV"]
+    info += [helper.make_tensor_value_info(n, TensorProto.BOOL, [2, s]) for n in "mg"]
+    node = helper.make_node("WindowedAttention", ["Q", "K", "V", "m", "g"], ["Y"], domain="ai.edgecompress",
+                            window=window, causal=causal)
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([node], "w", info, [y]), opset_imports=opsets)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out[f"w{s}_{window}_{causal}"] = sess.run(None, feeds)[0]
+np.savez(sys.argv[1], **out)
+"""
+
+
+def _kernel_set_outputs(tmp_path: Path, name: str) -> tuple[int, dict[str, np.ndarray] | str]:
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / f"{name or 'default'}.npz"
+    env = {**os.environ, "EDGE_COMPRESS_KERNELS": name}
+    proc = subprocess.run(
+        [sys.executable, "-c", _EVERY_SET, str(target)], env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return proc.returncode, proc.stderr.strip().splitlines()[-1]
+    with np.load(target) as data:
+        return 0, {key: data[key] for key in data.files}
+
+
+@pytest.mark.skipif(native.host_arch() != "x86_64", reason="x86-64 has more than one kernel set")
+def test_every_x86_kernel_set_agrees(options: ort.SessionOptions, tmp_path: Path) -> None:
+    """The sse2, avx2 and (where the CPU has it) avx512 kernels give the outputs of the default choice,
+    with padding, global tokens, causal bands and tiles cut at the band edges; a set the CPU cannot run,
+    or an unknown name, is refused by name when the library registers."""
+    code, best = _kernel_set_outputs(tmp_path, "")
+    assert code == 0 and isinstance(best, dict), best
+    flags = Path("/proc/cpuinfo").read_text()
+    runnable = ["sse2"] + (["avx2"] if " avx2" in flags and " fma" in flags else [])
+    runnable += ["avx512"] if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags else []
+    for name in runnable:
+        code, got = _kernel_set_outputs(tmp_path, name)
+        assert code == 0 and isinstance(got, dict), got
+        assert str(got["isa"]) == name
+        for key, value in best.items():
+            if key != "isa":
+                assert np.abs(got[key] - value).max() <= TOL, (name, key)
+    refused = ["bogus"] + (["avx512"] if "avx512" not in runnable else [])
+    for name in refused:
+        code, message = _kernel_set_outputs(tmp_path, name)
+        assert code != 0 and f"EDGE_COMPRESS_KERNELS={name}:" in str(message), message

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace ec {
@@ -66,7 +67,11 @@ struct Kernels {
   void (*block_sparse)(const BlockSparse& job, int64_t item);
 };
 
-// The kernels for this CPU (chosen once).
+// The kernels for this CPU (chosen once): the best set it runs, or the one $EDGE_COMPRESS_KERNELS names.
 const Kernels& kernels();
+
+// The kernel set called `name` ("sse2", "avx2", "avx512"; "neon"), or nullptr with the reason in *why when
+// this build has no such set or this CPU cannot run it.
+const Kernels* named_kernels(const char* name, std::string* why);
 
 }  // namespace ec

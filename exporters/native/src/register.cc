@@ -1,6 +1,7 @@
 // Entry points of libedgecompress_ops.so: SessionOptions.register_custom_ops_library() calls
 // RegisterCustomOps; EdgeCompressOpsApiVersion and EdgeCompressOpsIsa can be read through ctypes.
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -28,6 +29,12 @@ EC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, 
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
   }
   ec::g_api = api;
+  const char* requested = std::getenv("EDGE_COMPRESS_KERNELS");
+  std::string why;
+  if (requested != nullptr && *requested != '\0' && ec::named_kernels(requested, &why) == nullptr) {
+    const std::string message = std::string("EDGE_COMPRESS_KERNELS=") + requested + ": " + why;
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, message.c_str());
+  }
   // ORT keeps pointers to the domain in the session options and every session made from them, and may
   // unload this library only after those are gone; the domains are therefore kept for the process.
   static std::mutex mu;
