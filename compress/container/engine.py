@@ -126,6 +126,10 @@ def host_network() -> dict[str, Any]:
         if shutil.which(tool):
             proc = subprocess.run([tool], capture_output=True, text=True, check=False)
             rules[tool] = _rules(proc.stdout) if proc.returncode == 0 else None
+        else:
+            # Not installed (docker.io brings it): nothing has set rules through it, so the same as an
+            # empty rule set; a snapshot taken before the engine's first setup then compares with one after.
+            rules[tool] = _rules("")
     return {"sysctls": sysctls, "links": links, "rules": rules}
 
 

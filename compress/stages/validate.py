@@ -392,6 +392,16 @@ def diagnose(name: str, result: dict[str, Any], artifact: Artifact, task: str) -
     int8 = artifact.meta.get("precision") == "int8"
     types = artifact.meta.get("int8_types", {})
     preset = artifact.meta.get("preset")
+    setup = result.get("setup", {})
+    features = set(setup.get("cpu_features", []))
+    saturates = int8 and not types.get("reduce_range", False) and not features & {"avx512_vnni", "avx_vnni"}
+    if saturates and setup.get("arch") == "x86_64" and (consistent or name == "x86_64"):
+        # Native x86-64 without VNNI: the reference run saturates as well, so consistency cannot show it.
+        return (
+            f"u8s8 saturation without VNNI: this CPU has no VNNI, and AVX2's vpmaddubsw adds pairs of u8 x s8 "
+            f"products in int16, which overflow with full-range 8-bit weights (preset {preset})",
+            "quantize.preset: x86_64-avx2 (7-bit weights, reduce_range), or quantize.preset: auto",
+        )
     if consistent or name == "x86_64":
         how = "quantize.goal (accuracy-aware: keeps the most sensitive layers in float) or a qat stage"
         return (
