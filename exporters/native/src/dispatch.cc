@@ -47,18 +47,17 @@ const Kernels& kernels() {
   static const Kernels* chosen = [] {
     std::string why;
     const char* name = std::getenv("EDGE_COMPRESS_KERNELS");
-    const Kernels* named = name != nullptr && *name != '\0' ? named_kernels(name, &why) : nullptr;
-    if (named != nullptr) {
-      return named;
+    if (name != nullptr && *name != '\0') {
+      if (const Kernels* named = named_kernels(name, &why)) {
+        return named;
+      }
     }
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) {
-      return &avx512::table;
+    for (const char* best : {"avx512", "avx2", "sse2"}) {  // the widest set this CPU runs
+      if (const Kernels* found = named_kernels(best, &why)) {
+        return found;
+      }
     }
-    if (__builtin_cpu_supports("x86-64-v3")) {
-      return &avx2::table;
-    }
-    return &sse2::table;
+    return &sse2::table;  // not reached: every x86-64 CPU runs sse2
   }();
   return *chosen;
 }
