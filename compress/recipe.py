@@ -295,9 +295,19 @@ class Recipe(Strict):
             raise ValueError("zoo models need data.tokenizer: bytes or wordpiece")
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
             raise ValueError("static quantization needs data.calibration")
+        _check_reconstruct(self.stages, self.data, zoo)
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self
+
+
+def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:
+    for stage in stages:
+        if isinstance(stage, PruneStage) and stage.reconstruct is not None:
+            if zoo:
+                raise ValueError("prune.reconstruct refits Hugging Face BERT-family encoders, not zoo models")
+            if getattr(data, stage.reconstruct.data) is None:
+                raise ValueError(f"prune.reconstruct reads data.{stage.reconstruct.data}: give it")
 
 
 def _check_distill(stage: DistillStage, task: str) -> None:

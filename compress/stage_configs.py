@@ -144,6 +144,26 @@ class PruneTarget(Strict):
         return self
 
 
+class ReconstructSettings(Strict):
+    """Least-squares refit of the output projections after structured pruning (Hugging Face encoders)."""
+
+    data: Literal["calibration", "train"] = Field(
+        "calibration", description="Which of the recipe's data sets is the calibration text (unlabeled is enough)."
+    )
+    texts: int = Field(512, ge=1, description="At most this many texts of it (the first ones), at data.max_length.")
+    select: Literal["magnitude", "error"] = Field(
+        "error",
+        description=(
+            "Which heads and neurons go. magnitude: the weight-norm ranking of `norm`, then the refit. error: "
+            "layer by layer, the ones whose removal the refit can absorb best (greedy Optimal Brain Surgeon on "
+            "the least-squares error, as in ZipLM), measured on the inputs the pruned layers below produce."
+        ),
+    )
+    ridge: float = Field(
+        0.01, ge=0, description="Ridge penalty, relative to the mean squared input: larger trusts the data less."
+    )
+
+
 class PruneStage(Strict):
     type: Literal["prune"]
     method: Literal["unstructured", "nm", "block", "structured"] = Field(
@@ -185,6 +205,14 @@ class PruneStage(Strict):
     recovery: RecoverySettings | None = Field(
         None, description="Recovery training after (one_shot) or while (gradual) pruning; masks are kept throughout."
     )
+    reconstruct: ReconstructSettings | None = Field(
+        None,
+        description=(
+            "structured, Hugging Face encoders: after removal, refit each layer's attention-output and FFN-down "
+            "projections by ridge least squares so the pruned layer's states match the original model's on "
+            "calibration text, bottom layer first (no gradients; minutes on a CPU)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneStage:
@@ -198,6 +226,8 @@ class PruneStage(Strict):
             raise ValueError("structured pruning needs heads > 0 or ffn > 0")
         for pattern in self.exclude:
             _check_regex(pattern)
+        if self.reconstruct is not None and self.method != "structured":
+            raise ValueError(f"reconstruct refits what structured pruning removed; method is {self.method}")
         if self.schedule == "gradual":
             if self.method not in ("unstructured", "block"):
                 raise ValueError(

@@ -71,25 +71,38 @@ def remove_neurons(layer: Any, keep: torch.Tensor) -> None:
     layer.output.dense = _keep_cols(layer.output.dense, keep)
 
 
-def prune_bert(model: Any, heads: float, ffn: float, p: int) -> dict[str, Any]:
-    """Remove the fraction `heads` of heads and `ffn` of FFN neurons in every layer; returns the structure."""
-    layers = model.encoder.layer
-    structure: dict[str, list[int]] = {"heads": [], "intermediate": []}
-    for layer in layers:
+def kept_counts(model: Any, heads: float, ffn: float) -> list[tuple[int, int]]:
+    """(heads, FFN neurons) each layer keeps when the fractions `heads` and `ffn` are removed."""
+    counts = []
+    for layer in model.encoder.layer:
         n_heads = layer.attention.self.num_attention_heads
         keep_h = n_heads - round(n_heads * heads)
         if keep_h < 1:
             raise ValueError(f"prune.heads {heads} would remove every head of a {n_heads}-head layer")
-        if keep_h < n_heads:
-            remove_heads(layer, torch.topk(head_scores(layer, p), keep_h).indices.sort().values)
         n_ff = layer.intermediate.dense.out_features
-        keep_f = n_ff - round(n_ff * ffn)
-        if keep_f < n_ff:
-            remove_neurons(layer, torch.topk(neuron_scores(layer, p), max(keep_f, 1)).indices.sort().values)
-        structure["heads"].append(layer.attention.self.num_attention_heads)
-        structure["intermediate"].append(layer.intermediate.dense.out_features)
+        counts.append((keep_h, max(n_ff - round(n_ff * ffn), 1)))
+    return counts
+
+
+def record_structure(model: Any) -> dict[str, Any]:
+    """Write the per-layer sizes into the config (for reloading); returns them."""
+    structure: dict[str, list[int]] = {
+        "heads": [layer.attention.self.num_attention_heads for layer in model.encoder.layer],
+        "intermediate": [layer.intermediate.dense.out_features for layer in model.encoder.layer],
+    }
     model.config.update({STRUCTURE_KEY: structure})
     return structure
+
+
+def prune_bert(model: Any, heads: float, ffn: float, p: int) -> dict[str, Any]:
+    """Remove the fraction `heads` of heads and `ffn` of FFN neurons in every layer, ranked by weight norm;
+    returns the structure."""
+    for layer, (keep_h, keep_f) in zip(model.encoder.layer, kept_counts(model, heads, ffn), strict=True):
+        if keep_h < layer.attention.self.num_attention_heads:
+            remove_heads(layer, torch.topk(head_scores(layer, p), keep_h).indices.sort().values)
+        if keep_f < layer.intermediate.dense.out_features:
+            remove_neurons(layer, torch.topk(neuron_scores(layer, p), keep_f).indices.sort().values)
+    return record_structure(model)
 
 
 def rebuild(model: Any, structure: dict[str, list[int]]) -> None:

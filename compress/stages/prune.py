@@ -22,7 +22,7 @@ from compress.models import hf
 from compress.models.zoo import load_zoo, save_zoo
 from compress.pruning import masks
 from compress.pruning.gradual import MaskKeeper
-from compress.pruning.structured import prune_bert, prune_zoo
+from compress.pruning.structured import kept_counts, prune_bert, prune_zoo, record_structure
 from compress.stage_configs import PruneStage
 
 SPEED_NOTE = {
@@ -36,16 +36,27 @@ SPEED_NOTE = {
 def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     model = _load(artifact)
     before = {name: p.numel() for name, p in model.named_parameters()}
+    by_error = cfg.reconstruct is not None and cfg.reconstruct.select == "error"
+    keep: list[tuple[int, int]] = []
+    structure: dict[str, Any] = {}
     if cfg.method == "structured":
         p = 1 if cfg.norm == "l1" else 2
         try:
             if artifact.kind == "zoo":
                 model, structure = prune_zoo(model, cfg.heads, cfg.ffn, p)
+            elif by_error:
+                keep = kept_counts(model, cfg.heads, cfg.ffn)
             else:
                 structure = prune_bert(model, cfg.heads, cfg.ffn, p)
         except ValueError as exc:
             raise UserError(f"stages: prune: {exc}") from None
-        ctx.log(f"structured pruning: heads per layer {structure['heads']}, FFN {structure['intermediate']}")
+    reconstruction = None
+    if cfg.reconstruct is not None:
+        reconstruction = _reconstruct(model, artifact, cfg, ctx, keep if by_error else None)
+        structure = record_structure(model)
+    if cfg.method == "structured":
+        how = "least reconstruction error" if by_error else f"{cfg.norm} weight norm"
+        ctx.log(f"structured pruning ({how}): heads per layer {structure['heads']}, FFN {structure['intermediate']}")
     selected = _selected(model, cfg)
     if cfg.method != "structured" and cfg.schedule == "one_shot":
         _apply_masks(selected, cfg)
@@ -73,6 +84,8 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
     }
     if recovery is not None:
         metrics["recovery"] = recovery
+    if reconstruction is not None:
+        metrics["reconstruction"] = reconstruction
     ctx.log(
         f"pruned: {metrics['sparsity_total']:.1%} of {params:,} parameters zero; "
         f"zip {zipped / 1e6:.1f} MB ({SPEED_NOTE[cfg.method]})"
@@ -171,6 +184,88 @@ def _zipped_size(path: Path) -> int:
     size = target.stat().st_size
     target.unlink()
     return size
+
+
+def _reconstruct(
+    model: nn.Module, artifact: Artifact, cfg: PruneStage, ctx: Context, keep: list[tuple[int, int]] | None
+) -> dict[str, Any]:
+    """Refit the pruned encoder's output projections to the original's states on calibration text.
+
+    Every 10th text (of at least 20) is held out of the fit: the embeddings of the refitted model, and of
+    the plain magnitude-pruned one for comparison, are scored against the original's on them."""
+    from compress.pruning.reconstruct import reconstruct_bert
+
+    rec = cfg.reconstruct
+    assert rec is not None
+    if artifact.kind != "hf":
+        raise UserError("stages: prune.reconstruct works on Hugging Face BERT-family encoders, not on zoo models")
+    folder = artifact.file("model")
+    source = ctx.calibration if rec.data == "calibration" else ctx.texts("train")
+    texts = list(source.texts[: rec.texts])
+    held = texts[9::10] if len(texts) >= 20 else []
+    fit = [t for i, t in enumerate(texts) if not (held and i % 10 == 9)]
+    tokenizer = hf.load_tokenizer(folder)
+    names = hf.input_names(tokenizer, hf.read_config(folder))
+    batches = _token_batches(tokenizer, fit, names, ctx)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    ctx.log(
+        f"reconstruction: {len(fit)} texts of data.{rec.data} ({tokens:,} tokens, {len(held)} more held out), "
+        f"ridge {rec.ridge}" + (", heads and neurons chosen by least error" if keep else "")
+    )
+    original = _load(artifact)
+    baseline = None
+    if held:  # what magnitude ranking alone gives, for the report
+        baseline = _load(artifact)
+        prune_bert(baseline, cfg.heads, cfg.ffn, 1 if cfg.norm == "l1" else 2)
+    held_batches = _token_batches(tokenizer, held, names, ctx)
+    before = _held_out_cosine(original, baseline or model, held_batches, ctx)
+    layers = reconstruct_bert(original, model, batches, rec.ridge, keep)
+    for row in layers:
+        a, f = row["attention_output"], row["ffn_output"]
+        ctx.log(
+            f"  layer {row['layer']}: attention output error {a['error_before']:.3f} -> {a['error_after']:.3f}, "
+            f"FFN output {f['error_before']:.3f} -> {f['error_after']:.3f}"
+        )
+    after = _held_out_cosine(original, model, held_batches, ctx)
+    if held:
+        ctx.log(f"held-out cosine to the original: magnitude pruning alone {before:.4f}, reconstructed {after:.4f}")
+    return {
+        "data": rec.data,
+        "texts": len(fit),
+        "held_out_texts": len(held),
+        "tokens": tokens,
+        "ridge": rec.ridge,
+        "select": rec.select,
+        "held_out_cosine_magnitude_only": before,
+        "held_out_cosine": after,
+        "layers": layers,
+    }
+
+
+def _token_batches(tokenizer: Any, texts: list[str], names: tuple[str, ...], ctx: Context) -> list[dict[str, Any]]:
+    data = ctx.recipe.data
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+    batches = []
+    for start in range(0, len(order), data.batch_size):
+        ids = hf.encode(tokenizer, [texts[i] for i in order[start : start + data.batch_size]], data.max_length, names)
+        batches.append({k: torch.from_numpy(v) for k, v in ids.items()})
+    return batches
+
+
+@torch.no_grad()
+def _held_out_cosine(
+    original: nn.Module, pruned: nn.Module, batches: list[dict[str, Any]], ctx: Context
+) -> float | None:
+    """Mean cosine between the pruned and the original model's embeddings (as deployed) of the batches."""
+    from compress.tasks import TASKS
+
+    if not batches:
+        return None
+    spec, task = ctx.recipe.model, TASKS["embedding"]
+    names = tuple(batches[0])
+    a, b = task.build_module(original, spec, names), task.build_module(pruned, spec, names)
+    sims = [torch.nn.functional.cosine_similarity(a(**batch), b(**batch)) for batch in batches]
+    return float(torch.cat(sims).mean())
 
 
 def _recover(
