@@ -116,7 +116,7 @@ def test_recipe_stage_refits_and_reports(
     train.write_text(
         "".join(
             json.dumps({"text": f"{a} and {b}"}) + "\n"
-            for a, b in zip(TEXTS * 2, (TEXTS[3:] + TEXTS)[:24], strict=True)
+            for a, b in zip(TEXTS * 2, (TEXTS[3:] + TEXTS * 2)[:24], strict=True)
         )
     )
     data = {
