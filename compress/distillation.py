@@ -47,6 +47,13 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, key_mask: torch.Ten
     return (err * m).sum() / m.sum()
 
 
+def hidden_relative(student: torch.Tensor, teacher: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Squared error of hidden states (B, S, D) over real tokens, relative to the teacher's energy there:
+    scale-free, so layers whose states are larger (outlier features) do not outweigh the others."""
+    m = key_mask.to(student.dtype)[..., None]
+    return (((student - teacher) ** 2) * m).sum() / ((teacher**2) * m).sum().clamp_min(1e-12)
+
+
 def uniform_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
     """Student layer i learns from teacher layer round((i + 1) · T / S) - 1: the last maps to the last."""
     return tuple(round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers))

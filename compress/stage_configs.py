@@ -56,13 +56,22 @@ class DistillLosses(Strict):
         ge=0,
         description="MSE of hidden states at mapped layers; a learned projection when widths differ (TinyBERT).",
     )
+    hidden_relative: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Hugging Face models of the same width: squared error of hidden states relative to the teacher's, "
+            "averaged over mapped layers (every layer weighs the same, whatever the scale of its states)."
+        ),
+    )
     attention: float = Field(
         0.0, ge=0, description="Hugging Face models: KL of attention distributions at mapped layers (MiniLM)."
     )
 
     @model_validator(mode="after")
     def _some_loss(self) -> DistillLosses:
-        if not any((self.embedding_cosine, self.embedding_mse, self.kl, self.ce, self.hidden_mse, self.attention)):
+        weights = (self.embedding_cosine, self.embedding_mse, self.kl, self.ce, self.hidden_mse, self.hidden_relative)
+        if not any((*weights, self.attention)):
             raise ValueError("every distillation loss weight is 0")
         return self
 
@@ -396,6 +405,16 @@ class QatStage(TrainingSettings):
         if self.losses is not None:
             return self.losses
         return DistillLosses(embedding_cosine=1.0) if task == "embedding" else DistillLosses(kl=1.0, ce=1.0)
+
+    @model_validator(mode="after")
+    def _output_losses_only(self) -> QatStage:
+        w = self.losses
+        if w is not None and (w.hidden_mse or w.hidden_relative or w.attention):
+            raise ValueError(
+                "qat.losses: hidden_mse, hidden_relative and attention are distill losses; qat learns "
+                "from the model's outputs (embedding_cosine/embedding_mse, kl/ce)"
+            )
+        return self
 
 
 class GateLimits(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 
 from compress.context import Context
 from compress.distillation import (
@@ -20,6 +22,7 @@ from compress.distillation import (
     drop_layers,
     embedding_cosine,
     hidden_mse,
+    hidden_relative,
     soft_kl,
     uniform_map,
 )
@@ -51,6 +54,10 @@ def test_attention_kl_and_hidden_mse_by_hand() -> None:
     assert attention_kl(student, teacher, mask).item() == pytest.approx(row0, rel=1e-5)
     hs, ht = torch.zeros(1, 2, 2), torch.tensor([[[1.0, 3.0], [9.0, 9.0]]])
     assert hidden_mse(hs, ht, mask).item() == pytest.approx((1 + 9) / 2)
+    # relative: the masked error over the teacher's masked energy, so scaling both changes nothing
+    student = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert hidden_relative(student, ht, mask).item() == pytest.approx((0 + 4) / (1 + 9))
+    assert hidden_relative(100 * student, 100 * ht, mask).item() == pytest.approx(0.4)
 
 
 def test_uniform_layer_map_and_its_checks() -> None:
@@ -104,6 +111,38 @@ def test_distill_layer_dropped_student_end_to_end(distill_recipe: Callable[..., 
     assert len(student.encoder.layer) == 1
     export = json.loads((run_dir / "02_export" / "metrics.json").read_text())
     assert export["max_abs_diff"] <= 1e-4
+
+
+def test_hidden_relative_distillation_moves_every_layer_towards_the_teacher(
+    distill_recipe: Callable[..., Path], tiny_bert: Path, tmp_path: Path
+) -> None:
+    """A student perturbed away from its teacher, taught by hidden_relative alone: the relative error of the
+    hidden states falls at every layer, not only at the top."""
+    perturbed = tmp_path / "perturbed"
+    shutil.copytree(tiny_bert, perturbed)
+    weights = load_file(perturbed / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    noisy = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.ndim == 2 else v for k, v in weights.items()}
+    save_file(noisy, perturbed / "model.safetensors")
+    path = distill_recipe(teacher=str(tiny_bert), epochs=4, lr=3e-3, losses={"hidden_relative": 1.0})
+    spec = yaml.safe_load(path.read_text())
+    spec["model"]["hf"] = str(perturbed)
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = _run(path)
+    teacher, start = hf.load_model(tiny_bert), hf.load_model(perturbed)
+    student = hf.load_model(run_dir / "01_distill" / "model")
+    tokenizer = hf.load_tokenizer(tiny_bert)
+    names = hf.input_names(tokenizer, hf.read_config(tiny_bert))
+    ids = {k: torch.from_numpy(v) for k, v in hf.encode(tokenizer, ["a b c d", "e f"], 16, names).items()}
+
+    def errors(model: Any) -> list[float]:
+        with torch.no_grad():
+            got = model(**ids, output_hidden_states=True).hidden_states
+            want = teacher(**ids, output_hidden_states=True).hidden_states
+        return [float(hidden_relative(g, w, ids["attention_mask"])) for g, w in zip(got[1:], want[1:], strict=True)]
+
+    before, after = errors(start), errors(student)
+    assert all(a < 0.7 * b for a, b in zip(after, before, strict=True)), (before, after)
 
 
 def test_select_fidelity_holds_out_training_texts(distill_recipe: Callable[..., Path]) -> None:

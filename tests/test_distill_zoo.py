@@ -138,6 +138,7 @@ def test_pupil_round_trips_with_projections(tmp_path: Path, teachers: dict[str, 
         ({"student": {"vocab_size": 300}}, "must share a tokenizer"),
         ({"student": {"d_model": 33}}, "not divisible by n_heads"),
         ({"keep_layers": [0, 5]}, "cannot keep layers"),
+        ({"losses": {"kl": 1.0, "hidden_relative": 1.0}}, "hidden_relative is for Hugging Face models"),
     ],
 )
 def test_bad_zoo_distill_settings(

@@ -179,6 +179,10 @@ def test_qat_stage_keeps_the_windowed_op_float(zoo_recipe: Callable[..., Path]) 
     [
         ([{"type": "qat"}], "add an export stage"),
         ([{"type": "export"}, {"type": "quantize"}, {"type": "qat"}], "use quantize or qat, not both"),
+        (
+            [{"type": "export"}, {"type": "qat", "losses": {"embedding_cosine": 1.0, "hidden_relative": 1.0}}],
+            "hidden_relative and attention are distill losses",
+        ),
     ],
 )
 def test_bad_qat_recipes_are_refused(recipe_for: Callable[..., Path], stages: list, message: str) -> None:

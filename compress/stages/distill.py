@@ -25,6 +25,7 @@ from compress.distillation import (
     held_out_count,
     held_out_rows,
     hidden_mse,
+    hidden_relative,
     uniform_map,
 )
 from compress.errors import UserError
@@ -174,7 +175,7 @@ def _loss(
     w = cfg.losses_for("embedding")
     inputs = {k: v for k, v in batch.items() if k != "rows"}
     target = cached[batch["rows"]]
-    deep = w.hidden_mse > 0 or w.attention > 0
+    deep = w.hidden_mse > 0 or w.hidden_relative > 0 or w.attention > 0
     if not deep:
         emb = student(**inputs)
         return w.embedding_cosine * embedding_cosine(emb, target) + w.embedding_mse * ((emb - target) ** 2).mean()
@@ -187,6 +188,11 @@ def _loss(
     for i, j in enumerate(layer_map):
         if w.hidden_mse:
             loss = loss + w.hidden_mse * hidden_mse(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1], mask)
+        if w.hidden_relative:
+            s_h, t_h = s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]
+            if s_h.shape != t_h.shape:
+                raise UserError("distill: hidden_relative needs student and teacher states of the same width")
+            loss = loss + w.hidden_relative * hidden_relative(s_h, t_h, mask) / len(layer_map)
         if w.attention:
             s_att, t_att = s_out.attentions[i], t_out.attentions[j]
             if s_att.shape != t_att.shape:

@@ -58,6 +58,8 @@ def run(
     t_blocks, s_blocks = _blocks(teacher), _blocks(student)
     layer_map = cfg.layer_map or uniform_map(len(s_blocks), len(t_blocks))
     check_map(layer_map, len(s_blocks), len(t_blocks))
+    if w.hidden_relative:
+        raise UserError("distill.losses.hidden_relative is for Hugging Face models; zoo models use hidden_mse")
     if w.hidden_mse and (teacher.cfg.reversible or student.cfg.reversible):
         raise UserError("distill.losses.hidden_mse: reversible stacks do not expose per-block hidden states")
     projections = nn.ModuleList(
