@@ -145,6 +145,21 @@ def test_hidden_relative_distillation_moves_every_layer_towards_the_teacher(
     assert all(a < 0.7 * b for a, b in zip(after, before, strict=True)), (before, after)
 
 
+def test_hidden_relative_refuses_a_teacher_of_another_width(
+    distill_recipe: Callable[..., Path], tiny_bert: Path, tmp_path: Path
+) -> None:
+    from transformers import BertConfig, BertModel
+
+    narrow = tmp_path / "narrow"
+    shutil.copytree(tiny_bert, narrow)
+    config = BertConfig.from_pretrained(narrow)
+    config.hidden_size, config.intermediate_size = 16, 32
+    BertModel(config).save_pretrained(narrow, safe_serialization=True)
+    path = distill_recipe(teacher=str(narrow), losses={"hidden_relative": 1.0})
+    with pytest.raises(UserError, match="hidden_relative needs student and teacher of one width, not 32 and 16"):
+        _run(path)
+
+
 def test_select_fidelity_holds_out_training_texts(distill_recipe: Callable[..., Path]) -> None:
     """select: fidelity keeps the epoch closest to the teacher on held-out training texts, not on Lee."""
     path = distill_recipe(keep_every=2, epochs=3, select="fidelity")

@@ -68,6 +68,7 @@ def run(
     n_student, n_teacher = len(encoder.encoder.layer), len(teacher.encoder.encoder.layer)
     layer_map = cfg.layer_map or uniform_map(n_student, n_teacher)
     check_map(layer_map, n_student, n_teacher)
+    _check_widths(cfg, encoder.config.hidden_size, teacher.encoder.config.hidden_size)
 
     texts, held_out = _split_for_selection(list(ctx.texts("train").texts), cfg)
     ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
@@ -154,6 +155,11 @@ def _embed(model: Any, ids: dict[str, np.ndarray], n: int) -> torch.Tensor:
     return torch.cat([model(**_tensors(ids, np.arange(i, min(i + 32, n)))) for i in range(0, n, 32)])
 
 
+def _check_widths(cfg: DistillStage, student: int, teacher: int) -> None:
+    if cfg.losses_for("embedding").hidden_relative and student != teacher:
+        raise UserError(f"distill: hidden_relative needs student and teacher of one width, not {student} and {teacher}")
+
+
 def _kept_layers(cfg: DistillStage, depth: int) -> tuple[int, ...] | None:
     if cfg.keep_layers is not None:
         return cfg.keep_layers
@@ -190,8 +196,6 @@ def _loss(
             loss = loss + w.hidden_mse * hidden_mse(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1], mask)
         if w.hidden_relative:
             s_h, t_h = s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]
-            if s_h.shape != t_h.shape:
-                raise UserError("distill: hidden_relative needs student and teacher states of the same width")
             loss = loss + w.hidden_relative * hidden_relative(s_h, t_h, mask) / len(layer_map)
         if w.attention:
             s_att, t_att = s_out.attentions[i], t_out.attentions[j]
