@@ -214,7 +214,7 @@ def _reconstruct(
     )
     original = _load(artifact)
     baseline = None
-    if held:  # what magnitude ranking alone gives, for the report
+    if held and keep:  # what magnitude ranking alone gives, for the report (select: magnitude: the model itself)
         baseline = _load(artifact)
         prune_bert(baseline, cfg.heads, cfg.ffn, 1 if cfg.norm == "l1" else 2)
     held_batches = _token_batches(tokenizer, held, names, ctx)
