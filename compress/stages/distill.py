@@ -73,8 +73,7 @@ def run(
     texts, held_out = _split_for_selection(list(ctx.texts("train").texts), cfg)
     ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
     cached = _embed(teacher, ids, len(texts))  # the teacher is frozen: computed once, reused every epoch
-    held_ids = hf.encode(tokenizer, held_out, ctx.recipe.data.max_length, names) if held_out else None
-    held_teacher = _embed(teacher, held_ids, len(held_out)) if held_ids is not None else None
+    held_ids, held_teacher = _encoded(teacher, tokenizer, held_out, ctx, names) if held_out else (None, None)
     lengths = ids["attention_mask"].sum(1)
 
     def batches(order: np.ndarray) -> Iterator[Batch]:
@@ -85,13 +84,13 @@ def run(
         return _loss(model, teacher, batch, cached, cfg=cfg, layer_map=layer_map)
 
     data = ctx.evaluation
+    eval_ids, eval_teacher = _encoded(teacher, tokenizer, list(data.texts), ctx, names)
 
     def evaluate(model: Any) -> dict[str, Any]:
-        chunks = [
-            model(**_tensors(hf.encode(tokenizer, data.texts[i : i + 16], ctx.recipe.data.max_length, names), None))
-            for i in range(0, len(data.texts), 16)
-        ]
-        scores = task.score(torch.cat(chunks).numpy(), data)
+        emb = _embed(model, eval_ids, len(data.texts))
+        scores = task.score(emb.numpy(), data)
+        # How close the student is to the teacher on the evaluation texts: reported every epoch, never selected on.
+        scores["evaluation_cosine"] = float(torch.nn.functional.cosine_similarity(emb, eval_teacher).mean())
         if held_ids is not None and held_teacher is not None:
             student_emb = _embed(model, held_ids, len(held_out))
             scores["fidelity"] = float(torch.nn.functional.cosine_similarity(student_emb, held_teacher).mean())
@@ -147,6 +146,14 @@ def _split_for_selection(texts: list[str], cfg: DistillStage) -> tuple[list[str]
         )
     kept, held = held_out_rows(len(texts), cfg.seed)
     return [texts[i] for i in kept], [texts[i] for i in held]
+
+
+def _encoded(
+    teacher: Any, tokenizer: Any, texts: list[str], ctx: Context, names: Any
+) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """The texts encoded for the student, and the teacher's embeddings of them (computed once)."""
+    ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
+    return ids, _embed(teacher, ids, len(texts))
 
 
 @torch.no_grad()
