@@ -71,8 +71,7 @@ def run(
     _check_widths(cfg, encoder.config.hidden_size, teacher.encoder.config.hidden_size)
 
     texts, held_out = _split_for_selection(list(ctx.texts("train").texts), cfg)
-    ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
-    cached = _embed(teacher, ids, len(texts))  # the teacher is frozen: computed once, reused every epoch
+    ids, cached = _encoded(teacher, tokenizer, texts, ctx, names)  # the teacher is frozen: reused every epoch
     held_ids, held_teacher = _encoded(teacher, tokenizer, held_out, ctx, names) if held_out else (None, None)
     lengths = ids["attention_mask"].sum(1)
 
