@@ -27,17 +27,38 @@ def cache_dir() -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a temporary file in the same folder and a rename."""
+    """Write bytes to `path` through a temporary file in the same folder and a rename.
+
+    The data is fsynced before the rename and the folder after it, so after a crash or power loss
+    `path` holds either its old content or the new one, never an empty or partial file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         Path(tmp).chmod(0o644)  # mkstemp makes files owner-only; results are meant to be shared
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; best effort (some filesystems cannot open or fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # e.g. EINVAL on filesystems that refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def pypi_wheel_member(package: str, version: str, member: str, sha256: str) -> Path:
