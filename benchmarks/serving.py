@@ -10,7 +10,8 @@ Runtime threads and one text (a Lee document, cut at 128 tokens) per call:
 - in-process, tokenizer + ORT: the server's own Model.predict, without HTTP;
 - the server, native: `server.py` on loopback, a second process sending requests on one keep-alive
   connection (the load generator shares the 2 cores with the server);
-- the server in the amd64 image, the same way (--network host).
+- the server in the amd64 image, the same way: the container shares the host's network (the engine
+  has no bridge) and its server listens on 127.0.0.1 only, never beyond loopback.
 
 Then: container start to first answer (median of 5), and the image sizes. Writes
 benchmarks/results/serving.md (also printed).
@@ -117,8 +118,9 @@ def images_for(folder: Path, env: dict[str, str]) -> tuple[dict[str, str], dict[
 
 
 def container(env: dict[str, str], tag: str, port: int, *extra: str, arch: str = "amd64") -> str:
-    args = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), tag, *extra]
-    return images.docker(args, env, "run").strip()
+    """`tag`'s server on 127.0.0.1:`port` (the host's network, loopback only: nothing is published)."""
+    args = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), tag]
+    return images.docker([*args, "--host", "127.0.0.1", *extra], env, "run").strip()
 
 
 def throughput(folder: Path, texts: list[str], tag: str, env: dict[str, str], args: Any) -> dict[str, list[Any]]:
@@ -207,7 +209,7 @@ def main() -> None:
     tags, sizes = images_for(folder, env)
     samples = throughput(folder, texts, tags["amd64"], env, args)
     starts, arm_start = start_times(env, tags)
-    restored = engine.stop()
+    stopped = engine.stop()
 
     rows = {k: summary(v) for k, v in samples.items()}
     base = rows["ort"]["rps"]
@@ -234,8 +236,8 @@ def main() -> None:
         f"- Container start to first answer (amd64, `docker run` to /healthz 200): median {np.median(starts):.2f} s "
         f"of 5 (min {min(starts):.2f}, max {max(starts):.2f}).",
         f"- arm64 image under qemu (EMULATED, not a device figure): {arm_start:.1f} s to first answer.",
-        f"- Model: sha256 {bundle['model_sha256'][:12]}, {bundle['model_bytes'] / 1e6:.1f} MB; host networking after "
-        f"the engine stopped: {'restored: ' + ', '.join(restored) if restored else 'unchanged'}.",
+        f"- Model: sha256 {bundle['model_sha256'][:12]}, {bundle['model_bytes'] / 1e6:.1f} MB; engine stop: "
+        f"{'; '.join(stopped) if stopped else 'nothing to remove, host networking as at start'}.",
         "",
     ]
     text = "\n".join(lines)

@@ -14,6 +14,9 @@ ENV PYTHONPATH=/opt/edge-compress/site \
     PORT=8080
 USER 10001:10001
 WORKDIR /tmp
+# The server listens on 0.0.0.0:$PORT, all of the container's own network namespace, so a published port
+# (`-p 127.0.0.1:8080:8080` keeps it on the host's loopback) reaches it. With `--network host` it would
+# listen on every host interface: pass `--host 127.0.0.1` after the image name, as the tests do.
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
     CMD ["/usr/bin/python3.11", "/opt/edge-compress/server.py", "--healthcheck"]

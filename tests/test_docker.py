@@ -1,8 +1,13 @@
-"""The runtime images for real (marked docker): a private Docker engine, amd64 and arm64 images, served predictions.
+"""The private Docker engine and the runtime images: amd64 and arm64 images, served predictions.
 
-The engine is started with `edge-compress docker start` semantics (own socket, data root and PID) and
-stopped at the end; the host's networking must be what it was before. arm64 containers run under
-qemu-aarch64 through binfmt_misc. Needs root (Debian's docker.io, mmdebstrap and binfmt are set up here).
+The tests marked docker run a real engine with `edge-compress docker start` semantics (own socket, data
+root and PID), stopped at the end; the host's networking must be what it was before. arm64 containers
+run under qemu-aarch64 through binfmt_misc. They need root (Debian's docker.io, mmdebstrap and binfmt
+are set up here). Served containers share the host's network (the engine has no bridge) with the server
+bound to 127.0.0.1 only.
+
+The unmarked tests check, without a dockerd, that stop() signals only our own dockerd and leaves the
+host's networking alone (reporting what changed), and that host setup says what it does before it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,7 @@ from compress.container import images
 from compress.container.engine import CLIENT, Engine, host_network
 from tests.test_serving import Client, _run, free_port
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.skipif(os.geteuid() != 0, reason="a private Docker engine needs root"),
-]
+real_engine = pytest.mark.skipif(os.geteuid() != 0, reason="a private Docker engine needs root")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def engine() -> Iterator[dict[str, str]]:
     eng = Engine(images.build_root() / "engine")
     eng.start(lambda _msg: None)
     yield eng.env()
-    eng.stop()
+    assert eng.stop() == []  # no network of ours to remove, nothing changed since start
     assert eng.pid() is None
     assert host_network() == before  # forwarding, links and iptables rules as they were
 
@@ -47,12 +49,15 @@ def docker(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Co
 
 
 def serve(env: dict[str, str], image: str, arch: str) -> tuple[str, int, float]:
-    """Start `image` on a free loopback port; returns the container, the port and seconds to the first answer."""
+    """Start `image` on a free loopback port; returns the container, the port and seconds to the first answer.
+
+    The engine has no bridge, so no published ports: the container shares the host's network and its
+    server listens on 127.0.0.1 only (the image's default, 0.0.0.0, is for a container of its own network).
+    """
     port = free_port()
     start = time.perf_counter()
-    cid = docker(
-        env, "run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), image
-    ).stdout.strip()
+    run = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), image]
+    cid = docker(env, *run, "--host", "127.0.0.1").stdout.strip()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -63,6 +68,23 @@ def serve(env: dict[str, str], image: str, arch: str) -> tuple[str, int, float]:
     logs = docker(env, "logs", cid, check=False)
     docker(env, "rm", "-f", cid, check=False)
     raise AssertionError(f"{image} did not answer in 120 s: {logs.stdout[-500:]} {logs.stderr[-500:]}")
+
+
+def listening(port: int) -> set[str]:
+    """The addresses a TCP socket listens on at `port`, from /proc/net/tcp{,6} (a host-network container's too)."""
+    import ipaddress
+
+    found = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        path = Path("/proc/net") / table
+        for line in path.read_text().splitlines()[1:] if path.is_file() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))  # each 32-bit word little-endian
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
 
 
 def stop(env: dict[str, str], cid: str) -> None:
@@ -91,6 +113,8 @@ def _user_and_torch(env: dict[str, str], image: str, arch: str) -> tuple[str, in
     return user, probe.returncode
 
 
+@pytest.mark.docker
+@real_engine
 def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
     engine: dict[str, str], minilm_run: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +142,7 @@ def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
         assert user == "10001:10001" and torch_code != 0  # non-root, and no PyTorch in the runtime image
         cid, port, _ = serve(engine, tag, arch)
         try:
+            assert listening(port) == {"127.0.0.1"}  # the served model is not reachable from outside
             client = Client(port)
             status, answers[arch] = client.predict({"texts": texts})
             assert status == 200
@@ -141,6 +166,8 @@ def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
     assert cosine.min() >= 0.99, cosine  # ARM's int8 kernels, not a different model
 
 
+@pytest.mark.docker
+@real_engine
 def test_docker_targets_validate_a_custom_op_model_inside_both_runtime_images(
     engine: dict[str, str], zoo_recipe: Callable[..., Path]
 ) -> None:
@@ -171,6 +198,8 @@ def test_docker_targets_validate_a_custom_op_model_inside_both_runtime_images(
     assert not [w for w in report["warnings"] if "function bod" in w]
 
 
+@pytest.mark.docker
+@real_engine
 def test_pipeline_image_runs_the_demo_recipe_offline_and_its_run_packages(
     engine: dict[str, str], tmp_path: Path
 ) -> None:
@@ -195,3 +224,162 @@ def test_pipeline_image_runs_the_demo_recipe_offline_and_its_run_packages(
     assert report["provenance"]["packages"]["torch"].startswith("2.13.0")
     meta = write_bundle(work / "runs" / "minilm-int8", tmp_path / "bundle")
     assert meta["validated"]["passed"] and meta["task"] == "embedding"
+
+
+# Without a dockerd: the engine's stop() and the host setup, on fakes. Nothing here signals, deletes or
+# reverts anything on the host, even on code that would: commands are recorded, not run.
+
+
+def test_listening_sees_a_loopback_server() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert listening(sock.getsockname()[1]) == {"127.0.0.1"}
+
+
+def _fake_dockerd(args: list[str]) -> subprocess.Popen[bytes]:
+    """A process whose command line reads `dockerd ARGS...` (a Python sleeping), for the engine's PID check."""
+    code = "import time; time.sleep(120)"
+    proc = subprocess.Popen(["dockerd", "-c", code, *args], executable=sys.executable)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] != b"dockerd":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The engine module's subprocess.run, recorded: only *-save (reading the rules) really runs."""
+    from compress.container import engine as module
+
+    calls: list[list[str]] = []
+    real = subprocess.run
+
+    def run(cmd: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        if str(cmd[0]).endswith("-save"):
+            return real(cmd, *args, **kwargs)
+        calls.append([str(c) for c in cmd])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(module.subprocess, "run", run)
+    return calls
+
+
+def test_stop_does_not_signal_an_unrelated_process_holding_the_pidfiles_pid(
+    tmp_path: Path, recorded: list[list[str]]
+) -> None:
+    eng = Engine(tmp_path / "engine")
+    eng.root.mkdir()
+    other = tmp_path / "other"
+    unrelated = [
+        subprocess.Popen(["sleep", "120"]),  # not a dockerd at all
+        _fake_dockerd(["--data-root", str(other / "data"), "-H", f"unix://{other}/docker.sock"]),  # someone else's
+    ]
+    try:
+        for proc in unrelated:
+            eng.pidfile.write_text(f"{proc.pid}\n")
+            assert eng.pid() is None
+            messages = eng.stop()
+            time.sleep(0.3)
+            assert proc.poll() is None  # still running: never signalled
+            assert not eng.pidfile.exists()
+            assert messages == [
+                f"removed the stale pidfile {eng.pidfile}: PID {proc.pid} is not our dockerd "
+                f"({' '.join(proc.args)[:80]}), not signalled"  # type: ignore[arg-type]
+            ]
+    finally:
+        for proc in unrelated:
+            proc.kill()
+            proc.wait()
+    assert recorded == []  # no docker client, no ip, no iptables-restore
+
+
+def test_stop_removes_our_networks_through_our_socket_then_stops_our_dockerd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: list[list[str]]
+) -> None:
+    eng = Engine(tmp_path / "engine")
+    eng.root.mkdir()
+    ours = _fake_dockerd(["--data-root", str(eng.data_root), "--exec-root", str(eng.root / "exec"), "-H", eng.host])
+    eng.pidfile.write_text(f"{ours.pid}\n")
+    client: list[tuple[str, ...]] = []
+
+    def fake_client(*args: str) -> subprocess.CompletedProcess[str]:
+        assert ours.poll() is None  # the daemon still runs while its networks go
+        client.append(args)
+        out = {"ls": "edge-test-net\n", "inspect": "c0ffee "}.get(args[1], "")
+        return subprocess.CompletedProcess(list(args), 0, out, "")
+
+    monkeypatch.setattr(eng, "answers", lambda: True)
+    monkeypatch.setattr(eng, "_client", fake_client)
+    try:
+        assert eng.pid() == ours.pid
+        assert eng.stop() == ["removed network edge-test-net (ours)"]
+        assert ours.wait(timeout=10) == -15  # SIGTERM
+    finally:
+        ours.kill()
+        ours.wait()
+    assert client[0][:4] == ("network", "ls", "--filter", "type=custom")
+    assert ("network", "disconnect", "-f", "edge-test-net", "c0ffee") in client
+    assert client[-1] == ("network", "rm", "edge-test-net")
+    assert not eng.pidfile.exists() and recorded == []
+
+
+def test_stop_reports_host_networking_changed_since_start_and_reverts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: list[list[str]]
+) -> None:
+    """A snapshot "from the start" that differs from now: as if the host changed while the engine ran."""
+    now = host_network()
+    before = json.loads(json.dumps(now))
+    before["links"] = [ln for ln in now["links"] if ln != "lo"] + ["edge-test0"]  # lo "appeared", edge-test0 "went"
+    for name, value in now["sysctls"].items():
+        before["sysctls"][name] = "1" if value == "0" else "0"
+    before["rules"] = dict.fromkeys(now["rules"], "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    written: list[str] = []
+    real_write = Path.write_text
+
+    def guarded(path: Path, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith("/proc/"):
+            written.append(str(path))
+            return 0
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", guarded)
+    eng = Engine(tmp_path / "engine")
+    eng.root.mkdir()
+    eng.snapshot.write_text(json.dumps(before))
+    messages = eng.stop()
+    assert written == [] and recorded == []  # no sysctl written, no `ip link delete`, no iptables-restore
+    assert Path("/sys/class/net/lo").exists()
+    assert host_network() == now
+    assert all(m.startswith("changed since start, left as is: ") for m in messages), messages
+    text = "\n".join(messages)
+    assert "new network link lo" in text and "network link edge-test0 gone" in text
+    for name in now["sysctls"]:
+        assert f"{name.replace('/', '.')} {before['sysctls'][name]} -> {now['sysctls'][name]}" in text
+    for tool in now["rules"]:
+        if now["rules"][tool] is not None:
+            assert f"{tool.replace('-save', '')} rules differ" in text
+    assert not eng.snapshot.exists()
+    assert eng.stop() == []  # the second time: nothing to report
+
+
+def test_binfmt_registration_is_announced_before_it_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    misc, conf = tmp_path / "binfmt_misc", tmp_path / "qemu-aarch64.conf"
+    misc.mkdir()
+    (misc / "register").write_text("")
+    conf.write_text(":qemu-aarch64:M::\\x7fELF:mask:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OCPF\n")
+    monkeypatch.setattr(images, "BINFMT_MISC", misc)
+    monkeypatch.setattr(images, "BINFMT_CONF", conf)
+    monkeypatch.setattr(images, "host_arch", lambda: "amd64")
+    monkeypatch.setattr(images.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("compress.targets.emulated.ensure_tools", lambda *_args: None)
+    said: list[tuple[str, str]] = []
+    images.ensure_binfmt(lambda msg: said.append((msg, (misc / "register").read_text())))
+    assert len(said) == 1
+    message, registered_then = said[0]
+    assert registered_then == ""  # said before the registration
+    assert "registering qemu-aarch64 with binfmt_misc on this host" in message and str(conf) in message
+    assert (misc / "register").read_text() == conf.read_text()

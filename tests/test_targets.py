@@ -256,3 +256,34 @@ def test_native_probe_runs_with_a_relative_job_folder(tmp_path: Path, monkeypatc
     result = targets.get("x86_64").run(Path("runs/job"), {"mode": "probe", "threads": 1})
     assert result["machine"] == "x86_64" and result["onnxruntime"]
     assert "avx2" in result["cpu_features"]
+
+
+def test_installing_host_tools_is_announced_before_apt_get_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ensure_tools changes the host: one line naming the packages, before any apt-get (recorded here, not run)."""
+    from compress.targets import emulated
+
+    installed: set[str] = set()
+    events: list[str] = []
+
+    def which(tool: str) -> str | None:
+        return f"/usr/bin/{tool}" if tool == "apt-get" or tool in installed else None
+
+    def run(cmd: list[str], *args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        events.append("run: " + " ".join(cmd))
+        if "install" in cmd:
+            installed.update(["mmdebstrap", "qemu-aarch64-static"])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(emulated.shutil, "which", which)
+    monkeypatch.setattr(emulated.subprocess, "run", run)
+    monkeypatch.setattr(emulated.os, "geteuid", lambda: 0)
+    emulated.ensure_tools(["qemu-aarch64-static", "mmdebstrap"], lambda msg: events.append("log: " + msg))
+    assert events[0] == (
+        "log: installing Debian packages mmdebstrap qemu-user-static on this host for qemu-aarch64-static, "
+        "mmdebstrap (apt-get update, then apt-get install --no-install-recommends, as root)"
+    )
+    assert [e.split()[1] for e in events[1:]] == ["apt-get", "apt-get"] and "update" in events[1]
+    assert events[2].endswith("--no-install-recommends mmdebstrap qemu-user-static")
+    events.clear()
+    emulated.ensure_tools(["mmdebstrap"], lambda msg: events.append("log: " + msg))
+    assert events == []  # present: nothing said, nothing run

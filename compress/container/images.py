@@ -41,6 +41,8 @@ PLATFORMS = {
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
 USER = "edge:x:10001:10001:edge-compress server:/nonexistent:/usr/sbin/nologin"
 EMULATED_CPU = "neoverse-n1"
+BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # from qemu-user-static
 
 
 def build_root() -> Path:
@@ -111,27 +113,36 @@ def engine_env() -> dict[str, str]:
 
 
 def ensure_binfmt(log: Log) -> None:
-    """Register qemu-aarch64 with binfmt_misc (fix-binary, so it works inside containers); x86-64 hosts only."""
+    """Register qemu-aarch64 with binfmt_misc (fix-binary, so it works inside containers); x86-64 hosts only.
+
+    A host-wide change that lasts until reboot: it says so before making it (and before installing
+    qemu-user-static, through ensure_tools), and how to undo it.
+    """
     if host_arch() == "arm64":
         return
-    misc = Path("/proc/sys/fs/binfmt_misc")
-    if (misc / "qemu-aarch64").is_file():
+    if (BINFMT_MISC / "qemu-aarch64").is_file():
         return
     from compress.targets.emulated import ensure_tools
 
     ensure_tools(["qemu-aarch64-static"], log)
-    conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
-    if os.geteuid() != 0 or not conf.is_file():
+    if os.geteuid() != 0 or not BINFMT_CONF.is_file():
         raise UserError(
             "docker: arm64 images need qemu-aarch64 registered with binfmt_misc (as root, qemu-user-static)"
         )
-    if not (misc / "register").exists():
-        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(misc)], capture_output=True, check=False)
+    mount = not (BINFMT_MISC / "register").exists()
+    log(
+        f"registering qemu-aarch64 with binfmt_misc on this host ({BINFMT_CONF}, fix-binary"
+        f"{'; mounting binfmt_misc at ' + str(BINFMT_MISC) if mount else ''}), so arm64 containers run; "
+        f"until reboot, or `echo -1 > {BINFMT_MISC / 'qemu-aarch64'}`"
+    )
+    if mount:
+        subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_MISC)], capture_output=True, check=False
+        )
     try:
-        (misc / "register").write_text(conf.read_text().strip() + "\n")
+        (BINFMT_MISC / "register").write_text(BINFMT_CONF.read_text().strip() + "\n")
     except OSError as exc:
         raise UserError(f"docker: could not register qemu-aarch64 with binfmt_misc ({exc.strerror})") from None
-    log("registered qemu-aarch64 with binfmt_misc")
 
 
 def run_flags(arch: str) -> list[str]:

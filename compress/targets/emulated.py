@@ -36,14 +36,20 @@ TOOLS = {
 
 
 def ensure_tools(tools: list[str], log: Log) -> None:
-    """Install missing host tools from Debian's packages (as root), or say exactly what to install."""
+    """Install missing host tools from Debian's packages (as root), or say exactly what to install.
+
+    Installing changes the host: it logs one line naming the packages before apt-get runs.
+    """
     missing = [t for t in tools if shutil.which(t) is None]
     if not missing:
         return
     packages = sorted({TOOLS[t] for t in missing})
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise UserError(f"targets: {', '.join(missing)} missing: install {' '.join(packages)} (apt-get, as root)")
-    log(f"installing {' '.join(packages)} (apt-get)")
+    log(
+        f"installing Debian package{'s' * (len(packages) > 1)} {' '.join(packages)} on this host for "
+        f"{', '.join(missing)} (apt-get update, then apt-get install --no-install-recommends, as root)"
+    )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (
         ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"],
