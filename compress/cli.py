@@ -48,16 +48,19 @@ def run(recipe: Path, fresh: bool) -> None:
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 def check(recipe: Path) -> None:
-    """Validate RECIPE without running it: fields, values, stage order, model folder, data files."""
-    from compress.pipeline import source_artifact
-    from compress.recipe import FileSet, load_recipe
+    """Validate RECIPE without running it: what `run` would refuse before any work is refused here too.
+
+    Fields, values and stage order; the model folder (config, tokenizer, weights that load into it);
+    the user's data files; the lengths the stages ask of the model; the run folder it would write.
+    """
+    from compress.preflight import preflight
+    from compress.recipe import load_recipe
+    from compress.run_dir import check_claim
 
     parsed = load_recipe(recipe)
-    folder = source_artifact(parsed).files.get("model", "new, trained by the recipe")
-    for role in ("train", "calibration", "evaluation", "test"):
-        source = getattr(parsed.data, role)
-        if isinstance(source, FileSet) and not source.path.is_file():
-            raise UserError(f"{recipe}: data.{role}.path: {source.path} does not exist")
+    source = preflight(parsed, deep=True)
+    check_claim(parsed.output.dir / parsed.name)
+    folder = source.files.get("model", "new, trained by the recipe")
     stages = " -> ".join(s.type for s in parsed.stages)
     click.echo(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})")
 
@@ -305,6 +308,14 @@ def _print_summary(run_dir: Path) -> None:
     console.print(f"report: {run_dir / 'report.md'} (and report.json)")
 
 
+def _one_line(exc: BaseException, limit: int = 600) -> str:
+    """An error message as one printable line: no markup, no newlines, no lone surrogates, bounded length."""
+    from rich.markup import escape
+
+    text = " ".join(str(exc).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return escape(text if len(text) <= limit else text[: limit - 4] + " ...")
+
+
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, a failed check exit code 1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders, never from a hub
@@ -319,10 +330,10 @@ def main() -> None:
         exc.show()
         sys.exit(2)
     except UserError as exc:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except StageFailed as exc:
-        _err.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]failed:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _err.print("interrupted: finished stages are kept; rerun to continue")
@@ -331,7 +342,7 @@ def main() -> None:
         if os.environ.get("EDGE_COMPRESS_DEBUG"):
             raise
         _err.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            f"[bold red]internal error:[/] {type(exc).__name__}: {_one_line(exc)} "
             "(a bug: rerun with EDGE_COMPRESS_DEBUG=1 for the traceback and report it)",
             highlight=False,
             soft_wrap=True,

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from compress import distributed
+from compress import run_dir as run_dirs
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.errors import GateFailed, UserError
-from compress.models import hf
-from compress.models.zoo import read_zoo_config
-from compress.recipe import HFModel, PackageModel, Recipe, ZooModel
+from compress.preflight import content_fingerprint, preflight
+from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
 
@@ -56,19 +56,20 @@ def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False, until: 
     """
     run_dir = recipe.output.dir / recipe.name
     ctx = ctx or Context(recipe=recipe, run_dir=run_dir)
-    source = source_artifact(recipe)
+    source = preflight(recipe)
     ctx.source = source
     _load_data_up_front(recipe, ctx)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        run_dirs.claim(run_dir)  # refuses a non-empty folder edge-compress did not make, before touching it
     if not distributed.is_main():  # torchrun: rank 0 owns the run directory; see compress/distributed.py
         distributed.barrier()  # rank 0 has taken the lock (and wiped, with fresh)
         with tempfile.TemporaryDirectory(prefix=f"edge-compress-rank{distributed.rank()}-") as scratch:
             return _run_stages(recipe, ctx, source, run_dir, until, scratch=Path(scratch))
     with _exclusive(run_dir):
         if fresh:
-            for path in run_dir.iterdir():
-                if path.name != ".lock":
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            kept = run_dirs.clear(run_dir)
+            if kept:
+                ctx.log(f"--fresh kept what edge-compress did not write: {', '.join(kept[:5])}")
         distributed.barrier()
         return _run_stages(recipe, ctx, source, run_dir, until)
 
@@ -84,19 +85,6 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def source_artifact(recipe: Recipe) -> Artifact:
-    """The recipe's input model as an artifact, checked: a Hugging Face folder, a zoo checkpoint, or a new one."""
-    model = recipe.model
-    if isinstance(model, HFModel | PackageModel):
-        return Artifact("hf", {"model": hf.model_folder(model)}, {"precision": "fp32"})
-    if isinstance(model, ZooModel):
-        read_zoo_config(model.zoo)
-        if not (model.zoo / "model.safetensors").is_file():
-            raise UserError(f"model.zoo: {model.zoo} holds no model.safetensors")
-        return Artifact("zoo", {"model": model.zoo}, {"precision": "fp32"})
-    return Artifact("new", {}, {"architecture": model.architecture})
-
-
 def _run_stages(  # noqa: PLR0917
     recipe: Recipe,
     ctx: Context,
@@ -109,7 +97,7 @@ def _run_stages(  # noqa: PLR0917
     folder = artifact.files.get("model")
     if scratch is None:
         write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
-    fingerprint = _source_fingerprint(recipe, folder)
+    fingerprint = _source_fingerprint(recipe, artifact)
     records: list[StageRecord] = []
     stale = False
     stages = recipe.stages
@@ -146,7 +134,7 @@ def _run_stages(  # noqa: PLR0917
     if scratch is not None:
         return run_dir
     if until is None:
-        _drop_leftover_stages(run_dir, len(recipe.stages))
+        run_dirs.drop_stages_after(run_dir, len(recipe.stages))
     write_report(run_dir, recipe, folder, records)
     return run_dir
 
@@ -236,21 +224,12 @@ def _is_done(stage_dir: Path, fingerprint: str) -> bool:
     return marker.is_file() and marker.read_text().strip() == fingerprint
 
 
-def _drop_leftover_stages(run_dir: Path, count: int) -> None:
-    """Stage folders beyond the recipe's stages (the recipe got shorter) would mislead: remove them."""
-    for path in run_dir.iterdir():
-        head = path.name.lstrip(".").split("_", 1)[0]  # also .NN_stage.tmp and .NN_stage.work
-        if path.is_dir() and head.isdigit() and int(head) > count:
-            shutil.rmtree(path)
-
-
-def _source_fingerprint(recipe: Recipe, folder: Path | None) -> str:
-    weights = folder / "model.safetensors" if folder is not None else None
-    stat = weights.stat() if weights is not None and weights.is_file() else None
+def _source_fingerprint(recipe: Recipe, source: Artifact) -> str:
+    """Everything the first stage depends on: the recipe's settings and the bytes of the files it reads."""
     parts = {
         "model": recipe.model.model_dump(mode="json"),
-        "folder": str(folder.resolve()) if folder is not None else None,
-        "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
+        # content, not paths or times: an edited data file or config recomputes, a moved folder does not
+        "files": content_fingerprint(recipe, source),
         "task": recipe.task,
         "data": recipe.data.model_dump(mode="json"),
         "targets": recipe.targets,

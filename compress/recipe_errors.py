@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from compress.recipe_yaml import echo
 from compress.stage_configs import STAGE_MODELS, STAGE_ORDER
 
 _UNION_FIELDS = ("model", "calibration", "evaluation", "train", "test")
@@ -31,8 +32,8 @@ def _dotted(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+            out += ("." if out else "") + (part if isinstance(part, str) and len(part) <= 60 else echo(part))
+    return out.encode("utf-8", "backslashreplace").decode("utf-8") or "(top level)"
 
 
 def _line_of(node: Any, loc: tuple[Any, ...]) -> int:
@@ -69,7 +70,7 @@ def _explain(err: Any, loc: tuple[Any, ...]) -> str:
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    return f"{msg} (got {err['input']!r})" if kind not in ("value_error", "assertion_error") else msg
+    return f"{msg} (got {echo(err['input'])})" if kind not in ("value_error", "assertion_error") else msg
 
 
 def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:

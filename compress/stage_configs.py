@@ -15,7 +15,14 @@ PresetChoice = Literal["auto", "x86_64-vnni", "x86_64-avx2", "aarch64"]
 class Strict(BaseModel):
     """Base of every recipe model: unknown fields are errors, parsed values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .inf / .nan anywhere
+
+    @model_validator(mode="after")
+    def _paths_without_nul(self) -> Strict:
+        for name, value in self:
+            if isinstance(value, Path) and "\x00" in str(value):
+                raise ValueError(f"{name}: a path cannot hold a NUL character")
+        return self
 
 
 class TrainingSettings(Strict):
@@ -27,11 +34,17 @@ class TrainingSettings(Strict):
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of all steps spent warming the LR up from 0.")
     decay: Literal["linear", "cosine"] = Field("linear", description="LR decay to 0 after warm-up.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
-    seed: int = Field(0, ge=0, description="Seeds initialisation, data order and dropout: runs are repeatable.")
-    patience: int = Field(2, ge=1, description="Early stopping: epochs without improvement of the eval metric.")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch.")
-    eval_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many evaluation texts.")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Clip the global gradient norm to this value.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seeds initialisation, data order and dropout: runs are repeatable."
+    )
+    patience: int = Field(
+        2, ge=1, le=1000, description="Early stopping: epochs without improvement of the eval metric."
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=10**8, description="Cap on optimizer steps per epoch.")
+    eval_samples: int | None = Field(
+        None, ge=1, le=10**8, description="Evaluate on at most this many evaluation texts."
+    )
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads (fixed: results depend on it).")
 
 
@@ -49,7 +62,7 @@ class DistillLosses(Strict):
     kl: float = Field(
         0.0, ge=0, description="classification / lm: soft-target KL at `temperature` (Hinton et al. 2015)."
     )
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL loss; must be > 0.")
+    temperature: float = Field(2.0, gt=0, le=1000, description="Softmax temperature of the KL loss; must be > 0.")
     ce: float = Field(0.0, ge=0, description="classification / lm: cross-entropy on the hard labels (next bytes).")
     hidden_mse: float = Field(
         0.0,
@@ -82,7 +95,7 @@ class DistillStage(TrainingSettings):
         None, description="Teacher model folder (Hugging Face); default the recipe's input model."
     )
     keep_every: int | None = Field(
-        None, ge=1, description="Student by layer dropping: keep every k-th layer of the current model."
+        None, ge=1, le=1000, description="Student by layer dropping: keep every k-th layer of the current model."
     )
     keep_layers: tuple[int, ...] | None = Field(
         None, description="Student by layer dropping: the layer indices to keep (copied with their weights)."
@@ -159,7 +172,9 @@ class ReconstructSettings(Strict):
     data: Literal["calibration", "train"] = Field(
         "calibration", description="Which of the recipe's data sets is the calibration text (unlabeled is enough)."
     )
-    texts: int = Field(512, ge=1, description="At most this many texts of it (the first ones), at data.max_length.")
+    texts: int = Field(
+        512, ge=1, le=10**6, description="At most this many texts of it (the first ones), at data.max_length."
+    )
     select: Literal["magnitude", "error"] = Field(
         "error",
         description=(
@@ -169,7 +184,10 @@ class ReconstructSettings(Strict):
         ),
     )
     ridge: float = Field(
-        0.01, ge=0, description="Ridge penalty, relative to the mean squared input: larger trusts the data less."
+        0.01,
+        ge=0,
+        le=1e6,
+        description="Ridge penalty, relative to the mean squared input: larger trusts the data less.",
     )
 
 
@@ -194,8 +212,8 @@ class PruneStage(Strict):
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="global scope: lowest sparsity of any layer.")
     max_sparsity: float = Field(0.98, ge=0, lt=1, description="global scope: highest sparsity of any layer.")
-    n: int = Field(2, ge=1, description="nm: weights kept per group.")
-    m: int = Field(4, ge=2, description="nm: group size.")
+    n: int = Field(2, ge=1, le=1024, description="nm: weights kept per group.")
+    m: int = Field(4, ge=2, le=1024, description="nm: group size.")
     block: tuple[int, int] = Field((1, 4), description="block: (rows, cols) of a block.")
     heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed per layer.")
     ffn: float = Field(0.0, ge=0, lt=1, description="structured: fraction of FFN neurons removed per layer.")
@@ -208,9 +226,12 @@ class PruneStage(Strict):
         ),
     )
     ramp_epochs: int | None = Field(
-        None, ge=1, description="gradual: epochs over which sparsity rises to the target (default recovery epochs - 1)."
+        None,
+        ge=1,
+        le=1000,
+        description="gradual: epochs over which sparsity rises to the target (default recovery epochs - 1).",
     )
-    frequency: int = Field(10, ge=1, description="gradual: optimizer steps between mask updates.")
+    frequency: int = Field(10, ge=1, le=10**8, description="gradual: optimizer steps between mask updates.")
     recovery: RecoverySettings | None = Field(
         None, description="Recovery training after (one_shot) or while (gradual) pruning; masks are kept throughout."
     )
@@ -283,9 +304,12 @@ class ExportStage(Strict):
     tolerance: float = Field(
         1e-4,
         gt=0,
+        le=10,
         description="Largest allowed |ONNX Runtime - PyTorch| on real inputs; beyond it the stage fails.",
     )
-    check_samples: int = Field(16, ge=1, description="Evaluation texts used for the PyTorch/ONNX Runtime check.")
+    check_samples: int = Field(
+        16, ge=1, le=10_000, description="Evaluation texts used for the PyTorch/ONNX Runtime check."
+    )
 
 
 class QuantizeGoal(Strict):
@@ -293,6 +317,7 @@ class QuantizeGoal(Strict):
 
     max_drop: float = Field(
         ge=0,
+        le=1,
         description=(
             "Largest allowed drop of the goal metric from fp32: accuracy on data.evaluation (classification), "
             "or 1 - mean cosine of the int8 embeddings to the fp32 ones on data.evaluation (embedding)."
@@ -300,7 +325,7 @@ class QuantizeGoal(Strict):
     )
     relative: bool = Field(False, description="max_drop is a fraction of the fp32 metric instead of an absolute drop.")
     samples: int | None = Field(
-        None, ge=1, description="Measure the goal on at most this many evaluation texts (faster trials)."
+        None, ge=1, le=10**8, description="Measure the goal on at most this many evaluation texts (faster trials)."
     )
 
 
@@ -324,7 +349,7 @@ class QuantizeStage(Strict):
         None, description="Static only: calibration method (default minmax)."
     )
     percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
-    calibration_samples: int = Field(128, ge=1, description="Static only: calibration texts used.")
+    calibration_samples: int = Field(128, ge=1, le=10**7, description="Static only: calibration texts used.")
     calibration_chunk: int = Field(
         4,
         ge=1,
@@ -360,7 +385,10 @@ class QuantizeStage(Strict):
         ),
     )
     time_budget: float = Field(
-        900, gt=0, description="Seconds the accuracy-aware search may take; it fails when the goal is not met in time."
+        900,
+        gt=0,
+        le=7 * 86400,
+        description="Seconds the accuracy-aware search may take; it fails when the goal is not met in time.",
     )
 
     @model_validator(mode="after")
@@ -421,6 +449,7 @@ class GateLimits(Strict):
     max_drop: float | None = Field(
         None,
         ge=0,
+        le=2,
         description=(
             "Largest allowed drop of the task metric (accuracy; Spearman for embeddings) on this target below "
             "the fp32 model on native x86-64, on the same texts."
@@ -442,10 +471,11 @@ class ValidateStage(Strict):
     batch_size: int = Field(1, ge=1, le=256, description="Latency: batch size.")
     sequence_length: int = Field(128, ge=8, le=8192, description="Latency: tokens per sequence.")
     threads: int = Field(2, ge=1, le=256, description="ONNX Runtime intra-op threads (fixed for every target).")
-    warmup: int = Field(10, ge=0, description="Latency: untimed runs before timing.")
+    warmup: int = Field(10, ge=0, le=100_000, description="Latency: untimed runs before timing.")
     runs: int = Field(
         100,
         ge=10,
+        le=1_000_000,
         description="Latency: timed runs per model (interleaved with the reference); p99 needs 100 or more.",
     )
     gate: dict[str, GateLimits] = Field(
@@ -458,6 +488,7 @@ class ValidateStage(Strict):
     emulated_samples: int = Field(
         64,
         ge=1,
+        le=1_000_000,
         description=(
             "Emulated targets evaluate the first N evaluation texts, rounded up to whole batches (emulation is "
             "200-500x slower); "
@@ -465,7 +496,10 @@ class ValidateStage(Strict):
         ),
     )
     emulated_runs: int = Field(
-        5, ge=1, description="Latency runs on emulated targets (labelled emulated; never compared with native)."
+        5,
+        ge=1,
+        le=10_000,
+        description="Latency runs on emulated targets (labelled emulated; never compared with native).",
     )
 
     def limits(self, target: str) -> GateLimits | None:

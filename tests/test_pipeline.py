@@ -14,12 +14,23 @@ from compress.context import Context
 from compress.errors import StageFailed
 from compress.pipeline import run
 from compress.recipe import load_recipe
+from compress.run_dir import claim
 
 
 def _run(path: Path) -> Path:
     recipe = load_recipe(path)
     quiet = Console(quiet=True)
     return run(recipe, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=quiet))
+
+
+def _check(path: Path) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "check", str(path)], capture_output=True, text=True, check=False
+    )
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def _report(run_dir: Path) -> dict:
@@ -113,7 +124,7 @@ def test_export_mismatch_fails_and_keeps_nothing_half_written(recipe_for: Callab
     with pytest.raises(StageFailed, match="differs from PyTorch"):
         _run(path)
     run_dir = recipe.output.dir / recipe.name
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "resolved_recipe.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".edge-compress-run", ".lock", "resolved_recipe.yaml"]
 
 
 def test_failed_stage_keeps_finished_ones(recipe_for: Callable[..., Path]) -> None:
@@ -139,8 +150,14 @@ def test_sequence_length_beyond_the_model_is_a_user_error(recipe_for: Callable[.
     from compress.errors import UserError
 
     stages = [{"type": "export"}, {"type": "validate", "runs": 10, "sequence_length": 128}]
-    with pytest.raises(UserError, match="sequence_length 128 exceeds the model's 64 positions"):
-        _run(recipe_for(stages=stages))
+    path = recipe_for(stages=stages)
+    # refused before any work, by `check` as by `run`: no stage ran, no run folder was made
+    with pytest.raises(UserError, match=r"stages\[1\]\.sequence_length: 128 exceeds the model's 64 positions"):
+        _run(path)
+    recipe = load_recipe(path)
+    assert not (recipe.output.dir / recipe.name).exists()
+    code, out = _check(path)
+    assert code == 2 and "sequence_length: 128 exceeds the model's 64 positions" in out
 
 
 def test_warnings_survive_a_rerun_that_reuses_the_stage(recipe_for: Callable[..., Path]) -> None:
@@ -188,7 +205,7 @@ def test_second_concurrent_run_is_refused(recipe_for: Callable[..., Path]) -> No
     path = recipe_for(stages=[{"type": "export"}])
     recipe = load_recipe(path)
     run_dir = recipe.output.dir / recipe.name
-    run_dir.mkdir(parents=True)
+    claim(run_dir)  # a run of ours, in progress
     with (run_dir / ".lock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UserError, match="in use by another edge-compress run"):

