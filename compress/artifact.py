@@ -25,15 +25,19 @@ class Artifact:
     def file(self, role: str) -> Path:
         return self.files[role]
 
-    def to_json(self, run_dir: Path) -> str:
-        """Serialise with paths relative to the run directory, so a run folder can be moved whole."""
-        files = {k: _relative(v, run_dir) for k, v in self.files.items()}
+    def to_json(self, run_dir: Path, source: Path | None = None) -> str:
+        """Serialise with paths relative to the run directory, so a run folder can be moved whole.
+
+        A path inside `source` (the recipe's input model folder) is written as SOURCE + its path inside it:
+        artifact.json names no host path, and resolves again against the recipe's model.
+        """
+        files = {k: _relative(v, run_dir, source) for k, v in self.files.items()}
         return json.dumps({"kind": self.kind, "files": files, "meta": self.meta}, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, run_dir: Path) -> Artifact:
+    def from_json(cls, text: str, run_dir: Path, source: Path | None = None) -> Artifact:
         raw = json.loads(text)
-        files = {k: (run_dir / v if not Path(v).is_absolute() else Path(v)) for k, v in raw["files"].items()}
+        files = {k: _absolute(v, run_dir, source) for k, v in raw["files"].items()}
         return cls(kind=raw["kind"], files=files, meta=raw["meta"])
 
     def moved(self, old: Path, new: Path) -> Artifact:
@@ -42,6 +46,22 @@ class Artifact:
         return Artifact(self.kind, files, self.meta)
 
 
-def _relative(path: Path, root: Path) -> str:
+SOURCE = "source:"  # prefix of a path inside the recipe's input model folder
+
+
+def _relative(path: Path, root: Path, source: Path | None) -> str:
     path, root = path.resolve(), root.resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    if path.is_relative_to(root):
+        return str(path.relative_to(root))
+    if source is not None and path.is_relative_to(source.resolve()):
+        inside = path.relative_to(source.resolve())
+        return SOURCE + ("" if str(inside) == "." else str(inside))
+    return str(path)
+
+
+def _absolute(value: str, root: Path, source: Path | None) -> Path:
+    if value.startswith(SOURCE):  # without the input folder (a bundle reads no such file) it stays unresolved
+        if source is None:
+            return Path(value)
+        return source / value[len(SOURCE) :] if value != SOURCE else source
+    return root / value if not Path(value).is_absolute() else Path(value)

@@ -113,7 +113,7 @@ def _run_stages(  # noqa: PLR0917
             distributed.barrier()
         done = _is_done(stage_dir, fingerprint)
         if not stale and (distributed.agree(done) if synced else done):
-            artifact = Artifact.from_json((stage_dir / "artifact.json").read_text(), run_dir)
+            artifact = Artifact.from_json((stage_dir / "artifact.json").read_text(), run_dir, folder)
             metrics = json.loads((stage_dir / "metrics.json").read_text())
             ctx.log(f"[dim]{stage_dir.name}: finished earlier, reused[/]")
             records.append(StageRecord(index, stage.type, stage_dir, True, 0.0, metrics))
@@ -178,7 +178,9 @@ def _run_stage(  # noqa: PLR0917
     # Warnings live with the stage, so a rerun that reuses it still reports them.
     metrics = {**metrics, "seconds": round(seconds, 2), "warnings": ctx.warnings[warned:]}
     artifact = artifact.moved(tmp, stage_dir)
-    write_atomic(tmp / "artifact.json", artifact.to_json(run_dir).encode())
+    write_atomic(
+        tmp / "artifact.json", artifact.to_json(run_dir, ctx.source.files.get("model") if ctx.source else None).encode()
+    )
     write_atomic(tmp / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     shutil.rmtree(stage_dir, ignore_errors=True)
     tmp.rename(stage_dir)

@@ -282,3 +282,12 @@ def test_a_valid_recipe_still_checks(recipe_for: Callable[..., Path], check: Che
     code, lines = check(recipe_for())
     assert code == 0 and lines[-1].endswith(")") and ": ok (" in lines[-1]
     assert yaml.safe_load(_recipe_text(recipe_for))["name"] == "tiny"
+
+
+def test_artifact_json_names_no_host_path(recipe_for: Callable[..., Path], tiny_bert: Path) -> None:
+    run_dir = _run(recipe_for(stages=[{"type": "export"}]))
+    text = (run_dir / "01_export" / "artifact.json").read_text()
+    assert str(tiny_bert) not in text and '": "/' not in text
+    assert json.loads(text)["files"]["torch"] == "source:"
+    reused = json.loads((_run(recipe_for(stages=[{"type": "export"}])) / "report.json").read_text())
+    assert reused["stages"][0]["reused"]
