@@ -253,6 +253,9 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         if "onnxruntime_session" in prov:
             lines.append(f"- ONNX Runtime session: `{json.dumps(prov['onnxruntime_session'])}`")
+        if "validated_model" in prov:  # the file validate measured; `edge-compress package` ships only it
+            model = prov["validated_model"]
+            lines.append(f"- validated model: `{model['path']}`, sha256 `{model['sha256']}`")
         lines += [f"- `{k}`: sha256 `{v}`" for k, v in prov["artifact_sha256"].items()]
         lines.append("")
         lines.append("Plots (latency, accuracy front, sparsity, int8/float node map): report.html.")

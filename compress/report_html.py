@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from compress.serving.server import sha256_of as sha256  # the server's own check; it imports only the stdlib
+from compress.serving.bundle_check import sha256_of as sha256  # the server's own check (stdlib only)
 
 PACKAGES = ("edge-compress", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "torchao")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
@@ -60,6 +60,8 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
         "artifact_sha256": artifacts,
     }
     if validate:
+        if validate.get("model"):  # the file validate measured: `edge-compress package` ships only these bytes
+            out["validated_model"] = validate["model"]
         out["onnxruntime_session"] = validate.get("session", {})
         out["targets"] = {
             name: {
@@ -318,6 +320,9 @@ def _provenance_html(prov: dict[str, Any]) -> str:
     )
     if "onnxruntime_session" in prov:
         rows.append(("ONNX Runtime session settings", str(prov["onnxruntime_session"])))
+    if "validated_model" in prov:
+        model = prov["validated_model"]
+        rows.append(("validated model (what package ships)", f"{model['path']}: sha256 {model['sha256']}"))
     for name, t in prov.get("targets", {}).items():
         rows.append((f"target {name}", ", ".join(f"{k}: {v}" for k, v in t.items() if v not in (None, []))))
     rows += [(f"sha256 {k}", v) for k, v in prov.get("artifact_sha256", {}).items()]

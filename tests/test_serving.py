@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,10 +24,13 @@ from rich.console import Console
 
 from compress.artifact import Artifact
 from compress.context import Context
+from compress.errors import UserError
 from compress.feeds import encoder
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.serving.bundle import write_bundle
+from compress.serving import server
+from compress.serving.bundle import final_stage, write_bundle
+from compress.serving.bundle_check import sha256_of
 from tests.conftest import TEXTS
 from tests.test_cli import assert_user_error, cli
 
@@ -73,7 +77,7 @@ def start_server(bundle: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the server prints one line once it listens
-    assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert line.startswith("serving "), (line, proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
     return proc
 
 
@@ -117,6 +121,7 @@ def test_server_answers_what_the_pipeline_session_answers(served: tuple[Path, Pa
     status, info = client.request("GET", "/metadata")
     assert status == 200 and info["model_sha256"] == meta["model_sha256"] and "name: tiny" in info["recipe"]
     assert info["runtime"]["onnxruntime"] == ort.__version__
+    assert not _host_paths(info, run_dir)  # /metadata names no folder of the machine that packaged it
     assert client.request("GET", "/healthz") == (200, {"status": "ok", "requests": 2, "errors": 0})
 
 
@@ -315,3 +320,170 @@ def test_package_image_without_an_engine_and_serve_without_a_bundle_are_one_line
     assert (tmp_path / "b" / "metadata.json").is_file()  # the bundle was written before the image was asked for
     proc = cli("serve", str(tmp_path / "missing"), "--port", str(free_port()))
     assert_user_error(proc, "no metadata.json")
+
+
+# ------------------------------------------------------------------------- bundle safety (issue 20)
+
+
+def _host_paths(meta: Any, run_dir: Path) -> list[str]:
+    """Every string in `meta` that names a folder of this machine."""
+    roots = {"/root", "/work", "/tmp", "/home", str(run_dir), str(Path.home()), str(Path.cwd())}
+    if isinstance(meta, dict):
+        return [s for v in meta.values() for s in _host_paths(v, run_dir)]
+    if isinstance(meta, list):
+        return [s for v in meta for s in _host_paths(v, run_dir)]
+    return [meta] if isinstance(meta, str) and any(root in meta for root in roots) else []
+
+
+def _shipped_model(run_dir: Path) -> Path:
+    """The run's model that `package` ships: the last stage's."""
+    return Artifact.from_json((final_stage(run_dir) / "artifact.json").read_text(), run_dir).file("model")
+
+
+def test_package_replaces_only_its_own_bundles(recipe_for: Callable[..., Path], tmp_path: Path) -> None:
+    run_dir = _run(recipe_for())
+    bundle = tmp_path / "bundle"
+    first = write_bundle(run_dir, bundle)
+    (bundle / "stale.txt").write_text("left by an older package")
+    second = write_bundle(run_dir, bundle)  # a bundle of ours is replaced whole
+    assert second["model_sha256"] == first["model_sha256"] and not (bundle / "stale.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_bundle(run_dir, empty)
+    assert (empty / "metadata.json").is_file()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not a bundle")
+    (foreign / "metadata.json").write_text('{"format": "someone-else"}')
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for out in (foreign, afile):
+        with pytest.raises(UserError, match="exists and is not an edge-compress bundle") as refused:
+            write_bundle(run_dir, out)
+        assert "\n" not in str(refused.value)
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg", "metadata.json"]
+    assert (foreign / "holiday.jpg").read_bytes() == b"not a bundle" and afile.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no leftovers
+
+
+def test_bundle_is_a_copy_with_every_file_hashed_and_no_host_path(
+    recipe_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    run_dir = _run(recipe_for())
+    bundle = tmp_path / "bundle"
+    write_bundle(run_dir, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    model = _shipped_model(run_dir)
+    assert (bundle / "model.onnx").stat().st_ino != model.stat().st_ino  # a copy, not a hard link
+    before = model.read_bytes()
+    with (bundle / "model.onnx").open("r+b") as handle:  # edit the bundle's file in place
+        handle.write(b"\0\0\0\0")
+    assert model.read_bytes() == before  # the run's model is untouched
+    measured = json.loads((run_dir / "report.json").read_text())["provenance"]["validated_model"]
+    assert measured["path"] == str(model.relative_to(run_dir.resolve()))
+    assert measured["sha256"] == meta["model_sha256"] == meta["validated"]["sha256"] == sha256_of(model)
+
+    listed = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"metadata.json"}
+    assert set(meta["files"]) == listed and "tokenizer/tokenizer.json" in listed
+    assert all(sha256_of(bundle / name) == digest for name, digest in meta["files"].items() if name != "model.onnx")
+    assert meta["version"] == 2 and meta["files"]["model.onnx"] == meta["model_sha256"]
+    assert not _host_paths(meta, run_dir), _host_paths(meta, run_dir)
+    assert "hf: <path>/" in meta["recipe"] and "name: tiny" in meta["recipe"]
+
+
+def test_package_refuses_a_model_changed_after_validation(recipe_for: Callable[..., Path], tmp_path: Path) -> None:
+    run_dir = _run(recipe_for())
+    bundle = tmp_path / "bundle"
+    write_bundle(run_dir, bundle)
+    packaged = (bundle / "model.onnx").read_bytes()
+    model = _shipped_model(run_dir)
+    model.write_bytes(model.read_bytes() + b"\0")  # not the file validate measured any more
+    for allow in (False, True):  # --allow-unvalidated does not help: this file was never validated
+        with pytest.raises(UserError, match=r"is not the \w+ validate measured") as refused:
+            write_bundle(run_dir, bundle, allow_unvalidated=allow)
+        assert "\n" not in str(refused.value)
+    assert (bundle / "model.onnx").read_bytes() == packaged  # the bundle of the validated file stays
+
+
+_DROP = object()  # _edit_meta(key=_DROP) removes the key
+
+
+def _edit_meta(**changes: Any) -> Callable[[Path], None]:
+    def edit(bundle: Path) -> None:
+        meta = json.loads((bundle / "metadata.json").read_text())
+        meta.update(changes)
+        for key in [k for k, v in changes.items() if v is _DROP]:
+            del meta[key]
+        (bundle / "metadata.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _write(name: str, data: bytes) -> Callable[[Path], None]:
+    def write(bundle: Path) -> None:
+        (bundle / name).write_bytes(data)
+
+    return write
+
+
+def _truncate(bundle: Path) -> None:
+    model = bundle / "model.onnx"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+
+
+def _truncate_and_rehash(bundle: Path) -> None:
+    """A truncated model.onnx whose hashes were updated to match: only ONNX Runtime can tell."""
+    _truncate(bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    meta["model_sha256"] = meta["files"]["model.onnx"] = sha256_of(bundle / "model.onnx")
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+
+
+BAD_BUNDLES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("metadata.json is not JSON", _write("metadata.json", b'{"format": "edge-'), "not readable JSON"),
+    ("metadata.json is not UTF-8", _write("metadata.json", b"\xff\xfe{"), "not readable JSON"),
+    ("metadata.json is a list", _write("metadata.json", b"[1, 2]"), "not an edge-compress-bundle"),
+    ("an older bundle", _edit_meta(version=1, files=_DROP), "re-package"),
+    *((f"no {key}", _edit_meta(**{key: _DROP}), f"no '{key}'") for key in ("task", "inputs", "max_length")),
+    *((f"no {key}", _edit_meta(**{key: _DROP}), f"no '{key}'") for key in ("tokenizer", "model_sha256")),
+    ("no files", _edit_meta(files=_DROP), "re-package"),
+    ("max_length a string", _edit_meta(max_length="32"), "'max_length' must be an integer"),
+    ("inputs a string", _edit_meta(inputs="input_ids"), "'inputs' must be"),
+    ("task a number", _edit_meta(task=3), "'task' must be"),
+    ("files a list", _edit_meta(files=["model.onnx"]), "'files' must be"),
+    ("labels a number", _edit_meta(labels=5), "'labels' must be"),
+    ("session a list", _edit_meta(session=[]), "'session' must be"),
+    ("tokenizer.json modified", _write("tokenizer/tokenizer.json", b'{"version": "1.0"}'), "is not the packaged"),
+    ("no tokenizer folder", lambda bundle: shutil.rmtree(bundle / "tokenizer"), "tokenizer.json: missing"),
+    ("truncated model", _truncate, "is not the packaged"),
+    ("truncated model rehashed", _truncate_and_rehash, "ONNX Runtime cannot load it"),
+]
+
+
+def _serves_nothing(*_: Any, **__: Any) -> None:
+    """Server.serve_forever and signal.signal in-process: a bundle that loads after all ends the test, not hangs it."""
+
+
+def test_server_refuses_bad_bundles_with_one_line(
+    recipe_for: Callable[..., Path], tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = _run(recipe_for())
+    good = tmp_path / "good"
+    files = write_bundle(run_dir, good).get("files", {})
+    unlisted = _edit_meta(files={k: v for k, v in files.items() if k != "tokenizer/tokenizer_config.json"})
+    escaped = _edit_meta(files={**files, "../outside.txt": "0" * 64})
+    cases = [*BAD_BUNDLES, ("an unlisted config", unlisted, "no sha256 of tokenizer/tokenizer_config.json")]
+    cases.append(("a path outside", escaped, "outside the bundle"))
+    monkeypatch.setattr(server.Server, "serve_forever", _serves_nothing)
+    monkeypatch.setattr(server.signal, "signal", _serves_nothing)
+    for label, spoil, needle in cases:
+        bundle = tmp_path / label.replace(" ", "_")
+        shutil.copytree(good, bundle)
+        spoil(bundle)
+        code = server.main(["--model", str(bundle), "--port", "0", "--threads", "1"])
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (label, err)
+        assert needle in lines[0] and "Traceback" not in err, (label, lines[0])
+    proc = cli("serve", str(tmp_path / "truncated_model_rehashed"), "--port", str(free_port()))
+    assert_user_error(proc, "ONNX Runtime cannot load it")  # the command people run: no "internal error"

@@ -1,18 +1,20 @@
 """A run's deployable bundle: the shipped ONNX model, its tokenizer and the metadata the server reports.
 
-    BUNDLE/model.onnx       the last stage's model (hard-linked when it can be)
+    BUNDLE/model.onnx       a copy of the last stage's model (never a link: editing one leaves the other)
     BUNDLE/tokenizer/       tokenizer.json (WordPiece) or edge_tokenizer.json (bytes)
-    BUNDLE/metadata.json    task, inputs, limits, session settings, model sha256, the resolved recipe,
-                            and the validation figures of every target from report.json
+    BUNDLE/metadata.json    task, inputs, limits, session settings, the sha256 of every file ("files"), the
+                            resolved recipe (host paths removed), and the validation figures from report.json
 
-The bundle is written to a temporary folder and renamed into place, so a failed package leaves the
-previous bundle whole.
+A validated run is packaged only if its model is the very file validate measured (same sha256). The bundle
+is written to a temporary folder and renamed into place, so a failed package leaves the previous bundle
+whole; --out replaces only a bundle of ours or an empty folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,9 +23,11 @@ from typing import Any
 from compress.artifact import Artifact
 from compress.data.tokenizers import MARKER
 from compress.errors import UserError
-from compress.serving.server import FORMAT, sha256_of
+from compress.serving.bundle_check import FORMAT, TASKS, VERSION, sha256_of
 
-TASKS = ("embedding", "classification")
+# An absolute path (or ~/...) after a start, a blank, a quote, "=", "(", "[", "," or a scheme such as hf: or
+# file: (not //, which is a URL's host). Inside a longer text a path ends at a blank.
+HOST_PATH = re.compile(r"""(^|[\s'"=(\[,]|\b[A-Za-z][\w+.-]*:)(~?/(?!/)[^\s'",)\]]+)""", re.MULTILINE)
 
 
 def final_stage(run_dir: Path) -> Path:
@@ -40,7 +44,7 @@ def final_stage(run_dir: Path) -> Path:
 
 
 def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> dict[str, Any]:
-    """Write the bundle of `run_dir` to `out` (replacing it whole) and return its metadata."""
+    """Write the bundle of `run_dir` to `out` (replacing a bundle of ours whole) and return its metadata."""
     run_dir = run_dir.resolve()
     last = final_stage(run_dir)
     artifact = Artifact.from_json((last / "artifact.json").read_text(), run_dir)
@@ -50,20 +54,25 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     task = report.get("task")
     if task not in TASKS:
         raise UserError(f"{run_dir}: task {task!r} cannot be served; the server answers {' and '.join(TASKS)}")
-    validated = _validation(report)
+    model = artifact.file("model")
+    digest = sha256_of(model)
+    validated = _validation(report, run_dir, model, digest)
     if not validated["passed"] and not allow_unvalidated:
         raise UserError(f"{run_dir}: {validated['why']}; package it anyway with --allow-unvalidated")
     tokenizer = artifact.files.get("tokenizer")
     if tokenizer is None or not tokenizer.is_dir():
         raise UserError(f"{run_dir}: the artifact carries no tokenizer folder")
     kind = _tokenizer_kind(tokenizer)
-    model = artifact.file("model")
     if any(p.name.endswith(".data") for p in model.parent.iterdir()):
         raise UserError(f"{model}: models with external data files are not packaged yet")
+    sources = {"model.onnx": model}
+    for name in ("tokenizer.json", "tokenizer_config.json", MARKER):
+        if (tokenizer / name).is_file():
+            sources[f"tokenizer/{name}"] = tokenizer / name
     resolved = run_dir / "resolved_recipe.yaml"
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
         "name": report.get("name", run_dir.name),
         "task": task,
         "inputs": list(artifact.meta["inputs"]),
@@ -76,26 +85,31 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
         "int8_types": artifact.meta.get("int8_types"),
         "custom_ops": list(artifact.meta.get("custom_ops", [])),
         "session": artifact.meta.get("session", {}),
-        "model_sha256": sha256_of(model),
+        "model_sha256": digest,
         "model_bytes": model.stat().st_size,
         "validated": validated,
         "targets": _target_figures(report),
-        "recipe": resolved.read_text() if resolved.is_file() else None,
+        "recipe": _recipe_text(resolved),
         "packaged": datetime.now(UTC).isoformat(timespec="seconds"),
         "edge_compress": _version(),
     }
-    out = out.resolve()
-    if out == run_dir or run_dir.is_relative_to(out):
-        raise UserError(f"--out {out} would replace the run folder itself")
+    meta = _without_host_paths(meta)
+    _write(run_dir, out.resolve(), sources, meta)  # adds "files": the sha256 of every file of the bundle
+    return meta
+
+
+def _write(run_dir: Path, out: Path, sources: dict[str, Path], meta: dict[str, Any]) -> None:
+    """Copy the files into a temporary folder beside `out`, hash the copies, then rename it into place."""
+    _check_out(out, run_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "tokenizer").mkdir(parents=True)
     try:
-        _link_or_copy(model, tmp / "model.onnx")
-        (tmp / "tokenizer").mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json", MARKER):
-            if (tokenizer / name).is_file():
-                _link_or_copy(tokenizer / name, tmp / "tokenizer" / name)
+        for name, src in sources.items():
+            shutil.copyfile(src, tmp / name)  # a copy, never a hard link: the bundle and the run stay apart
+        meta["files"] = {name: sha256_of(tmp / name) for name in sources}
+        if meta["files"]["model.onnx"] != meta["model_sha256"]:
+            raise UserError(f"{sources['model.onnx']}: the file changed while it was being packaged; package again")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
@@ -104,7 +118,30 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """--out may replace a bundle edge-compress wrote, or an empty folder; nothing else of someone's."""
+    if out == run_dir or run_dir.is_relative_to(out):
+        raise UserError(f"--out {out} would replace the run folder itself")
+    if not out.exists():
+        return
+    try:
+        ours = out.is_dir() and (not any(out.iterdir()) or _is_bundle(out))
+    except OSError:
+        ours = False
+    if not ours:
+        raise UserError(
+            f"--out {out} exists and is not an edge-compress bundle; choose another folder or remove it yourself"
+        )
+
+
+def _is_bundle(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / "metadata.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _report(run_dir: Path) -> dict[str, Any]:
@@ -115,19 +152,42 @@ def _report(run_dir: Path) -> dict[str, Any]:
     return report
 
 
-def _validation(report: dict[str, Any]) -> dict[str, Any]:
-    """Whether every target's gate passed; runs without a validate stage are not validated."""
+def _validation(report: dict[str, Any], run_dir: Path, model: Path, digest: str) -> dict[str, Any]:
+    """Whether every target's gate passed on this very model file; runs without a validate stage are not validated.
+
+    A model whose sha256 is not the one validate measured is refused outright: it is not the file validated.
+    """
     targets = report.get("targets") or {}
     if not targets:
         return {"passed": False, "why": "the run has no validate stage, so nothing checked the artifact", "targets": []}
+    names = sorted(targets)
+    path = str(model.resolve().relative_to(run_dir)) if model.resolve().is_relative_to(run_dir) else str(model)
+    measured = _validated_model(report, path)
+    if measured is None:
+        why = "report.json records no sha256 of the model validate measured (rerun the recipe)"
+        return {"passed": False, "why": why, "targets": names}
+    if measured.get("path") not in {None, path}:
+        why = f"validate measured {measured['path']}, not the last stage's {path}"
+        return {"passed": False, "why": why, "targets": names}
+    if measured["sha256"] != digest:
+        raise UserError(
+            f"{model}: sha256 {digest[:12]} is not the {measured['sha256'][:12]} validate measured: the file changed "
+            "after the run and was not validated; rerun the recipe (edge-compress run RECIPE --fresh)"
+        )
     failed = [name for name, t in targets.items() if not t.get("gate", {}).get("passed", True)]
     if failed:
-        return {
-            "passed": False,
-            "why": f"the validation gate failed on {', '.join(failed)}",
-            "targets": sorted(targets),
-        }
-    return {"passed": True, "why": "every target's gate passed", "targets": sorted(targets)}
+        return {"passed": False, "why": f"the validation gate failed on {', '.join(failed)}", "targets": names}
+    return {"passed": True, "why": "every target's gate passed", "targets": names, "sha256": digest}
+
+
+def _validated_model(report: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """{"path", "sha256"} of the model validate measured: its stage's metrics, else the report's hash of the file."""
+    for stage in report.get("stages") or []:
+        measured = (stage.get("metrics") or {}).get("model") if stage.get("type") == "validate" else None
+        if isinstance(measured, dict) and isinstance(measured.get("sha256"), str):
+            return measured
+    older = ((report.get("provenance") or {}).get("artifact_sha256") or {}).get(path)  # runs before the metric
+    return {"path": None, "sha256": older} if isinstance(older, str) else None
 
 
 def _target_figures(report: dict[str, Any]) -> dict[str, Any]:
@@ -177,11 +237,27 @@ def _labels(run_dir: Path) -> list[str] | None:
     return None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _recipe_text(resolved: Path) -> str | None:
+    """The resolved recipe with no host path: each path value cut to <path>/NAME, the header comment replaced."""
+    import yaml
+
+    if not resolved.is_file():
+        return None
+    body = yaml.safe_dump(_without_host_paths(yaml.safe_load(resolved.read_text())), sort_keys=False)
+    return "# resolved by edge-compress: every default filled in (host paths cut to <path>/NAME)\n" + body
+
+
+def _without_host_paths(value: Any) -> Any:
+    """Every string with each absolute path in it cut to <path>/NAME: the served /metadata shows no host layout."""
+    if isinstance(value, dict):
+        return {k: _without_host_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_host_paths(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value.startswith(("/", "~/")) and not value.startswith("//"):  # a whole path, blanks and all
+        return f"<path>/{Path(value).name}".rstrip("/")
+    return HOST_PATH.sub(lambda m: f"{m[1]}<path>/{Path(m[2]).name}".rstrip("/"), value)
 
 
 def _version() -> str:

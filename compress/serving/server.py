@@ -3,7 +3,9 @@
     python server.py --model BUNDLE [--host 0.0.0.0] [--port 8080] [--threads N]
 
 BUNDLE is what `edge-compress package` writes: model.onnx, tokenizer/ and metadata.json. The same file
-runs in the runtime images (no edge-compress, no PyTorch) and natively (`edge-compress serve`).
+runs in the runtime images (no edge-compress, no PyTorch) and natively (`edge-compress serve`). Before
+loading, metadata.json's fields are checked and every file it lists must have its packaged sha256; a
+bundle that fails is one "error: ..." line on stderr and exit code 2.
 
     POST /v1/predict   {"texts": ["...", ...], "truncate": false}  (or {"text": "..."})
                        -> {"embeddings": [[...]]} or {"labels": [...], "scores": [[...]]}, and "tokens"
@@ -17,7 +19,6 @@ runs at a time, with every core: on a small device, two requests sharing the cor
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -30,7 +31,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-FORMAT = "edge-compress-bundle"
+if __package__:  # imported: `edge-compress serve`, the packager
+    from compress.serving.bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of
+else:  # run as a script (natively or in the runtime images): bundle_check.py sits beside this file
+    from bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of  # type: ignore[import-not-found,no-redef]
+
+__all__ = ["FORMAT", "BundleError", "Model", "main", "sha256_of"]
 LIBRARY_ENV = "EDGE_COMPRESS_OPS_LIBRARY"  # the native kernels of our attention ops, for models that use them
 
 
@@ -40,18 +46,6 @@ class BadRequest(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-class BundleError(Exception):
-    """The model folder cannot be served (missing files, wrong hash, missing kernels)."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ByteEncoder:
@@ -72,15 +66,15 @@ class WordPieceEncoder:
     def __init__(self, folder: Path) -> None:
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            config_path = folder / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            pad = config.get("pad_token", "[PAD]")
+        except Exception as exc:  # tokenizers raises its own Exception type; a config that is no JSON object
+            raise BundleError(f"{folder}: the tokenizer cannot be read ({first_line(exc)})") from None
         self.tok.no_truncation()
         self.tok.no_padding()
-        config = (
-            json.loads((folder / "tokenizer_config.json").read_text())
-            if (folder / "tokenizer_config.json").is_file()
-            else {}
-        )
-        pad = config.get("pad_token", "[PAD]")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         pad_id = self.tok.token_to_id(str(pad))
         if pad_id is None:
@@ -104,18 +98,8 @@ class Model:
 
         ort.set_default_logger_severity(3)  # warnings such as "Failed to persist telemetry" on a read-only root
         self.np = np
-        meta_path = folder / "metadata.json"
-        if not meta_path.is_file():
-            raise BundleError(f"{folder}: no metadata.json (make the folder with `edge-compress package RUN_DIR`)")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise BundleError(f"{meta_path}: not an {FORMAT} (format {self.meta.get('format')!r})")
+        self.meta: dict[str, Any] = load_metadata(folder)
         model = folder / "model.onnx"
-        if not model.is_file():
-            raise BundleError(f"{folder}: no model.onnx")
-        digest = sha256_of(model)
-        if digest != self.meta["model_sha256"]:
-            raise BundleError(f"{model}: sha256 {digest[:12]} is not the packaged {self.meta['model_sha256'][:12]}")
         self.task: str = self.meta["task"]
         self.inputs: list[str] = list(self.meta["inputs"])
         self.max_length: int = int(self.meta["max_length"])
@@ -142,17 +126,23 @@ class Model:
                     f"the model uses {', '.join(self.meta['custom_ops'])} and no native kernel library was given "
                     f"(--ops-library or ${LIBRARY_ENV}); the runtime images carry it"
                 )
-            so.register_custom_ops_library(library)
+            try:
+                so.register_custom_ops_library(library)
+            except Exception as exc:
+                raise BundleError(f"{library}: ONNX Runtime cannot load the kernels ({first_line(exc)})") from None
             self.library_isa = library_isa(library)
         start = time.perf_counter()
-        self.session = ort.InferenceSession(
-            str(model),
-            so,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(settings.get("disabled_optimizers", [])),
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(model),
+                so,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(settings.get("disabled_optimizers", [])),
+            )
+        except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph...
+            raise BundleError(f"{model}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
-        self.sha256 = digest
+        self.sha256: str = self.meta["model_sha256"]
         self.threads = threads
         self.lock = threading.Lock()
         self.runtime = {
@@ -163,6 +153,13 @@ class Model:
             "threads": threads,
             "custom_ops_library_isa": self.library_isa,
         }
+
+    def warm_up(self) -> None:
+        """The first answer should not pay for lazy initialisation; a model that cannot answer is not served."""
+        try:
+            self.predict(["warm up"], truncate=True)
+        except Exception as exc:
+            raise BundleError(f"the model fails on a first request: {type(exc).__name__}: {first_line(exc)}") from None
 
     def encode(self, texts: list[str], truncate: bool) -> tuple[dict[str, Any], list[int]]:
         np = self.np
@@ -413,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         return healthcheck(args.port)
     try:
         model = Model(Path(args.model), max(1, args.threads), args.ops_library)
-        model.predict(["warm up"], truncate=True)  # the first answer should not pay for lazy initialisation
-    except BundleError as exc:
+        model.warm_up()
+    except (BundleError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     limits = {"max_body_bytes": args.max_body_bytes, "max_texts": args.max_texts}

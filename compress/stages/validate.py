@@ -49,6 +49,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     if native.problem():
         raise UserError(f"targets: the fp32 reference runs natively on x86-64: {native.problem()}")
 
+    measured = _measured_model(artifact.file("model"), ctx.run_dir)  # before the job folders link it in
     encode = feeds.encoder(artifact)
     texts = feeds.evaluation_texts(ctx)
     scorer, data_name = _scorer(ctx)
@@ -84,6 +85,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     if not jobs.optimized_graph().is_file():  # x86_64 is not a target: the node map still comes from it
         _measure(native, jobs, "artifact", base["job"])
     metrics = {
+        "model": measured,
         "targets": results,
         "node_map": kernels_of(jobs.optimized_graph())["nodes"],
         "weights": weight_sparsity(artifact.file("model")),
@@ -98,6 +100,15 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
             metrics,
         )
     return artifact, metrics
+
+
+def _measured_model(model: Path, run_dir: Path) -> dict[str, str]:
+    """The file validate measures and its sha256: `edge-compress package` ships only these very bytes."""
+    from compress.serving.server import sha256_of
+
+    model, root = model.resolve(), run_dir.resolve()
+    path = str(model.relative_to(root)) if model.is_relative_to(root) else str(model)
+    return {"path": path, "sha256": sha256_of(model)}
 
 
 def _result(  # noqa: PLR0917
