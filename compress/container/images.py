@@ -41,6 +41,7 @@ PLATFORMS = {
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
 USER = "edge:x:10001:10001:edge-compress server:/nonexistent:/usr/sbin/nologin"
 EMULATED_CPU = "neoverse-n1"
+SERVER_FILES = ("server.py", "bundle_check.py")  # compress/serving/ -> /opt/edge-compress/
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # from qemu-user-static
 
@@ -241,7 +242,11 @@ def build_runtime(arch: str, env: dict[str, str], log: Log) -> str:
     except UserError as exc:
         raise UserError(f"docker: the {arch} image needs the native kernels of our attention ops: {exc}") from None
     shutil.copyfile(library, context / "libedgecompress_ops.so")
-    shutil.copyfile(REPO / "compress" / "serving" / "server.py", context / "server.py")
+    for stale in context.glob("*.py"):
+        stale.unlink()
+    for name in SERVER_FILES:  # the server and the stdlib-only modules it imports from its own folder
+        if (REPO / "compress" / "serving" / name).is_file():
+            shutil.copyfile(REPO / "compress" / "serving" / name, context / name)
     tag = runtime_tag(arch)
     log(f"{arch}: runtime image {tag}")
     docker(
