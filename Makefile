@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	@if [ "$$(uname -m)" = x86_64 ]; then \
 		if [ "$$(id -u)" = 0 ] && ! (command -v aarch64-linux-gnu-g++ && command -v qemu-aarch64-static \
 				&& command -v mmdebstrap && command -v chromium-headless-shell) >/dev/null 2>&1; then \
+			echo "setup: installing Debian packages on this host (apt-get, as root): g++-aarch64-linux-gnu qemu-user-static mmdebstrap chromium-headless-shell"; \
 			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 				g++-aarch64-linux-gnu qemu-user-static mmdebstrap) >/dev/null 2>&1 || true; \
 			(DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \

@@ -241,12 +241,15 @@ def docker_start() -> None:
 
 @docker_group.command("stop")
 def docker_stop() -> None:
-    """Stop the private engine by its PID and put back the host networking it changed."""
+    """Stop the private engine (only our own dockerd, by its PID) after removing the networks made on it.
+
+    Host networking is never reverted: what changed since the engine started is reported and left as is.
+    """
     from compress.container.engine import Engine
     from compress.container.images import build_root
 
-    restored = Engine(build_root() / "engine").stop()
-    click.echo(f"stopped; host networking {'restored: ' + ', '.join(restored) if restored else 'unchanged'}")
+    messages = Engine(build_root() / "engine").stop()
+    click.echo("stopped; " + ("; ".join(messages) if messages else "nothing to remove, host networking as at start"))
 
 
 @docker_group.command("build")
