@@ -62,7 +62,7 @@ def check(recipe: Path) -> None:
     check_claim(parsed.output.dir / parsed.name)
     folder = source.files.get("model", "new, trained by the recipe")
     stages = " -> ".join(s.type for s in parsed.stages)
-    click.echo(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})")
+    click.echo(_printable(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})"))
 
 
 @cli.command()
@@ -311,11 +311,17 @@ def _print_summary(run_dir: Path) -> None:
     console.print(f"report: {run_dir / 'report.md'} (and report.json)")
 
 
-def _one_line(exc: BaseException, limit: int = 600) -> str:
-    """An error message as one printable line: no markup, no newlines, no lone surrogates, bounded length."""
+def _printable(text: str) -> str:
+    """`text` safe for a terminal: lone surrogates and control characters (escape sequences) shown escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """An error message as one printable line: no markup, no newlines, bounded length."""
     from rich.markup import escape
 
-    text = " ".join(str(exc).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = _printable(" ".join(str(exc).split()))
     return escape(text if len(text) <= limit else text[: limit - 4] + " ...")
 
 
@@ -338,6 +344,11 @@ def main() -> None:
     except StageFailed as exc:
         _err.print(f"[bold red]failed:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a path the user gave that the system refuses (too long, a loop, no permission)
+        where = f": {exc.filename}" if exc.filename else ""
+        message = _one_line(OSError(f"{exc.strerror or exc}{where}"))
+        _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         _err.print("interrupted: finished stages are kept; rerun to continue")
         sys.exit(130)

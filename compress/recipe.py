@@ -222,14 +222,20 @@ class OutputSpec(Strict):
     def _a_place_for_runs(cls, value: Path) -> Path:
         if "\x00" in str(value):
             raise ValueError("a path cannot hold a NUL character")
-        resolved = value.expanduser().resolve()
+        try:
+            resolved = value.expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic-link loop, a name too long
+            raise ValueError(f"{value}: cannot be resolved ({exc})") from None
         if resolved == Path(resolved.anchor):
             raise ValueError(f"{value} is the root of the file system; give a folder for runs, e.g. runs")
         inside = [str(p) for p in PSEUDO_FILESYSTEMS if resolved.is_relative_to(p)]
         if inside:
             raise ValueError(f"{value} is inside {inside[0]}, a view of the kernel, not a place for runs")
-        if resolved.exists() and not resolved.is_dir():
-            raise ValueError(f"{value} exists and is not a folder")
+        try:
+            if resolved.exists() and not resolved.is_dir():
+                raise ValueError(f"{value} exists and is not a folder")
+        except OSError as exc:
+            raise ValueError(f"{value}: cannot be used ({exc.strerror})") from None
         return value
 
 
@@ -356,11 +362,15 @@ def load_recipe(path: str | Path) -> Recipe:
 
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_BYTES:
+        with path.open("rb") as handle:  # bounded: a FIFO or /dev/zero is read no further than the cap
+            raw = handle.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
             raise UserError(f"{path}: the file is over {MAX_BYTES // 1024} KB; a recipe is a short YAML file")
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not a recipe file") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the recipe ({exc})") from None
     try:

@@ -63,7 +63,10 @@ def parse(text: str) -> tuple[Any, Any]:
     """(node tree, Python data) of one YAML document, checked against the bounds above."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise RecipeYamlError(None, f"the file is over {MAX_BYTES // 1024} KB; a recipe is a short YAML file")
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # its reader refuses NUL and other characters YAML forbids, here
+    except yaml.YAMLError as exc:
+        raise RecipeYamlError(None, f"YAML syntax error: {str(exc).splitlines()[0]}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -74,6 +77,8 @@ def parse(text: str) -> tuple[Any, Any]:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeYamlError(mark.line + 1 if mark is not None else None, f"YAML syntax error: {problem}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # an explicit tag on a value it cannot hold: !!int x
+        raise RecipeYamlError(None, f"a tagged value cannot be read ({echo(str(exc))[1:-1]})") from None
     except RecursionError:  # a construct path deeper than our own count (should not happen after MAX_DEPTH)
         raise RecipeYamlError(None, f"nested more than {MAX_DEPTH} levels deep") from None
     finally:

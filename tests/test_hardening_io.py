@@ -190,3 +190,26 @@ def test_write_atomic_leaves_no_temp_file_when_the_rename_fails(tmp_path: Path) 
         write_atomic(target, b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert target.is_dir()
+
+
+def test_a_timed_out_worker_calls_the_targets_cleanup(tmp_path: Path) -> None:
+    """What a worker started outside its process group (a container) is stopped too: killed() is called."""
+    calls: list[Path] = []
+
+    class Recorded(ScriptTarget):
+        def killed(self, job_dir: Path) -> None:
+            calls.append(job_dir)
+
+    with pytest.raises(StageFailed):
+        Recorded("import time; time.sleep(1000)", timeout_s=1).run(tmp_path, {"mode": "probe"})
+    assert calls == [tmp_path.resolve()]
+
+
+def test_a_docker_job_runs_under_a_name_it_can_be_killed_by(tmp_path: Path) -> None:
+    from compress.targets.docker import DockerTarget
+
+    target = DockerTarget("edge-compress/runtime:amd64")
+    cmd, _ = target.command(tmp_path)
+    name = cmd[cmd.index("--name") + 1]
+    assert name == target._container(tmp_path) and name.startswith("edge-compress-job-")
+    assert target._container(tmp_path / "other") != name

@@ -150,7 +150,6 @@ def load_model(folder: Path) -> torch.nn.Module:
     config = read_config(folder)
     if STRUCTURE_KEY in config:
         return _load_pruned(folder, config[STRUCTURE_KEY])
-    from safetensors import SafetensorError
 
     try:
         model, info = AutoModel.from_pretrained(
@@ -161,8 +160,9 @@ def load_model(folder: Path) -> torch.nn.Module:
             trust_remote_code=False,  # a folder's own Python never runs
             output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"model: cannot load {folder}: {str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model: cannot load {folder}: {first}") from None
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
     if missing:  # transformers would start them from random values: a silent fallback
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -203,8 +203,9 @@ def load_tokenizer(folder: Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model: cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model: cannot load the tokenizer of {folder}: {first}") from None
 
 
 def input_names(tokenizer: Any, config: dict[str, Any]) -> tuple[str, ...]:

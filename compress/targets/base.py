@@ -47,6 +47,9 @@ class Target:
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
         raise NotImplementedError
 
+    def killed(self, job_dir: Path) -> None:
+        """The worker's process group was killed: stop whatever it started outside the group (none here)."""
+
     def cpu_features(self, reported: list[str]) -> list[str]:
         """The CPU features this target has, given those its worker reported."""
         return reported
@@ -85,6 +88,7 @@ class Target:
             finally:
                 if proc.returncode is None:  # timed out, or the progress callback raised: never leave it running
                     _kill_group(proc)
+                    self.killed(job_dir)
                 reader.join(timeout=5)  # the group is dead: its end of the pipe is closed, the reader at EOF
                 if not reader.is_alive():
                     proc.stdout.close()

@@ -79,6 +79,21 @@ class DockerTarget(Target):
         if self.platform != host_arch():
             ensure_binfmt(log)
 
+    @staticmethod
+    def _container(job_dir: Path) -> str:
+        """The job's container name: killing the docker client on a timeout does not stop the container."""
+        import hashlib
+
+        return f"edge-compress-job-{hashlib.sha256(str(job_dir).encode()).hexdigest()[:12]}-{os.getpid()}"
+
+    def killed(self, job_dir: Path) -> None:
+        from compress.container.engine import CLIENT
+        from compress.container.images import client_env
+
+        subprocess.run(
+            [CLIENT, "kill", self._container(job_dir)], env=client_env(), capture_output=True, check=False, timeout=60
+        )
+
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
         from compress.container.engine import CLIENT
         from compress.container.images import client_env, run_flags
@@ -87,6 +102,8 @@ class DockerTarget(Target):
             CLIENT,
             "run",
             "--rm",
+            "--name",
+            self._container(job_dir),
             "--network",
             "none",
             "-u",
