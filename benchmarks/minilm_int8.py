@@ -26,13 +26,14 @@ import numpy as np
 from compress.artifact import Artifact
 from compress.data import ScoredPairs, load_evaluation
 from compress.data.cache import write_atomic
-from compress.kernels import count_kernels
-from compress.latency import interleaved
-from compress.metrics import cosine_fidelity
+from compress.runtime.kernels import count_kernels
+from compress.runtime.latency import interleaved
+from compress.tasks.metrics import cosine_fidelity
 from compress.models import hf
 from compress.pipeline import run
 from compress.recipe import Recipe, load_recipe
-from compress.targets.native import cpu_model, session
+from compress.runtime.session import session
+from compress.targets.native import cpu_model
 from compress.tasks import embedding
 from exporters.onnx_export import export
 

@@ -85,7 +85,7 @@ def _static_default(plain: Path, tok: Any, names: tuple[str, ...]) -> Path:
     """ORT's quantize_static with its defaults (QDQ, MinMax, s8 activations, per-tensor) on lee-background."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    from compress.calibration import BatchReader
+    from compress.stages.quantize.calibration import BatchReader
     from compress.data import load_texts
     from compress.models import hf
     from compress.recipe import ReferenceSet
@@ -122,9 +122,9 @@ def _ptq(runs: int, command: str) -> None:
 
     from compress.data import load_evaluation
     from compress.data.cache import write_atomic
-    from compress.kernels import count_kernels
-    from compress.latency import interleaved
-    from compress.metrics import cosine_fidelity
+    from compress.runtime.kernels import count_kernels
+    from compress.runtime.latency import interleaved
+    from compress.tasks.metrics import cosine_fidelity
     from compress.models import hf
     from compress.recipe import load_recipe
     from compress.tasks import embedding
@@ -188,10 +188,10 @@ def _ptq(runs: int, command: str) -> None:
 def _qat_windowed(runs: int, command: str) -> None:
     from compress.data import load_labeled
     from compress.data.cache import write_atomic
-    from compress.latency import interleaved
+    from compress.runtime.latency import interleaved
     from compress.recipe import ReferenceSet
-    from compress.stages.quantize_search import accuracy_metric
-    from compress.targets.native import session
+    from compress.stages.quantize.search import accuracy_metric
+    from compress.runtime.session import session
 
     ptq, ptq_settings, _ = _quantized(WINDOWED_PTQ)
     qat, qat_settings, qat_metrics = _quantized(WINDOWED_QAT)
@@ -322,7 +322,7 @@ def _calibrate_child(impl: str, method: str, n: int, model: Path) -> dict[str, f
 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from compress import calibration
+    from compress.stages.quantize import calibration
     from compress.data import load_texts
     from compress.models import hf
     from compress.recipe import ReferenceSet

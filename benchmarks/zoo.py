@@ -106,7 +106,7 @@ def _probe(script: str, *args: str) -> dict[str, Any]:
 def scaling(runs: int) -> list[str]:
     import torch
 
-    from compress.latency import interleaved
+    from compress.runtime.latency import interleaved
     from compress.models.attention import AttentionConfig, build_attention, dense_attention_explicit
 
     torch.set_num_threads(2)

@@ -45,7 +45,7 @@ def compare(  # noqa: PLR0917
     from compress.data import load_labeled
     from compress.data.cache import write_atomic
     from compress.data.tokenizers import tokenizer_for
-    from compress.latency import interleaved
+    from compress.runtime.latency import interleaved
     from compress.models.hf import model_folder
     from compress.models.zoo import load_zoo
     from compress.recipe import PackageModel, ReferenceSet

@@ -40,6 +40,11 @@ class Artifact:
         files = {k: _absolute(v, run_dir, source) for k, v in raw["files"].items()}
         return cls(kind=raw["kind"], files=files, meta=raw["meta"])
 
+    def usable_length(self, max_length: int) -> int:
+        """The tokens per text a stage feeds this model: the recipe's data.max_length, within its positions."""
+        positions = self.meta.get("max_positions")
+        return min(max_length, positions) if isinstance(positions, int) else max_length
+
     def moved(self, old: Path, new: Path) -> Artifact:
         """The same artifact after its stage folder `old` was renamed to `new`."""
         files = {k: (new / v.relative_to(old) if v.is_relative_to(old) else v) for k, v in self.files.items()}

@@ -53,9 +53,9 @@ def check(recipe: Path) -> None:
     Fields, values and stage order; the model folder (config, tokenizer, weights that load into it);
     the user's data files; the lengths the stages ask of the model; the run folder it would write.
     """
-    from compress.preflight import preflight
+    from compress.pipeline.preflight import preflight
+    from compress.pipeline.run_dir import check_claim
     from compress.recipe import load_recipe
-    from compress.run_dir import check_claim
 
     parsed = load_recipe(recipe)
     source = preflight(parsed, deep=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,8 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compress import distributed
 from compress.artifact import Artifact
 from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
+from compress.data.spec import FileSet, ReferenceSet
 from compress.errors import UserError
-from compress.recipe import FileSet, Recipe, ReferenceSet
+
+if TYPE_CHECKING:  # the pipeline builds the context from the recipe; the context never imports it
+    from compress.recipe import Recipe
 
 
 @dataclass

@@ -65,10 +65,10 @@ def export(
                 opset_version=max(opset, 18),
                 external_data=False,
             )
-            _rename_shadowed_values(path, output_names)
+            rename_shadowed_values(path, output_names)
 
 
-def _rename_shadowed_values(path: Path, output_names: tuple[str, ...]) -> None:
+def rename_shadowed_values(path: Path, output_names: tuple[str, ...]) -> None:
     """The dynamo exporter can name an internal value like a graph output (e.g. "embedding", after
     aten::embedding); ONNX Runtime then rejects the duplicate definition. Rename the internal one."""
     import onnx

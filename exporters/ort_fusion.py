@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compress.pruning.structured import STRUCTURE_KEY
+from compress.models.structure import STRUCTURE_KEY
 
 # Hugging Face model_type -> the optimizer's model family. Others are left unfused, and the report says so.
 OPTIMIZER_FAMILY = {

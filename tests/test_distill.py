@@ -16,7 +16,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from compress.context import Context
-from compress.distillation import (
+from compress.training.losses import (
     attention_kl,
     check_map,
     drop_layers,

@@ -17,7 +17,7 @@ from compress.errors import UserError
 from compress.models.zoo import load_zoo
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.stages.distill_zoo import Pupil, _load_pupil, _save_pupil
+from compress.training.distill_zoo import Pupil, _load_pupil, _save_pupil
 
 
 def _run(path: Path) -> Path:

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from compress.data.sets import ScoredPairs
-from compress.metrics import correlations, cosine_fidelity
+from compress.tasks.metrics import correlations, cosine_fidelity
 from compress.tasks.embedding import pair_similarities, score
 
 

@@ -14,7 +14,7 @@ from compress.context import Context
 from compress.errors import StageFailed
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.run_dir import claim
+from compress.pipeline.run_dir import claim
 
 
 def _run(path: Path) -> Path:

@@ -15,13 +15,13 @@ from rich.console import Console
 from torch import nn
 
 from compress.context import Context
-from compress.kernels import count_kernels
+from compress.runtime.kernels import count_kernels
 from compress.pipeline import run
-from compress.presets import PRESETS, host_has_vnni
-from compress.qat import Lifecycle, LifecycleError, QatModel
+from compress.runtime.presets import PRESETS, host_has_vnni
+from compress.stages.qat.lifecycle import Lifecycle, LifecycleError, QatModel
 from compress.recipe import load_recipe
 from compress.stages.quantize import QDQ_SESSION
-from compress.targets.native import session
+from compress.runtime.session import session
 from tests.conftest import TEXTS
 
 

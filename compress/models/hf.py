@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.errors import UserError
-from compress.pruning.structured import STRUCTURE_KEY
-from compress.recipe import HFModel, PackageModel
+from compress.models.spec import HFModel, PackageModel
+from compress.models.structure import STRUCTURE_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -175,7 +175,7 @@ def _load_pruned(folder: Path, structure: dict[str, list[int]]) -> torch.nn.Modu
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
-    from compress.pruning.structured import rebuild
+    from compress.models.structure import rebuild
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     model = AutoModel.from_config(config, attn_implementation="eager")

@@ -1,20 +1,74 @@
-"""Stages: each turns one artifact into a new one inside its own folder. This dict is the only registry."""
+"""Stages: each turns one artifact into a new one inside its own folder.
+
+STAGES is the only registry: stage type -> its config class and its run, in the order stages run. The
+recipe's stage union, the order check and the config map are derived from it. Adding a stage is one new
+package (config.py with its pydantic model, __init__.py with `run`) and one line here
+(docs/ARCHITECTURE.md has a worked example).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
+from pydantic import Field
+
+from compress.artifact import Artifact
+from compress.context import Context
 from compress.stages import distill, export, prune, qat, quantize, train, validate
+from compress.stages.distill.config import DistillStage
+from compress.stages.export.config import ExportStage
+from compress.stages.prune.config import PruneStage
+from compress.stages.qat.config import QatStage
+from compress.stages.quantize.config import QuantizeStage
+from compress.stages.train.config import TrainStage
+from compress.stages.validate.config import ValidateStage
+from compress.strict import Strict
 
-STAGES: dict[str, Callable[..., Any]] = {
-    "train": train.run,
-    "prune": prune.run,
-    "distill": distill.run,
-    "export": export.run,
-    "quantize": quantize.run,
-    "qat": qat.run,
-    "validate": validate.run,
+C = TypeVar("C", bound=Strict)
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StageKind(Generic[C]):
+    """One kind of stage: the config class a recipe's entry parses into, and the function that runs it."""
+
+    config: type[C]
+    run: Callable[[Artifact, C, Context], tuple[Artifact, Metrics]]
+
+
+STAGES: dict[str, StageKind[Any]] = {  # in the order stages run
+    "train": StageKind(TrainStage, train.run),
+    "prune": StageKind(PruneStage, prune.run),
+    "distill": StageKind(DistillStage, distill.run),
+    "export": StageKind(ExportStage, export.run),
+    "quantize": StageKind(QuantizeStage, quantize.run),
+    "qat": StageKind(QatStage, qat.run),
+    "validate": StageKind(ValidateStage, validate.run),
 }
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+STAGE_CONFIGS: dict[str, type[Strict]] = {name: kind.config for name, kind in STAGES.items()}
 
-__all__ = ["STAGES"]
+if TYPE_CHECKING:
+
+    class StageConfig(Strict):  # what a type checker knows of any stage's config
+        type: str
+
+else:  # the recipe's `stages:` entries: one of the registered configs, chosen by `type`
+    StageConfig = Annotated[Union[tuple(STAGE_CONFIGS.values())], Field(discriminator="type")]  # noqa: UP007
+
+__all__ = [
+    "STAGES",
+    "STAGE_CONFIGS",
+    "STAGE_ORDER",
+    "DistillStage",
+    "ExportStage",
+    "PruneStage",
+    "QatStage",
+    "QuantizeStage",
+    "StageConfig",
+    "StageKind",
+    "TrainStage",
+    "ValidateStage",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from compress.targets.base import Target
 
@@ -19,7 +19,7 @@ class NativeTarget(Target):
     cpu = "this machine's CPU"
 
     def __init__(self) -> None:
-        from compress.presets import host_has_vnni
+        from compress.runtime.presets import host_has_vnni
 
         self.vnni = host_has_vnni()
         self.cpu = cpu_model()
@@ -45,38 +45,3 @@ def cpu_model() -> str:
     return platform.processor() or "this machine's CPU"
 
 
-def session(
-    model: Path,
-    threads: int,
-    settings: dict[str, Any] | None = None,
-    optimized_path: Path | None = None,
-    spinning: bool = True,
-) -> Any:
-    """An ONNX Runtime CPU session with the artifact's own session settings (see session.json).
-
-    spinning=False stops idle intra-op threads from spin-waiting. Timed sessions need it: sessions
-    timed in turn on a 2-core machine otherwise steal each other's cores (measured here: the same
-    model ran 2-3x slower interleaved with a spinning neighbour), and alone it was not slower.
-    """
-    import onnxruntime as ort
-
-    settings = settings or {}
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    from exporters import native as custom_ops
-
-    custom_ops.register(so)  # our attention ops' native kernels, when built for this machine
-    for key, value in settings.get("config_entries", {}).items():
-        so.add_session_config_entry(key, str(value))
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(
-        str(model),
-        so,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(settings.get("disabled_optimizers", [])),
-    )

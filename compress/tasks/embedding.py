@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.data.sets import ScoredPairs
-from compress.metrics import correlations
-from compress.recipe import HFModel, PackageModel
+from compress.models.spec import HFModel, PackageModel
+from compress.tasks.metrics import correlations
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from compress.pruning import masks
+from compress.stages.prune import masks
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8, 0.97])

@@ -17,7 +17,7 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.models import hf
 from compress.pipeline import run
-from compress.pruning.structured import prune_bert
+from compress.stages.prune.structured import prune_bert
 from compress.recipe import load_recipe
 
 
@@ -213,7 +213,7 @@ def test_zoo_structured_removal_equals_zeroed_model(variant: str) -> None:
     """On every zoo architecture: zero head 0 and half the FFN neurons of each block, then remove them."""
     from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
     from compress.models.encoder import Block, build_model
-    from compress.pruning.structured import prune_zoo
+    from compress.stages.prune.structured import prune_zoo
 
     raw = {"vocab_size": 50, "max_len": 32, "d_model": 16, "n_heads": 4, "n_layers": 2, "d_ff": 32}
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def test_gradual_schedule_reaches_the_target_and_picks_a_full_sparsity_epoch(
 
 
 def test_mask_keeper_follows_the_cubic_ramp() -> None:
-    from compress.pruning.gradual import MaskKeeper
+    from compress.stages.prune.gradual import MaskKeeper
 
     lin = torch.nn.Linear(10, 10)
     model = torch.nn.Sequential(lin)
@@ -319,7 +319,7 @@ def test_mask_keeper_follows_the_cubic_ramp() -> None:
 
     def make(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
         seen.append(fraction)
-        from compress.pruning import masks
+        from compress.stages.prune import masks
 
         return {n: masks.unstructured(w, 0.5 * fraction) for n, w in weights.items()}
 

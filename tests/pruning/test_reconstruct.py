@@ -15,8 +15,8 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.models import hf
 from compress.pipeline import run
-from compress.pruning.reconstruct import _least_error_groups, _Normal, reconstruct_bert
-from compress.pruning.structured import prune_bert
+from compress.stages.prune.reconstruct import _least_error_groups, _Normal, reconstruct_bert
+from compress.stages.prune.structured import prune_bert
 from compress.recipe import load_recipe
 from tests.conftest import TEXTS
 

@@ -1,0 +1,126 @@
+"""What `check` and `run` refuse before any work: one function, so the two cannot disagree.
+
+preflight(recipe) resolves and checks the input model (folder, config, tokenizer, weights file structure),
+the user's data files, and the lengths the stages will ask of the model. `deep=True` (the `check` command)
+also loads the weights once, so a checkpoint whose tensors do not fit its config is refused before a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.data import load_evaluation, load_labeled, load_texts
+from compress.data.spec import FileSet
+from compress.errors import UserError
+from compress.models import hf
+from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
+from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
+from compress.models.zoo import read_zoo_config
+from compress.recipe import Recipe
+from compress.stages.validate.config import ValidateStage
+
+DATA_ROLES = ("train", "calibration", "evaluation", "test")
+
+
+def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
+    """The recipe's input model as an artifact, after every check that needs no stage to run."""
+    source = source_artifact(recipe)
+    for role in DATA_ROLES:
+        spec = getattr(recipe.data, role)
+        if isinstance(spec, FileSet) and not spec.path.is_file():
+            raise UserError(f"data.{role}.path: {spec.path} does not exist")
+    _check_lengths(recipe, _positions(recipe, source))
+    if deep:
+        _load_files(recipe)
+        _load_weights(source)
+    return source
+
+
+def source_artifact(recipe: Recipe) -> Artifact:
+    """The recipe's input model as an artifact, checked: a Hugging Face folder, a zoo checkpoint, or a new one."""
+    model = recipe.model
+    if isinstance(model, HFModel | PackageModel):
+        folder = hf.model_folder(model)
+        hf.check_weights(folder)
+        return Artifact("hf", {"model": folder}, {"precision": "fp32"})
+    if isinstance(model, ZooModel):
+        if not model.zoo.is_dir():
+            raise UserError(f"model.zoo: {model.zoo} is not a folder")
+        read_zoo_config(model.zoo)
+        if not (model.zoo / "model.safetensors").is_file():
+            raise UserError(f"model.zoo: {model.zoo} holds no model.safetensors")
+        hf.check_safetensors(model.zoo / "model.safetensors")
+        return Artifact("zoo", {"model": model.zoo}, {"precision": "fp32"})
+    return Artifact("new", {}, {"architecture": model.architecture})
+
+
+def _positions(recipe: Recipe, source: Artifact) -> int | None:
+    """How many tokens the input model can take (None: the model does not say)."""
+    model = recipe.model
+    if isinstance(model, ZooModel):
+        return read_zoo_config(model.zoo).max_len
+    if isinstance(model, NewModel):
+        return ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **model.architecture}).max_len
+    positions = hf.read_config(source.file("model")).get("max_position_embeddings")
+    return positions if isinstance(positions, int) else None
+
+
+def _check_lengths(recipe: Recipe, positions: int | None) -> None:
+    if positions is None:
+        return
+    if recipe.data.max_length > positions and not isinstance(recipe.model, ZooModel | NewModel):
+        raise UserError(f"data.max_length: {recipe.data.max_length} exceeds the model's {positions} positions")
+    for index, stage in enumerate(recipe.stages):
+        if isinstance(stage, ValidateStage) and stage.sequence_length > positions:
+            raise UserError(
+                f"stages[{index}].sequence_length: {stage.sequence_length} exceeds the model's {positions} positions"
+            )
+
+
+def _load_files(recipe: Recipe) -> None:
+    """Parse the user's data files as the stages will (reference sets are pinned by checksum: not fetched here)."""
+    for role in DATA_ROLES:
+        spec = getattr(recipe.data, role)
+        if not isinstance(spec, FileSet):
+            continue
+        if role == "evaluation" and recipe.task == "embedding":
+            load_evaluation(spec)
+        elif spec.label_field is not None:
+            load_labeled(spec, recipe.data.split_seed)
+        else:
+            load_texts(spec, recipe.data.split_seed)
+
+
+def _load_weights(source: Artifact) -> None:
+    if source.kind == "hf":
+        hf.load_model(source.file("model"))
+        hf.load_tokenizer(source.file("model"))
+    elif source.kind == "zoo":
+        from compress.models.zoo import load_zoo
+
+        load_zoo(source.file("model"))
+
+
+def content_fingerprint(recipe: Recipe, source: Artifact) -> dict[str, Any]:
+    """sha256 of the bytes a run reads: the model folder's files and the user's data files, not their paths."""
+    files: dict[str, str] = {}
+    folder = source.files.get("model")
+    if folder is not None:
+        for path in hf.model_files(folder):
+            files[f"model/{path.relative_to(folder)}"] = _sha256(path)
+    for role in DATA_ROLES:
+        spec = getattr(recipe.data, role)
+        if isinstance(spec, FileSet) and spec.path.is_file():
+            files[f"data.{role}"] = _sha256(spec.path)
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,1 +1,0 @@
-"""Magnitude pruning: masks (unstructured, N:M, block) and structured removal of heads and FFN neurons."""

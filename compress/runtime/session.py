@@ -1,0 +1,43 @@
+"""An ONNX Runtime CPU session for our artifacts: fixed threads, the artifact's settings, our ops' kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def session(
+    model: Path,
+    threads: int,
+    settings: dict[str, Any] | None = None,
+    optimized_path: Path | None = None,
+    spinning: bool = True,
+) -> Any:
+    """An ONNX Runtime CPU session with the artifact's own session settings (see session.json).
+
+    spinning=False stops idle intra-op threads from spin-waiting. Timed sessions need it: sessions
+    timed in turn on a 2-core machine otherwise steal each other's cores (measured here: the same
+    model ran 2-3x slower interleaved with a spinning neighbour), and alone it was not slower.
+    """
+    import onnxruntime as ort
+
+    settings = settings or {}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from exporters import native as custom_ops
+
+    custom_ops.register(so)  # our attention ops' native kernels, when built for this machine
+    for key, value in settings.get("config_entries", {}).items():
+        so.add_session_config_entry(key, str(value))
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(
+        str(model),
+        so,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(settings.get("disabled_optimizers", [])),
+    )

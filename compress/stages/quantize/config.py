@@ -1,0 +1,104 @@
+"""The quantize stage's settings, and the accuracy-aware goal."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from compress.runtime.presets import PresetChoice
+from compress.strict import Strict
+
+
+class QuantizeGoal(Strict):
+    """Accuracy-aware quantization: keep the most sensitive nodes in float until the drop is within max_drop."""
+
+    max_drop: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Largest allowed drop of the goal metric from fp32: accuracy on data.evaluation (classification), "
+            "or 1 - mean cosine of the int8 embeddings to the fp32 ones on data.evaluation (embedding)."
+        ),
+    )
+    relative: bool = Field(False, description="max_drop is a fraction of the fp32 metric instead of an absolute drop.")
+    samples: int | None = Field(
+        None, ge=1, le=10**8, description="Measure the goal on at most this many evaluation texts (faster trials)."
+    )
+
+
+class QuantizeStage(Strict):
+    type: Literal["quantize"]
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description=(
+            "dynamic: weights int8 offline, activation ranges computed per run. static: activation ranges "
+            "calibrated on the calibration set, QDQ format."
+        ),
+    )
+    preset: PresetChoice = Field(
+        "auto",
+        description=(
+            "int8 types for the CPUs the artifact ships to (README: Quantization presets). auto: from the recipe's "
+            "targets and this CPU's flags. activation_type, weight_type and reduce_range override it."
+        ),
+    )
+    calibration: Literal["minmax", "entropy", "percentile"] | None = Field(
+        None, description="Static only: calibration method (default minmax)."
+    )
+    percentile: float = Field(99.999, gt=90, lt=100, description="Static, percentile calibration: the percentile.")
+    calibration_samples: int = Field(128, ge=1, le=10**7, description="Static only: calibration texts used.")
+    calibration_chunk: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description=(
+            "Static only: batches (of data.batch_size texts) held in memory at once while calibrating; memory "
+            "stays bounded whatever calibration_samples is."
+        ),
+    )
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (recommended for transformers).")
+    reduce_range: bool | None = Field(
+        None, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI. Default: the preset's."
+    )
+    activation_type: Literal["uint8", "int8"] | None = Field(
+        None, description="Static only: activation type. Default: the preset's (uint8)."
+    )
+    weight_type: Literal["int8", "uint8"] | None = Field(None, description="Weight type. Default: the preset's (int8).")
+    op_types: tuple[str, ...] | None = Field(
+        None,
+        description=(
+            "Operator types to quantize. Default: everything ONNX Runtime can quantize (dynamic), "
+            "MatMul and Gemm (static)."
+        ),
+    )
+    exclude_nodes: tuple[str, ...] = Field(
+        (), description="Regular expressions on node names; matching nodes stay in float."
+    )
+    goal: QuantizeGoal | None = Field(
+        None,
+        description=(
+            "Accuracy-aware: measure each quantized node's sensitivity, then keep nodes in float, most sensitive "
+            "first, until the drop is within goal.max_drop. Every trial is in the report."
+        ),
+    )
+    time_budget: float = Field(
+        900,
+        gt=0,
+        le=7 * 86400,
+        description="Seconds the accuracy-aware search may take; it fails when the goal is not met in time.",
+    )
+
+    @model_validator(mode="after")
+    def _static_only_fields(self) -> QuantizeStage:
+        if self.mode == "dynamic" and self.calibration is not None:
+            raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
+        if self.mode == "dynamic" and self.activation_type is not None:
+            raise ValueError("activation_type applies to mode: static only (dynamic activations are always uint8)")
+        for pattern in self.exclude_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
+        return self
