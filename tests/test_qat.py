@@ -20,7 +20,7 @@ from compress.pipeline import run
 from compress.runtime.presets import PRESETS, host_has_vnni
 from compress.stages.qat.lifecycle import Lifecycle, LifecycleError, QatModel
 from compress.recipe import load_recipe
-from compress.stages.quantize import QDQ_SESSION
+from compress.runtime.fidelity import QDQ_SESSION
 from compress.runtime.session import session
 from tests.conftest import TEXTS
 

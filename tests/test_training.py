@@ -22,7 +22,7 @@ from compress.errors import UserError
 from compress.models.zoo import load_zoo
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.stages.train import bucketed
+from compress.training.feeds import bucketed
 from compress.training.loop import lr_factor
 
 
