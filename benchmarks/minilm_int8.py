@@ -26,15 +26,15 @@ import numpy as np
 from compress.artifact import Artifact
 from compress.data import ScoredPairs, load_evaluation
 from compress.data.cache import write_atomic
-from compress.runtime.kernels import count_kernels
-from compress.runtime.latency import interleaved
-from compress.tasks.metrics import cosine_fidelity
 from compress.models import hf
 from compress.pipeline import run
 from compress.recipe import Recipe, load_recipe
+from compress.runtime.kernels import count_kernels
+from compress.runtime.latency import interleaved
 from compress.runtime.session import session
 from compress.targets.native import cpu_model
 from compress.tasks import embedding
+from compress.tasks.metrics import cosine_fidelity
 from exporters.onnx_export import export
 
 ROOT = Path(__file__).resolve().parents[1]

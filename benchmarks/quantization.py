@@ -85,10 +85,10 @@ def _static_default(plain: Path, tok: Any, names: tuple[str, ...]) -> Path:
     """ORT's quantize_static with its defaults (QDQ, MinMax, s8 activations, per-tensor) on lee-background."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    from compress.stages.quantize.calibration import BatchReader
     from compress.data import load_texts
     from compress.models import hf
     from compress.recipe import ReferenceSet
+    from compress.stages.quantize.calibration import BatchReader
 
     out = plain.parent / "plain_int8_static_default.onnx"
     if out.exists():
@@ -122,12 +122,12 @@ def _ptq(runs: int, command: str) -> None:
 
     from compress.data import load_evaluation
     from compress.data.cache import write_atomic
-    from compress.runtime.kernels import count_kernels
-    from compress.runtime.latency import interleaved
-    from compress.tasks.metrics import cosine_fidelity
     from compress.models import hf
     from compress.recipe import load_recipe
+    from compress.runtime.kernels import count_kernels
+    from compress.runtime.latency import interleaved
     from compress.tasks import embedding
+    from compress.tasks.metrics import cosine_fidelity
 
     labels = {PLAIN_RECIPE: PIPE_DYNAMIC, GOAL_RECIPE: PIPE_GOAL, QAT_RECIPE: PIPE_QAT}
     artifacts = {labels[p]: _quantized(p) for p in labels}
@@ -188,10 +188,10 @@ def _ptq(runs: int, command: str) -> None:
 def _qat_windowed(runs: int, command: str) -> None:
     from compress.data import load_labeled
     from compress.data.cache import write_atomic
-    from compress.runtime.latency import interleaved
     from compress.recipe import ReferenceSet
-    from compress.stages.quantize.search import accuracy_metric
+    from compress.runtime.latency import interleaved
     from compress.runtime.session import session
+    from compress.stages.quantize.search import accuracy_metric
 
     ptq, ptq_settings, _ = _quantized(WINDOWED_PTQ)
     qat, qat_settings, qat_metrics = _quantized(WINDOWED_QAT)
@@ -322,10 +322,10 @@ def _calibrate_child(impl: str, method: str, n: int, model: Path) -> dict[str, f
 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from compress.stages.quantize import calibration
     from compress.data import load_texts
     from compress.models import hf
     from compress.recipe import ReferenceSet
+    from compress.stages.quantize import calibration
 
     logging.getLogger().setLevel(logging.ERROR)
     texts = load_texts(ReferenceSet(reference="spam-assassin", split="train")).texts[:n]

@@ -42,6 +42,7 @@ from compress.pipeline import run  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
 from compress.serving.bundle import write_bundle  # noqa: E402
 from compress.serving.server import Model  # noqa: E402
+from compress.targets.docker import run_flags  # noqa: E402
 from compress.targets.native import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serving.md"
@@ -119,7 +120,7 @@ def images_for(folder: Path, env: dict[str, str]) -> tuple[dict[str, str], dict[
 
 def container(env: dict[str, str], tag: str, port: int, *extra: str, arch: str = "amd64") -> str:
     """`tag`'s server on 127.0.0.1:`port` (the host's network, loopback only: nothing is published)."""
-    args = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), tag]
+    args = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *run_flags(arch), tag]
     return images.docker([*args, "--host", "127.0.0.1", *extra], env, "run").strip()
 
 

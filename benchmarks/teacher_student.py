@@ -33,13 +33,13 @@ def compare(student_recipe: str, title: str, result: str, targets: list[Target],
     from compress.artifact import Artifact
     from compress.data import load_evaluation
     from compress.data.cache import write_atomic
-    from compress.runtime.latency import interleaved
-    from compress.tasks.metrics import cosine_fidelity
     from compress.models import hf
     from compress.pipeline import run
     from compress.recipe import load_recipe
+    from compress.runtime.latency import interleaved
     from compress.runtime.session import session
     from compress.tasks import embedding
+    from compress.tasks.metrics import cosine_fidelity
 
     files: dict[str, tuple[Path, dict[str, Any]]] = {}
     for recipe_path, who in (("recipes/minilm-int8.yaml", "teacher"), (student_recipe, "student")):

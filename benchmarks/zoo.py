@@ -106,8 +106,8 @@ def _probe(script: str, *args: str) -> dict[str, Any]:
 def scaling(runs: int) -> list[str]:
     import torch
 
-    from compress.runtime.latency import interleaved
     from compress.models.attention import AttentionConfig, build_attention, dense_attention_explicit
+    from compress.runtime.latency import interleaved
 
     torch.set_num_threads(2)
     modules: dict[str, Any] = {"windowed": build_attention(AttentionConfig("windowed", window=WINDOW), D)}

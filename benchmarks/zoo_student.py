@@ -45,10 +45,10 @@ def compare(  # noqa: PLR0917
     from compress.data import load_labeled
     from compress.data.cache import write_atomic
     from compress.data.tokenizers import tokenizer_for
-    from compress.runtime.latency import interleaved
     from compress.models.hf import model_folder
     from compress.models.zoo import load_zoo
     from compress.recipe import PackageModel, ReferenceSet
+    from compress.runtime.latency import interleaved
 
     os.chdir(ROOT)
     teacher_dir = _finished_run(REFERENCE) / "01_train" / "model"

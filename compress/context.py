@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compress import distributed
+from compress import distributed, targets
 from compress.artifact import Artifact
 from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
-from compress.data.spec import FileSet, ReferenceSet
+from compress.data.spec import DataSpec, FileSet, ReferenceSet
 from compress.errors import UserError
+from compress.targets import Target
 
 if TYPE_CHECKING:  # the pipeline builds the context from the recipe; the context never imports it
     from compress.recipe import Recipe
@@ -33,24 +34,43 @@ class Context:
     work_dir: Path = Path()  # the current stage's scratch folder, kept across a kill (resumable stages)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def task(self) -> str:
+        """embedding | classification | lm."""
+        return str(self.recipe.task)
+
+    @property
+    def data(self) -> DataSpec:
+        return self.recipe.data
+
+    @property
+    def model(self) -> Any:
+        """The recipe's model spec (compress.models.spec): pooling and normalisation for embeddings."""
+        return self.recipe.model
+
+    @cached_property
+    def targets(self) -> list[Target]:
+        """The recipe's targets, resolved once (architecture, CPU features, how the worker runs)."""
+        return [targets.get(name) for name in self.recipe.targets]
+
     @cached_property
     def calibration(self) -> TextSet:
-        if self.recipe.data.calibration is None:
+        if self.data.calibration is None:
             raise UserError("data.calibration is required by this recipe's stages")
-        return load_texts(self.recipe.data.calibration, self.recipe.data.split_seed)
+        return load_texts(self.data.calibration, self.data.split_seed)
 
     @cached_property
     def evaluation(self) -> ScoredPairs:
         """The embedding task's scored pairs."""
-        return load_evaluation(self.recipe.data.evaluation)
+        return load_evaluation(self.data.evaluation)
 
     def labeled(self, role: str) -> LabeledTexts:
         """data.<role> (train, evaluation, test) as labelled texts (classification)."""
-        return load_labeled(self._source(role), self.recipe.data.split_seed)
+        return load_labeled(self._source(role), self.data.split_seed)
 
     def texts(self, role: str) -> TextSet:
         """data.<role> (train, evaluation, test) as plain texts (language modelling)."""
-        return load_texts(self._source(role), self.recipe.data.split_seed)
+        return load_texts(self._source(role), self.data.split_seed)
 
     def _source(self, role: str) -> ReferenceSet | FileSet:
         source = getattr(self.recipe.data, role)

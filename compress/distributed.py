@@ -14,17 +14,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch import nn
+# torch.distributed is imported only under torchrun (WORLD_SIZE > 1): `edge-compress --help`, check and
+# a single-process run's bookkeeping never load torch for it. The DDP wrapping of models is
+# compress.training.ddp.
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if world_size() > 1 and active():
+        return int(_dist().get_rank())
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
@@ -32,63 +40,30 @@ def is_main() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if world_size() <= 1:
+        return False
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def init() -> None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
-    if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+    if world_size() > 1 and not _dist().is_initialized():
+        _dist().init_process_group(backend="gloo")
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def agree(flag: bool) -> bool:
     """True on every rank only if `flag` is true on every rank (e.g. "this stage is finished")."""
     if not active():
         return flag
+    import torch
+
+    dist = _dist()
     t = torch.tensor([1 if flag else 0])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-def mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a per-rank tensor over the ranks."""
-    if not active():
-        return value
-    out = value.clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
-
-
-class LossModule(nn.Module):
-    """model + loss function as one module, so DDP's forward wraps the whole loss computation."""
-
-    def __init__(self, model: nn.Module, loss_fn: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
-        return self.loss_fn(self.model, batch) * weight
-
-
-def wrap(model: nn.Module, loss_fn: Any) -> nn.Module:
-    """A DDP module computing `loss_fn(model, batch) * weight` with gradients averaged across ranks."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(LossModule(model, loss_fn), find_unused_parameters=False)
-
-
-def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-    """This rank's rows of a global batch and the weight that makes DDP's gradient average equal the
-    gradient of the global batch's mean loss: (rows here / rows in all) x world size."""
-    n = next(iter(batch.values())).shape[0]
-    world, me = dist.get_world_size(), dist.get_rank()
-    if n < world:  # a tail batch smaller than the world: every rank takes all of it (same gradient)
-        return batch, 1.0
-    part = {k: v[me::world] for k, v in batch.items()}
-    return part, len(range(me, n, world)) * world / n

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import exporters.ops.torch_ops  # noqa: F401 (defines torch.ops.edgecompress.windowed_attention)
+from exporters.ops.torch_ops import register_torch_ops
 
 INPUTS = ("input_ids", "attention_mask", "global_attention_mask", "token_type_ids", "position_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
@@ -104,6 +104,7 @@ class ExportLongformerSelfAttention(nn.Module):
 
     def __init__(self, source: Any) -> None:
         super().__init__()
+        self.op = register_torch_ops().windowed_attention  # our torch op, registered explicitly
         for name in ("query", "key", "value", "query_global", "key_global", "value_global"):
             setattr(self, name, getattr(source, name))
         self.heads = int(source.num_heads)
@@ -135,7 +136,7 @@ class ExportLongformerSelfAttention(nn.Module):
         q = _heads(self.query(hidden_states), self.heads)  # (B, H, S, D), scaled inside the op
         k = _heads(self.key(hidden_states), self.heads)
         v = _heads(self.value(hidden_states), self.heads)
-        out = torch.ops.edgecompress.windowed_attention(q, k, v, real, glob, self.window, False)
+        out = self.op(q, k, v, real, glob, self.window, False)
         out = out.transpose(1, 2).reshape(b, s, e)  # (B, S, E)
         return (self._global_rows(hidden_states, out, real, glob),)
 

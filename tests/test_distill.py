@@ -16,6 +16,10 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from compress.context import Context
+from compress.errors import UserError
+from compress.models import hf
+from compress.pipeline import run
+from compress.recipe import load_recipe
 from compress.training.losses import (
     attention_kl,
     check_map,
@@ -26,10 +30,6 @@ from compress.training.losses import (
     soft_kl,
     uniform_map,
 )
-from compress.errors import UserError
-from compress.models import hf
-from compress.pipeline import run
-from compress.recipe import load_recipe
 
 
 def test_embedding_cosine_by_hand() -> None:

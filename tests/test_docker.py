@@ -27,6 +27,7 @@ import yaml
 
 from compress.container import images
 from compress.container.engine import CLIENT, Engine, host_network
+from compress.targets.docker import run_flags
 from tests.test_serving import Client, _run, free_port
 
 real_engine = pytest.mark.skipif(os.geteuid() != 0, reason="a private Docker engine needs root")
@@ -56,7 +57,7 @@ def serve(env: dict[str, str], image: str, arch: str) -> tuple[str, int, float]:
     """
     port = free_port()
     start = time.perf_counter()
-    run = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *images.run_flags(arch), image]
+    run = ["run", "-d", "--rm", "--network", "host", "-e", f"PORT={port}", *run_flags(arch), image]
     cid = docker(env, *run, "--host", "127.0.0.1").stdout.strip()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -108,7 +109,7 @@ def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _user_and_torch(env: dict[str, str], image: str, arch: str) -> tuple[str, int]:
     user = docker(env, "image", "inspect", "-f", "{{.Config.User}}", image).stdout.strip()
-    probe = docker(env, "run", "--rm", "--network", "none", *images.run_flags(arch), "--entrypoint", "python3", image,
+    probe = docker(env, "run", "--rm", "--network", "none", *run_flags(arch), "--entrypoint", "python3", image,
                    "-c", "import torch", check=False)  # fmt: skip
     return user, probe.returncode
 
@@ -375,7 +376,7 @@ def test_binfmt_registration_is_announced_before_it_is_made(tmp_path: Path, monk
     monkeypatch.setattr(images, "BINFMT_CONF", conf)
     monkeypatch.setattr(images, "host_arch", lambda: "amd64")
     monkeypatch.setattr(images.os, "geteuid", lambda: 0)
-    monkeypatch.setattr("compress.targets.emulated.ensure_tools", lambda *_args: None)
+    monkeypatch.setattr("compress.container.images.ensure_tools", lambda *_args: None)
     said: list[tuple[str, str]] = []
     images.ensure_binfmt(lambda msg: said.append((msg, (misc / "register").read_text())))
     assert len(said) == 1

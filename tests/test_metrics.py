@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from compress.data.sets import ScoredPairs
-from compress.tasks.metrics import correlations, cosine_fidelity
 from compress.tasks.embedding import pair_similarities, score
+from compress.tasks.metrics import correlations, cosine_fidelity
 
 
 def test_correlations_match_scipy_and_ci_brackets_estimate() -> None:

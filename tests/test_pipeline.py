@@ -13,8 +13,8 @@ from rich.console import Console
 from compress.context import Context
 from compress.errors import StageFailed
 from compress.pipeline import run
-from compress.recipe import load_recipe
 from compress.pipeline.run_dir import claim
+from compress.recipe import load_recipe
 
 
 def _run(path: Path) -> Path:

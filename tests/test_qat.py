@@ -15,13 +15,13 @@ from rich.console import Console
 from torch import nn
 
 from compress.context import Context
-from compress.runtime.kernels import count_kernels
 from compress.pipeline import run
-from compress.runtime.presets import PRESETS, host_has_vnni
-from compress.stages.qat.lifecycle import Lifecycle, LifecycleError, QatModel
 from compress.recipe import load_recipe
 from compress.runtime.fidelity import QDQ_SESSION
+from compress.runtime.kernels import count_kernels
+from compress.runtime.presets import PRESETS, host_has_vnni
 from compress.runtime.session import session
+from compress.stages.qat.lifecycle import Lifecycle, LifecycleError, QatModel
 from tests.conftest import TEXTS
 
 
@@ -127,7 +127,7 @@ def test_windowed_attention_op_has_the_references_gradient() -> None:
     glob = torch.zeros(1, 20, dtype=torch.bool)
     glob[0, 0] = True
     assert torch.autograd.gradcheck(
-        lambda a, b, c: torch_ops.windowed_attention(a, b, c, mask, glob, 3, False), (q, k, v)
+        lambda a, b, c: torch_ops.register_torch_ops().windowed_attention(a, b, c, mask, glob, 3, False), (q, k, v)
     )
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,15 +15,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from compress.runtime import presets
-
-from compress.stages.quantize import calibration
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.stages.quantize.config import QuantizeGoal
+from compress.runtime import presets
+from compress.stages.quantize import calibration
 from compress.stages.quantize import search as quantize_search
+from compress.stages.quantize.config import QuantizeGoal
 
 
 def _run(path: Path) -> Path:
@@ -124,14 +124,24 @@ def test_presets_map_to_the_documented_settings() -> None:
     }
 
 
+def _cpu(name: str, arch: str = "x86_64", vnni: bool | None = True) -> SimpleNamespace:
+    return SimpleNamespace(name=name, arch=arch, vnni=vnni)
+
+
 def test_auto_preset_follows_targets_and_cpu() -> None:
-    assert presets.choose("auto", ["x86_64"], vnni=True)[0].name == "x86_64-vnni"
-    assert presets.choose("auto", ["x86_64"], vnni=False)[0].name == "x86_64-avx2"
-    assert presets.choose("auto", ["aarch64", "aarch64-neon"], vnni=True)[0].name == "aarch64"
+    from compress import targets
+
+    assert presets.choose("auto", [_cpu("x86_64")])[0].name == "x86_64-vnni"
+    assert presets.choose("auto", [_cpu("x86_64", vnni=False)])[0].name == "x86_64-avx2"
+    arm = [_cpu("aarch64", "aarch64", None), _cpu("aarch64-neon", "aarch64", None)]
+    assert presets.choose("auto", arm)[0].name == "aarch64"
     # one artifact for every target: the weakest one decides
-    assert presets.choose("auto", ["x86_64", "x86_64-avx2"], vnni=True)[0].name == "x86_64-avx2"
-    preset, why = presets.choose("aarch64", ["x86_64"], vnni=True)
+    assert presets.choose("auto", [_cpu("x86_64"), _cpu("x86_64-avx2", vnni=False)])[0].name == "x86_64-avx2"
+    preset, why = presets.choose("aarch64", [_cpu("x86_64")])
     assert preset.name == "aarch64" and "recipe" in why
+    # the named targets say their features once; the choice reads them, not their names
+    assert presets.choose("auto", [targets.get("x86_64-avx2")])[0].name == "x86_64-avx2"
+    assert presets.choose("auto", [targets.get("aarch64")])[0].name == "aarch64"
 
 
 def test_vnni_flag_read_from_cpuinfo(tmp_path: Path) -> None:
@@ -253,7 +263,9 @@ def test_auto_preset_uses_this_cpu(recipe_for: Callable[..., Path]) -> None:
     stages = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "reduce_range": True}]
     run_dir = _run(recipe_for(stages=stages))
     metrics = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())
-    expected = presets.choose("auto", ["x86_64"])[0]
+    from compress import targets
+
+    expected = presets.choose("auto", [targets.get("x86_64")])[0]
     assert metrics["preset"]["name"] == expected.name and metrics["reduce_range"] is True
     assert bool(metrics["preset"]["overrides"]) == (not expected.reduce_range)
 

@@ -17,8 +17,8 @@ from rich.console import Console
 from compress.context import Context
 from compress.errors import UserError
 from compress.pipeline import run
-from compress.recipe import load_recipe
 from compress.pipeline.run_dir import MARKER
+from compress.recipe import load_recipe
 
 
 def _run(path: Path, fresh: bool = False) -> Path:

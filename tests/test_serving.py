@@ -25,9 +25,9 @@ from rich.console import Console
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import UserError
-from compress.runtime.feeds import encoder
 from compress.pipeline import run
 from compress.recipe import load_recipe
+from compress.runtime.feeds import encoder
 from compress.serving import server
 from compress.serving.bundle import final_stage, write_bundle
 from compress.serving.bundle_check import sha256_of

@@ -22,8 +22,8 @@ from compress import targets
 from compress.context import Context
 from compress.errors import GateFailed
 from compress.pipeline import run
-from compress.runtime.presets import host_has_vnni
 from compress.recipe import load_recipe
+from compress.runtime.presets import host_has_vnni
 
 EMULATED = ["x86_64-avx2", "aarch64", "aarch64-neon"]
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -260,7 +260,7 @@ def test_native_probe_runs_with_a_relative_job_folder(tmp_path: Path, monkeypatc
 
 def test_installing_host_tools_is_announced_before_apt_get_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """ensure_tools changes the host: one line naming the packages, before any apt-get (recorded here, not run)."""
-    from compress.targets import emulated
+    from compress.container import host_tools
 
     installed: set[str] = set()
     events: list[str] = []
@@ -274,10 +274,10 @@ def test_installing_host_tools_is_announced_before_apt_get_runs(monkeypatch: pyt
             installed.update(["mmdebstrap", "qemu-aarch64-static"])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(emulated.shutil, "which", which)
-    monkeypatch.setattr(emulated.subprocess, "run", run)
-    monkeypatch.setattr(emulated.os, "geteuid", lambda: 0)
-    emulated.ensure_tools(["qemu-aarch64-static", "mmdebstrap"], lambda msg: events.append("log: " + msg))
+    monkeypatch.setattr(host_tools.shutil, "which", which)
+    monkeypatch.setattr(host_tools.subprocess, "run", run)
+    monkeypatch.setattr(host_tools.os, "geteuid", lambda: 0)
+    host_tools.ensure_tools(["qemu-aarch64-static", "mmdebstrap"], lambda msg: events.append("log: " + msg))
     assert events[0] == (
         "log: installing Debian packages mmdebstrap qemu-user-static on this host for qemu-aarch64-static, "
         "mmdebstrap (apt-get update, then apt-get install --no-install-recommends, as root)"
@@ -285,5 +285,5 @@ def test_installing_host_tools_is_announced_before_apt_get_runs(monkeypatch: pyt
     assert [e.split()[1] for e in events[1:]] == ["apt-get", "apt-get"] and "update" in events[1]
     assert events[2].endswith("--no-install-recommends mmdebstrap qemu-user-static")
     events.clear()
-    emulated.ensure_tools(["mmdebstrap"], lambda msg: events.append("log: " + msg))
+    host_tools.ensure_tools(["mmdebstrap"], lambda msg: events.append("log: " + msg))
     assert events == []  # present: nothing said, nothing run

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compress.container.host_tools import ensure_tools
 from compress.errors import UserError
 
 Log = Callable[[str], object]
@@ -119,8 +120,6 @@ class Engine:
         """Start the daemon (or reuse the one already running on this root) and wait until it answers."""
         if self.pid() is not None and self.answers():
             return
-        from compress.targets.emulated import ensure_tools
-
         ensure_tools(["dockerd"], log)
         self.root.mkdir(parents=True, exist_ok=True)
         for message in self._drop_stale_pidfile():  # dockerd refuses to start on a pidfile naming a live PID

@@ -28,6 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from compress.container.engine import CLIENT
+from compress.container.host_tools import ensure_tools
 from compress.errors import UserError
 
 Log = Callable[[str], object]
@@ -123,8 +124,6 @@ def ensure_binfmt(log: Log) -> None:
         return
     if (BINFMT_MISC / "qemu-aarch64").is_file():
         return
-    from compress.targets.emulated import ensure_tools
-
     ensure_tools(["qemu-aarch64-static"], log)
     if os.geteuid() != 0 or not BINFMT_CONF.is_file():
         raise UserError(
@@ -146,25 +145,8 @@ def ensure_binfmt(log: Log) -> None:
         raise UserError(f"docker: could not register qemu-aarch64 with binfmt_misc ({exc.strerror})") from None
 
 
-def run_flags(arch: str) -> list[str]:
-    """`docker run` flags for an image of `arch` on this host: none natively; the emulated CPU otherwise."""
-    if arch == host_arch():
-        return []
-    from compress.targets import NAMED
-    from compress.targets.emulated import ArmTarget
-
-    target = NAMED["aarch64"]
-    assert isinstance(target, ArmTarget) and target.cpu == EMULATED_CPU
-    if target.problem():
-        target.setup(lambda _msg: None)
-    cpuinfo = target.tree / "proc" / "cpuinfo"
-    return ["--platform", f"linux/{arch}", "-e", f"QEMU_CPU={EMULATED_CPU}", "-v", f"{cpuinfo}:/proc/cpuinfo:ro"]
-
-
 def _rootfs(arch: str, log: Log) -> Path:
     """build/docker/ARCH/python/rootfs.tar: python3.11 for ARCH, the edge user, /tmp; made once."""
-    from compress.targets.emulated import ensure_tools
-
     out = build_root() / arch / "python"
     tar = out / "rootfs.tar"
     if tar.is_file():
@@ -294,7 +276,6 @@ def pipeline_tag() -> str:
 def build_pipeline(env: dict[str, str], log: Log) -> str:
     """The amd64 pipeline image: a Debian minbase, a venv with the host's resolved wheels, kernels, data cache."""
     from compress.data.cache import cache_dir
-    from compress.targets.emulated import ensure_tools
     from exporters.native.build import build as build_ops
 
     if host_arch() != "amd64":

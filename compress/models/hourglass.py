@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.models.blocks import Stack
 from compress.models.config import HourglassConfig, ZooConfig
-from compress.models.encoder import Stack
 
 
 class Hourglass(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from compress.models.encoder import Block
+    from compress.models.blocks import Block
 
 
 def reversible_stack(blocks: nn.ModuleList, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:

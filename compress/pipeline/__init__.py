@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +32,10 @@ from compress.errors import GateFailed, UserError
 from compress.pipeline import run_dir as run_dirs
 from compress.pipeline.preflight import content_fingerprint, preflight
 from compress.recipe import Recipe
-from compress.report import write_report
+from compress.report import StageRecord, write_report
 from compress.stages import STAGES
 
 TRAINING_STAGES = ("train", "prune", "distill")
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    index: int
-    type: str
-    dir: Path
-    reused: bool
-    seconds: float
-    metrics: dict[str, Any]
 
 
 def run(recipe: Recipe, ctx: Context | None = None, fresh: bool = False, until: str | None = None) -> Path:

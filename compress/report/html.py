@@ -237,7 +237,7 @@ def _table(header: tuple[str, ...], rows: Sequence[Sequence[object]]) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    from compress.report import stage_note, stage_time, summary_rows
+    from compress.report.markdown import stage_note, stage_time, summary_rows
 
     validate = next((s["metrics"] for s in report["stages"] if s["type"] == "validate"), None)
     parts = [

@@ -13,7 +13,8 @@ import numpy as np
 
 from compress.artifact import Artifact
 from compress.context import Context
-from compress.data.tokenizers import MARKER, load_saved
+from compress.data.marker import MARKER
+from compress.data.tokenizers import load_saved
 from compress.models import hf
 
 Encoder = Callable[[Sequence[str], int, int | None], dict[str, np.ndarray]]
@@ -40,7 +41,7 @@ def encoder(artifact: Artifact) -> Encoder:
 
 def evaluation_texts(ctx: Context) -> tuple[str, ...]:
     """The evaluation texts of the recipe's task (sentence pairs' sentences, labelled texts, or plain text)."""
-    task = ctx.recipe.task
+    task = ctx.task
     if task == "embedding":
         return tuple(ctx.evaluation.texts)
     if task == "classification":

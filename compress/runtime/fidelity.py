@@ -21,7 +21,7 @@ QDQ_SESSION: dict[str, Any] = {"disabled_optimizers": ["MatMulAddFusion"]}
 
 def quick_fidelity(artifact: Artifact, model: Path, settings: dict[str, Any], ctx: Context) -> dict[str, float]:
     """Cosine of the int8 outputs to the fp32 reference's on 8 evaluation texts (validate does the rest)."""
-    length = artifact.usable_length(ctx.recipe.data.max_length)
+    length = artifact.usable_length(ctx.data.max_length)
     inputs = feeds.encoder(artifact)(feeds.evaluation_texts(ctx)[:8], length, None)
     ref = session(artifact.file("reference"), threads=2).run(None, inputs)[0]
     got = session(model, threads=2, settings=settings).run(None, inputs)[0]

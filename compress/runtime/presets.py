@@ -15,9 +15,10 @@ Signed activations (S8S8) are not offered: on x86 they left the residual Adds in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 PresetName = Literal["x86_64-vnni", "x86_64-avx2", "aarch64"]
 # What a recipe may ask for: a preset by name, or auto (from the recipe's targets and this CPU).
@@ -80,19 +81,31 @@ def host_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return False
 
 
-def choose(explicit: str, targets: list[str], *, vnni: bool | None = None) -> tuple[Preset, str]:
+class CpuTarget(Protocol):
+    """What a preset choice reads of a validation target (compress.targets.Target has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def arch(self) -> str: ...
+    @property
+    def vnni(self) -> bool | None: ...
+
+
+def choose(explicit: str, targets: Sequence[CpuTarget]) -> tuple[Preset, str]:
     """The preset for a recipe, and why it was chosen.
 
-    `explicit` is the quantize stage's `preset` ("auto" or a name). With "auto" the recipe's targets
-    decide; the native x86_64 target means this CPU, so its flags decide between VNNI and AVX2.
+    `explicit` is the quantize stage's `preset` ("auto" or a name). With "auto" the targets' CPU features
+    decide, and one artifact serves every target: all aarch64 -> aarch64; an x86-64 target without VNNI
+    (vnni False) -> x86_64-avx2; otherwise VNNI (this CPU's, for the native target).
     """
+    names = ", ".join(t.name for t in targets)
     if explicit != "auto":
         return PRESETS[explicit], "named by the recipe (quantize.preset)"
-    if all(t.startswith("aarch64") for t in targets):
-        return PRESETS["aarch64"], f"auto: every target is aarch64 ({', '.join(targets)})"
-    if any(t == "x86_64-avx2" for t in targets):
-        return PRESETS["x86_64-avx2"], "auto: a target is x86-64 without VNNI, and one artifact serves every target"
-    has_vnni = host_has_vnni() if vnni is None else vnni
-    if has_vnni:
-        return PRESETS["x86_64-vnni"], "auto: target x86_64 is this CPU, which has VNNI"
-    return PRESETS["x86_64-avx2"], "auto: target x86_64 is this CPU, which has no VNNI (AVX2 kernels)"
+    if all(t.arch == "aarch64" for t in targets):
+        return PRESETS["aarch64"], f"auto: every target is aarch64 ({names})"
+    without = [t.name for t in targets if t.arch == "x86_64" and t.vnni is False]
+    if without:
+        why = f"auto: {without[0]} is x86-64 without VNNI, and one artifact serves every target"
+        return PRESETS["x86_64-avx2"], why
+    return PRESETS["x86_64-vnni"], f"auto: every x86-64 target has VNNI ({names})"

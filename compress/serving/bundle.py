@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.artifact import Artifact
-from compress.data.tokenizers import MARKER
+from compress.data.marker import MARKER
 from compress.errors import UserError
 from compress.serving.bundle_check import FORMAT, TASKS, VERSION, sha256_of
 

@@ -8,12 +8,17 @@ images run here under qemu through binfmt_misc, as an emulated Neoverse-N1 (comp
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
 from typing import Literal
 
+from compress.container.engine import CLIENT
+from compress.container.images import EMULATED_CPU, client_env, ensure_binfmt, host_arch
+from compress.errors import UserError
 from compress.targets.base import Log, Target
+from compress.targets.emulated import ArmTarget
 
 ARCHES: dict[str, Literal["x86_64", "aarch64"]] = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -30,14 +35,9 @@ class DockerTarget(Target):
 
     @property
     def emulated(self) -> bool:
-        from compress.container.images import host_arch
-
         return self.platform != host_arch()
 
     def _inspect(self) -> tuple[str | None, str]:
-        from compress.container.engine import CLIENT
-        from compress.container.images import client_env
-
         if not Path(CLIENT).is_file():
             return None, f"no docker client at {CLIENT}"
         proc = subprocess.run(
@@ -54,8 +54,6 @@ class DockerTarget(Target):
         return proc.stdout.strip(), ""
 
     def problem(self) -> str | None:
-        from compress.container.images import host_arch
-
         arch, why = self._inspect()
         if arch is None:
             return f"image {self.image} is not available to docker ({why}); build it first (edge-compress package)"
@@ -63,41 +61,28 @@ class DockerTarget(Target):
             return f"image {self.image} is for {arch}; targets run amd64 or arm64 images"
         self.platform, self.arch = arch, ARCHES[arch]
         if arch != host_arch():
-            from compress.container.images import EMULATED_CPU
-
             self.cpu = f"emulated {EMULATED_CPU} (binfmt), in a container"
         return None
 
     def setup(self, log: Log) -> None:
         problem = self.problem()
         if problem:
-            from compress.errors import UserError
-
             raise UserError(f"targets: {self.name}: {problem}")
-        from compress.container.images import ensure_binfmt, host_arch
-
         if self.platform != host_arch():
             ensure_binfmt(log)
 
     @staticmethod
     def _container(job_dir: Path) -> str:
         """The job's container name: killing the docker client on a timeout does not stop the container."""
-        import hashlib
 
         return f"edge-compress-job-{hashlib.sha256(str(job_dir).encode()).hexdigest()[:12]}-{os.getpid()}"
 
     def killed(self, job_dir: Path) -> None:
-        from compress.container.engine import CLIENT
-        from compress.container.images import client_env
-
         subprocess.run(
             [CLIENT, "kill", self._container(job_dir)], env=client_env(), capture_output=True, check=False, timeout=60
         )
 
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
-        from compress.container.engine import CLIENT
-        from compress.container.images import client_env, run_flags
-
         cmd = [
             CLIENT,
             "run",
@@ -113,3 +98,14 @@ class DockerTarget(Target):
         ]
         cmd += [*run_flags(self.platform), "--entrypoint", "python3"]
         return [*cmd, self.image, "/job/worker.py", "/job"], client_env()
+
+
+def run_flags(arch: str) -> list[str]:
+    """`docker run` flags for an image of `arch` on this host: none natively; the emulated CPU otherwise."""
+    if arch == host_arch():
+        return []
+    target = ArmTarget("aarch64", EMULATED_CPU, dot_product=True)  # the aarch64 target's userland and CPU
+    if target.problem():
+        target.setup(lambda _msg: None)
+    cpuinfo = target.tree / "proc" / "cpuinfo"
+    return ["--platform", f"linux/{arch}", "-e", f"QEMU_CPU={EMULATED_CPU}", "-v", f"{cpuinfo}:/proc/cpuinfo:ro"]

@@ -43,5 +43,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "this machine's CPU"
-
-

@@ -49,26 +49,9 @@ def distill(
     if artifact.kind != "hf":
         raise UserError(f"stages: distill works on PyTorch models, not on a {artifact.kind} artifact")
     torch.manual_seed(cfg.seed)
-    if cfg.teacher is None and ctx.source is None:
-        raise UserError("distill: no teacher: name one with teacher:")
-    teacher_folder = cfg.teacher or ctx.source.file("model")  # type: ignore[union-attr]
-    spec, task = ctx.recipe.model, TASKS["embedding"]
-    tokenizer = hf.load_tokenizer(artifact.file("model"))
-    teacher_tok = hf.load_tokenizer(teacher_folder)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"distill: teacher {teacher_folder} and student use different vocabularies")
-    names = hf.input_names(tokenizer, hf.read_config(artifact.file("model")))
-    teacher: Any = task.build_module(hf.load_model(teacher_folder), spec, names).requires_grad_(False)
-    encoder: Any = hf.load_model(artifact.file("model"))
-    keep = _kept_layers(cfg, len(encoder.encoder.layer))
-    if keep is not None:
-        encoder = drop_layers(encoder, keep)
-        ctx.log(f"student: layers {list(keep)} of {len(teacher.encoder.encoder.layer)}")
-    student = task.build_module(encoder, spec, names)
-    n_student, n_teacher = len(encoder.encoder.layer), len(teacher.encoder.encoder.layer)
-    layer_map = cfg.layer_map or uniform_map(n_student, n_teacher)
-    check_map(layer_map, n_student, n_teacher)
-    _check_widths(cfg, encoder.config.hidden_size, teacher.encoder.config.hidden_size)
+    teacher_folder, tokenizer, names, teacher, student, layer_map = _teacher_and_student(artifact, cfg, ctx)
+    spec, task = ctx.model, TASKS["embedding"]
+    n_student, n_teacher = len(student.encoder.encoder.layer), len(teacher.encoder.encoder.layer)
 
     texts, held_out = _split_for_selection(list(ctx.texts("train").texts), cfg)
     ids, cached = _encoded(teacher, tokenizer, texts, ctx, names)  # the teacher is frozen: reused every epoch
@@ -133,6 +116,31 @@ def distill(
     return Artifact("hf", {"model": out}, {**artifact.meta, "distilled_from": str(teacher_folder)}), metrics
 
 
+def _teacher_and_student(artifact: Artifact, cfg: DistillSettings, ctx: Context) -> tuple[Any, ...]:
+    """(teacher folder, tokenizer, input names, frozen teacher, student, layer map), checked to fit together."""
+    if cfg.teacher is None and ctx.source is None:
+        raise UserError("distill: no teacher: name one with teacher:")
+    teacher_folder = cfg.teacher or ctx.source.file("model")  # type: ignore[union-attr]
+    spec, task = ctx.model, TASKS["embedding"]
+    tokenizer = hf.load_tokenizer(artifact.file("model"))
+    teacher_tok = hf.load_tokenizer(teacher_folder)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"distill: teacher {teacher_folder} and student use different vocabularies")
+    names = hf.input_names(tokenizer, hf.read_config(artifact.file("model")))
+    teacher: Any = task.build_module(hf.load_model(teacher_folder), spec, names).requires_grad_(False)
+    encoder: Any = hf.load_model(artifact.file("model"))
+    keep = _kept_layers(cfg, len(encoder.encoder.layer))
+    if keep is not None:
+        encoder = drop_layers(encoder, keep)
+        ctx.log(f"student: layers {list(keep)} of {len(teacher.encoder.encoder.layer)}")
+    student = task.build_module(encoder, spec, names)
+    n_student, n_teacher = len(encoder.encoder.layer), len(teacher.encoder.encoder.layer)
+    layer_map = cfg.layer_map or uniform_map(n_student, n_teacher)
+    check_map(layer_map, n_student, n_teacher)
+    _check_widths(cfg, encoder.config.hidden_size, teacher.encoder.config.hidden_size)
+    return teacher_folder, tokenizer, names, teacher, student, layer_map
+
+
 def _split_for_selection(texts: list[str], cfg: DistillSettings) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): select fidelity holds a seeded 10% (at least 16) out of training."""
     if cfg.select != "fidelity":
@@ -151,7 +159,7 @@ def _encoded(
     teacher: Any, tokenizer: Any, texts: list[str], ctx: Context, names: Any
 ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """The texts encoded for the student, and the teacher's embeddings of them (computed once)."""
-    ids = hf.encode(tokenizer, texts, ctx.recipe.data.max_length, names)
+    ids = hf.encode(tokenizer, texts, ctx.data.max_length, names)
     return ids, _embed(teacher, ids, len(texts))
 
 

@@ -25,8 +25,9 @@ from torch import nn
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import UserError
+from compress.models.blocks import Block
 from compress.models.config import ZooConfig
-from compress.models.encoder import Block, ZooCausalLM, build_model
+from compress.models.encoder import ZooCausalLM, build_model
 from compress.models.zoo import ZooModel, load_zoo, save_zoo
 from compress.training import feeds
 from compress.training.loop import Batch, Evaluation, Persistence, StepHooks, fit
@@ -54,28 +55,18 @@ def distill(
     student = _student(load_zoo(artifact.file("model")), cfg)
     _check_pair(teacher.cfg, student.cfg)
     lm = isinstance(student, ZooCausalLM)
-    w = cfg.losses_for(ctx.recipe.task)
+    w = cfg.losses_for(ctx.task)
     t_blocks, s_blocks = _blocks(teacher), _blocks(student)
     layer_map = cfg.layer_map or uniform_map(len(s_blocks), len(t_blocks))
     check_map(layer_map, len(s_blocks), len(t_blocks))
-    if w.hidden_relative:
-        raise UserError("distill.losses.hidden_relative is for Hugging Face models; zoo models use hidden_mse")
-    if w.hidden_mse and (teacher.cfg.reversible or student.cfg.reversible):
-        raise UserError("distill.losses.hidden_mse: reversible stacks do not expose per-block hidden states")
-    projections = nn.ModuleList(
-        nn.Identity()
-        if student.cfg.d_model == teacher.cfg.d_model
-        else nn.Linear(student.cfg.d_model, teacher.cfg.d_model)
-        for _ in (layer_map if w.hidden_mse else ())
-    )
-    pupil = Pupil(student, projections)
+    pupil = Pupil(student, _projections(teacher, student, w, layer_map))
 
     tok = feeds.tokenizer(ctx)
-    max_length = min(ctx.recipe.data.max_length, student.cfg.max_len, teacher.cfg.max_len)
+    max_length = min(ctx.data.max_length, student.cfg.max_len, teacher.cfg.max_len)
     train_ids, train_labels = feeds.encode(ctx, "train", tok, max_length, lm=lm)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tok, max_length, lm=lm, limit=cfg.eval_samples)
     n_train = len(train_ids["input_ids"])
-    size = ctx.recipe.data.batch_size
+    size = ctx.data.batch_size
     cached = None
     if not lm and w.kl:
         ctx.log(f"teacher logits for {n_train} training texts (computed once, reused every epoch)")
@@ -123,7 +114,7 @@ def distill(
         "history": state.history,
         "train_texts": n_train,
     }
-    if ctx.recipe.data.test is not None:
+    if ctx.data.test is not None:
         test_ids, test_labels = feeds.encode(ctx, "test", tok, max_length, lm=lm)
         test = feeds.evaluation(lm, test_ids, test_labels, size)
         with torch.no_grad():
@@ -134,6 +125,20 @@ def distill(
     out = ctx.out_dir / "model"
     save_zoo(final, out)
     return Artifact("zoo", {"model": out}, {**artifact.meta, "distilled_from": str(teacher_folder)}), metrics
+
+
+def _projections(teacher: ZooModel, student: ZooModel, w: DistillLosses, layer_map: tuple[int, ...]) -> nn.ModuleList:
+    """Learned projections from the student's hidden width to the teacher's, one per mapped layer (hidden_mse)."""
+    if w.hidden_relative:
+        raise UserError("distill.losses.hidden_relative is for Hugging Face models; zoo models use hidden_mse")
+    if w.hidden_mse and (teacher.cfg.reversible or student.cfg.reversible):
+        raise UserError("distill.losses.hidden_mse: reversible stacks do not expose per-block hidden states")
+    return nn.ModuleList(
+        nn.Identity()
+        if student.cfg.d_model == teacher.cfg.d_model
+        else nn.Linear(student.cfg.d_model, teacher.cfg.d_model)
+        for _ in (layer_map if w.hidden_mse else ())
+    )
 
 
 def _teacher_folder(cfg: DistillSettings, ctx: Context) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from compress.context import Context
-from compress.data.tokenizers import Tokenizer, recipe_tokenizer
+from compress.data.tokenizers import Tokenizer, data_tokenizer
 from compress.models.encoder import bits_per_token
 from compress.models.zoo import ZooModel
 from compress.tasks import classification
@@ -32,7 +32,7 @@ def bucketed(order: np.ndarray, lengths: np.ndarray, size: int, seed: int) -> li
 
 
 def tokenizer(ctx: Context) -> Tokenizer:
-    return recipe_tokenizer(ctx.recipe)
+    return data_tokenizer(ctx.data.tokenizer)
 
 
 def encode(
@@ -45,7 +45,7 @@ def encode(
         texts, labels = data.texts, np.asarray(data.labels, dtype=np.int64)
     if limit is not None and limit < len(texts):
         # A seeded sample, not the first rows: splits keep corpus order, which groups labels.
-        keep = np.sort(np.random.default_rng(ctx.recipe.data.split_seed).permutation(len(texts))[:limit])
+        keep = np.sort(np.random.default_rng(ctx.data.split_seed).permutation(len(texts))[:limit])
         texts = tuple(texts[i] for i in keep)
         labels = labels[keep] if labels is not None else None
     return tok.encode(texts, max_length), labels

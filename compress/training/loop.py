@@ -24,6 +24,7 @@ from compress import distributed
 from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.models.zoo import load_zoo, save_zoo
+from compress.training import ddp
 from compress.training.settings import TrainingSettings
 
 Batch = dict[str, torch.Tensor]
@@ -111,7 +112,7 @@ def fit(
     if latest is not None:
         model, opt, state = _restore(latest, cfg, persistence)
         ctx.log(f"resuming after epoch {state.epoch} (step {state.step}) from {latest}")
-    step_module = distributed.wrap(model, compute_loss) if multi else None
+    step_module = ddp.wrap(model, compute_loss) if multi else None
 
     while state.epoch < cfg.epochs and state.stale_epochs < cfg.patience:
         model.train()
@@ -151,10 +152,10 @@ def _step(model: Any, loss_of: Any, batch: Batch, opt: torch.optim.Optimizer, cl
     """One optimizer step; returns the batch loss. `loss_of` is loss_fn, or the DDP module under torchrun."""
     opt.zero_grad(set_to_none=True)
     if isinstance(loss_of, torch.nn.Module):  # this rank's share of the global batch; DDP averages gradients
-        part, weight = distributed.shard(batch)
+        part, weight = ddp.shard(batch)
         loss = loss_of(part, weight)
         loss.backward()
-        loss = distributed.mean(loss.detach())
+        loss = ddp.mean(loss.detach())
     else:
         loss = loss_of(model, batch)
         loss.backward()

@@ -41,10 +41,10 @@ def train(
     tok = feeds.tokenizer(ctx)
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(
-            f"model: vocab_size {model.cfg.vocab_size} is smaller than the {ctx.recipe.data.tokenizer} "
+            f"model: vocab_size {model.cfg.vocab_size} is smaller than the {ctx.data.tokenizer} "
             f"tokenizer's {tok.vocab_size}"
         )
-    max_length = min(ctx.recipe.data.max_length, model.cfg.max_len)
+    max_length = min(ctx.data.max_length, model.cfg.max_len)
     lm = isinstance(model, ZooCausalLM)
     train_ids, train_labels = feeds.encode(ctx, "train", tok, max_length, lm=lm)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tok, max_length, lm=lm, limit=cfg.eval_samples)
@@ -56,7 +56,7 @@ def train(
         for rows in feeds.bucketed(order, lengths, cfg.batch_size, seed=cfg.seed):
             yield feeds.batch(train_ids, train_labels, rows)
 
-    scoring = feeds.evaluation(lm, eval_ids, eval_labels, ctx.recipe.data.batch_size)
+    scoring = feeds.evaluation(lm, eval_ids, eval_labels, ctx.data.batch_size)
     work = ctx.work_dir
     best, state = fit(
         model,
@@ -76,15 +76,13 @@ def train(
         "history": state.history,
         "steps": state.step,
         "parameters": sum(p.numel() for p in best.parameters()),
-        "tokenizer": ctx.recipe.data.tokenizer,
+        "tokenizer": ctx.data.tokenizer,
         "max_length": max_length,
     }
-    if ctx.recipe.data.test is not None:
+    if ctx.data.test is not None:
         test_ids, test_labels = feeds.encode(ctx, "test", tok, max_length, lm=lm)
         with torch.no_grad():
-            metrics["test"] = feeds.evaluation(lm, test_ids, test_labels, ctx.recipe.data.batch_size).run(best)
+            metrics["test"] = feeds.evaluation(lm, test_ids, test_labels, ctx.data.batch_size).run(best)
     out = ctx.out_dir / "model"
     save_zoo(best, out)
-    return Artifact("zoo", {"model": out}, {"precision": "fp32", "tokenizer": ctx.recipe.data.tokenizer}), metrics
-
-
+    return Artifact("zoo", {"model": out}, {"precision": "fp32", "tokenizer": ctx.data.tokenizer}), metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporters.ops.common import DOMAIN, VERSION
+from exporters.ops.schema import DOMAIN, VERSION
 
 __all__ = ["DOMAIN", "OP_NAMES", "VERSION", "attach_functions", "register_schemas"]
 

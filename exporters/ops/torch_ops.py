@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from compress.models import attention as zoo
-from exporters.ops.common import EC
+from exporters.ops.schema import EC
 
 # Attention modules whose PyTorch code exports as standard ops with the same meaning.
 STANDARD = (zoo.DenseAttention, zoo.LinformerAttention, zoo.KernelizedAttention)
@@ -38,11 +39,7 @@ def windowed_reference(
     )
 
 
-windowed_attention = torch.library.custom_op("edgecompress::windowed_attention", windowed_reference, mutates_args=())
-
-
-@windowed_attention.register_fake
-def _windowed_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
+def _fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -60,14 +57,6 @@ def block_sparse_reference(
     return zoo.block_sparse_attention(q, k, v, key_mask, lay, block=block, global_blocks=min(global_blocks, nb))
 
 
-block_sparse_attention = torch.library.custom_op(
-    "edgecompress::block_sparse_attention", block_sparse_reference, mutates_args=()
-)
-
-
-@block_sparse_attention.register_fake
-def _block_sparse_fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
-    return torch.empty_like(q)
 
 
 # Autograd: training through the ops (quantization-aware training trains the exported graph, where each
@@ -96,8 +85,31 @@ def _block_sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor |
     return _grad_of(block_sparse_reference, ctx, grad)
 
 
-windowed_attention.register_autograd(_windowed_backward, setup_context=_save_inputs)
-block_sparse_attention.register_autograd(_block_sparse_backward, setup_context=_save_inputs)
+@dataclass(frozen=True)
+class TorchOps:
+    """The two torch custom ops (callable; also torch.ops.edgecompress.<name> once registered)."""
+
+    windowed_attention: Any
+    block_sparse_attention: Any
+
+
+_REGISTERED: list[TorchOps] = []
+
+
+def register_torch_ops() -> TorchOps:
+    """Define torch.ops.edgecompress.windowed_attention and .block_sparse_attention: once per process, by
+    an explicit call (never as a side effect of an import). exportable() and translation_table() call it."""
+    if _REGISTERED:
+        return _REGISTERED[0]
+    windowed = torch.library.custom_op("edgecompress::windowed_attention", windowed_reference, mutates_args=())
+    block_sparse = torch.library.custom_op(
+        "edgecompress::block_sparse_attention", block_sparse_reference, mutates_args=()
+    )
+    for op, backward in ((windowed, _windowed_backward), (block_sparse, _block_sparse_backward)):
+        op.register_fake(_fake)
+        op.register_autograd(backward, setup_context=_save_inputs)
+    _REGISTERED.append(TorchOps(windowed, block_sparse))
+    return _REGISTERED[0]
 
 
 def _windowed_onnx(q: Any, k: Any, v: Any, key_mask: Any, global_mask: Any, window: int, causal: bool) -> Any:
@@ -110,6 +122,7 @@ def _block_sparse_onnx(q: Any, k: Any, v: Any, key_mask: Any, layout: Any, block
 
 def translation_table() -> dict[Any, Any]:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    register_torch_ops()
     return {
         torch.ops.edgecompress.windowed_attention.default: _windowed_onnx,
         torch.ops.edgecompress.block_sparse_attention.default: _block_sparse_onnx,
@@ -190,6 +203,7 @@ def _replacement(module: nn.Module, max_len: int) -> nn.Module | None:
 def exportable(model: nn.Module, max_len: int) -> Iterator[list[str]]:
     """Within the block, the model's windowed/block-sparse attention calls our custom ops. Yields the
     kinds found per layer (e.g. ["windowed", "windowed"]); restores the modules on exit."""
+    register_torch_ops()
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     kinds: list[str] = []
     for parent in list(model.modules()):

@@ -24,7 +24,7 @@ import onnxscript
 from onnxscript import BOOL, FLOAT
 from onnxscript import opset18 as op
 
-from exporters.ops.common import DOMAIN, EC, NEG, formal, schema
+from exporters.ops.schema import DOMAIN, EC, NEG, formal, schema
 
 NAME = "WindowedAttention"
 

@@ -10,8 +10,9 @@ import torch
 
 from compress.errors import UserError
 from compress.models.attention import AttentionConfig
+from compress.models.blocks import Block
 from compress.models.config import HourglassConfig, ZooConfig
-from compress.models.encoder import Block, ZooCausalLM, ZooClassifier, build_model
+from compress.models.encoder import ZooCausalLM, ZooClassifier, build_model
 from compress.models.reversible import reversible_stack
 from compress.models.zoo import load_zoo, save_zoo
 

@@ -15,9 +15,9 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.models import hf
 from compress.pipeline import run
+from compress.recipe import load_recipe
 from compress.stages.prune.reconstruct import _least_error_groups, _Normal, reconstruct_bert
 from compress.stages.prune.structured import prune_bert
-from compress.recipe import load_recipe
 from tests.conftest import TEXTS
 
 

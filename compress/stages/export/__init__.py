@@ -25,9 +25,9 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     longformer = _is_longformer(config, cfg)
     tokenizer = hf.load_tokenizer(folder)
     names = hf.input_names(tokenizer, config)
-    task = TASKS[ctx.recipe.task]
-    module = task.build_module(hf.load_model(folder), ctx.recipe.model, names)
-    max_length = ctx.recipe.data.max_length
+    task = TASKS[ctx.task]
+    module = task.build_module(hf.load_model(folder), ctx.model, names)
+    max_length = ctx.data.max_length
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and max_length > positions:
         raise UserError(f"data.max_length: {max_length} exceeds the model's {positions} positions")
@@ -162,7 +162,7 @@ def _longformer_checks(
 def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     """A zoo model: dynamo export with windowed/block-sparse attention as our custom ops, checked at
     lengths below, at, at multiples of and above the window (or block), with padding and globals."""
-    from compress.data.tokenizers import recipe_tokenizer
+    from compress.data.tokenizers import data_tokenizer
     from compress.models.encoder import ZooCausalLM
     from compress.models.zoo import load_zoo
     from exporters import native
@@ -170,10 +170,10 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
     folder = artifact.file("model")
     model = load_zoo(folder)
     zcfg = model.cfg
-    tokenizer = recipe_tokenizer(ctx.recipe)
+    tokenizer = data_tokenizer(ctx.data.tokenizer)
     lm = isinstance(model, ZooCausalLM)
     outputs = ("logits",)
-    max_length = min(ctx.recipe.data.max_length, zcfg.max_len)
+    max_length = min(ctx.data.max_length, zcfg.max_len)
     texts = list(ctx.texts("evaluation").texts if lm else ctx.labeled("evaluation").texts)[: cfg.check_samples]
     if len(texts) < 2:
         raise UserError("data.evaluation: export checks need at least 2 texts")

@@ -244,7 +244,7 @@ def _reconstruct(
 
 
 def _token_batches(tokenizer: Any, texts: list[str], names: tuple[str, ...], ctx: Context) -> list[dict[str, Any]]:
-    data = ctx.recipe.data
+    data = ctx.data
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     batches = []
     for start in range(0, len(order), data.batch_size):
@@ -262,7 +262,7 @@ def _held_out_cosine(
 
     if not batches:
         return None
-    spec, task = ctx.recipe.model, TASKS["embedding"]
+    spec, task = ctx.model, TASKS["embedding"]
     names = tuple(batches[0])
     a, b = task.build_module(original, spec, names), task.build_module(pruned, spec, names)
     sims = [torch.nn.functional.cosine_similarity(a(**batch), b(**batch)) for batch in batches]
@@ -283,7 +283,7 @@ def _recover(
     _save(model, artifact, start)
     begin = Artifact(artifact.kind, {"model": start}, artifact.meta)
     settings = rec.model_dump(exclude={"distill", "teacher", "losses"})
-    task = ctx.recipe.task
+    task = ctx.task
     n_train = len(ctx.labeled("train").texts if task == "classification" else ctx.texts("train").texts)
     steps = -(-n_train // rec.batch_size)
     if rec.max_steps_per_epoch:

@@ -71,7 +71,8 @@ def prune_zoo(model: Any, heads: float, ffn: float, p: int) -> tuple[Any, dict[s
     """
     import dataclasses
 
-    from compress.models.encoder import Block, build_model
+    from compress.models.blocks import Block
+    from compress.models.encoder import build_model
 
     cfg = model.cfg
     blocks = [m for m in model.modules() if isinstance(m, Block)]

@@ -58,12 +58,47 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
         raise UserError("stages: qat follows export (it trains the PyTorch model the fp32 ONNX came from)")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    preset, chosen_by = presets.choose(cfg.preset, list(ctx.recipe.targets))
+    preset, chosen_by = presets.choose(cfg.preset, ctx.targets)
     ctx.log(f"qat for preset {preset.name} ({chosen_by})")
     setup = (
-        _embedding(artifact, cfg, ctx, preset) if ctx.recipe.task == "embedding" else _zoo(artifact, cfg, ctx, preset)
+        _embedding(artifact, cfg, ctx, preset) if ctx.task == "embedding" else _zoo(artifact, cfg, ctx, preset)
     )
     life = setup.lifecycle
+    state = _train(life, setup, cfg, ctx)
+    out = ctx.out_dir / "model.onnx"
+    diff, cosine, kernels = _export_checked(life, setup, out, cfg, ctx)
+    fidelity = quick_fidelity(artifact, out, QDQ_SESSION, ctx)
+    shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
+    (ctx.out_dir / "session.json").write_text(json.dumps(QDQ_SESSION, indent=2, sort_keys=True) + "\n")
+    metrics = {
+        "preset": {"name": preset.name, "chosen_by": chosen_by, "why": preset.why},
+        "selection": setup.evaluation.name,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best": state.best_metric,
+        "history": state.history,
+        "ort_vs_torch_max_abs_diff": diff,
+        "ort_vs_torch_cosine_min": cosine,
+        "kernels": kernels,
+        "size_bytes": out.stat().st_size,
+        "fp32_size_bytes": artifact.file("model").stat().st_size,
+        "size_ratio": out.stat().st_size / artifact.file("model").stat().st_size,
+        "fidelity_check": fidelity,
+    }
+    meta = {
+        **artifact.meta,
+        "precision": "int8",
+        "session": QDQ_SESSION,
+        "preset": preset.name,
+        "int8_types": preset.settings(),
+    }
+    files = {k: v for k, v in artifact.files.items() if k != "torch"}
+    files.update(model=out, tokenizer=ctx.out_dir / "tokenizer")
+    return Artifact("onnx", files, meta), metrics
+
+
+def _train(life: Lifecycle, setup: Any, cfg: QatStage, ctx: Context) -> Any:
+    """prepare -> train with fake quantization (the training loop, resumable) -> adopt the best epoch."""
     prepared = life.prepare()
     ctx.log("prepared: int8 fake quantization on the linear layers, attention kept float")
     lengths = setup.train["attention_mask"].sum(1)
@@ -102,13 +137,19 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
         persistence=Persistence(save=save, load=load),
     )
     life.adopt(best)
+    return state
+
+
+def _export_checked(
+    life: Lifecycle, setup: Any, out: Path, cfg: QatStage, ctx: Context
+) -> tuple[float, float, dict[str, Any]]:
+    """convert -> QDQ ONNX, checked against the converted PyTorch model and for int8 kernels."""
+    from exporters.onnx_export import rename_shadowed_values
+
     life.convert()
-    out = ctx.out_dir / "model.onnx"
     life.export(
         out, input_names=setup.names, output_names=setup.outputs, translation=setup.translation, finish=setup.finish
     )
-    from exporters.onnx_export import rename_shadowed_values
-
     rename_shadowed_values(out, tuple(setup.outputs))
     diff, cosine = _ort_vs_torch(life, out, setup)
     ctx.log(f"ONNX Runtime vs the converted PyTorch model: cosine min {cosine:.6f}, max |diff| {diff:.2e}")
@@ -120,34 +161,7 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     if kernels["int8_total"] == 0:
         raise StageFailed(f"qat: ONNX Runtime runs the QAT model with no int8 kernel (float: {kernels['float']})")
     ctx.log(f"ONNX Runtime runs {kernels['int8_total']} int8 kernels: {kernels['int8']}")
-    fidelity = quick_fidelity(artifact, out, QDQ_SESSION, ctx)
-    shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
-    (ctx.out_dir / "session.json").write_text(json.dumps(QDQ_SESSION, indent=2, sort_keys=True) + "\n")
-    metrics = {
-        "preset": {"name": preset.name, "chosen_by": chosen_by, "why": preset.why},
-        "selection": setup.evaluation.name,
-        "epochs_run": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best": state.best_metric,
-        "history": state.history,
-        "ort_vs_torch_max_abs_diff": diff,
-        "ort_vs_torch_cosine_min": cosine,
-        "kernels": kernels,
-        "size_bytes": out.stat().st_size,
-        "fp32_size_bytes": artifact.file("model").stat().st_size,
-        "size_ratio": out.stat().st_size / artifact.file("model").stat().st_size,
-        "fidelity_check": fidelity,
-    }
-    meta = {
-        **artifact.meta,
-        "precision": "int8",
-        "session": QDQ_SESSION,
-        "preset": preset.name,
-        "int8_types": preset.settings(),
-    }
-    files = {k: v for k, v in artifact.files.items() if k != "torch"}
-    files.update(model=out, tokenizer=ctx.out_dir / "tokenizer")
-    return Artifact("onnx", files, meta), metrics
+    return diff, cosine, kernels
 
 
 def _ort_vs_torch(life: Lifecycle, path: Path, setup: Setup) -> tuple[float, float]:
@@ -185,12 +199,12 @@ def _embedding(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.
     from compress.tasks import TASKS
 
     folder = artifact.file("torch")
-    task, spec = TASKS["embedding"], ctx.recipe.model
+    task, spec = TASKS["embedding"], ctx.model
     tokenizer = hf.load_tokenizer(folder)
     names = list(hf.input_names(tokenizer, hf.read_config(folder)))
     teacher = task.build_module(hf.load_model(folder), spec, tuple(names)).eval().requires_grad_(False)
     student = task.build_module(hf.load_model(folder), spec, tuple(names))
-    max_length = artifact.usable_length(ctx.recipe.data.max_length)
+    max_length = artifact.usable_length(ctx.data.max_length)
     texts = list(ctx.texts("train").texts)
     train_rows, held_rows = _split(len(texts), cfg.seed)
     ids = hf.encode(tokenizer, tuple(texts), max_length, tuple(names))
@@ -259,7 +273,7 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
     teacher = load_zoo(folder).eval().requires_grad_(False)
     student = load_zoo(folder)
     max_len = student.cfg.max_len
-    max_length = min(ctx.recipe.data.max_length, max_len)
+    max_length = min(ctx.data.max_length, max_len)
     tokenizer = feeds.tokenizer(ctx)
     train_ids, train_labels = feeds.encode(ctx, "train", tokenizer, max_length, lm=False)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tokenizer, max_length, lm=False, limit=cfg.eval_samples)

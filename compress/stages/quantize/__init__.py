@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,76 +33,19 @@ DYNAMIC_COMPUTE_OPS = ("Attention", "Conv", "EmbedLayerNormalization", "Gather",
 
 
 def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
-    import onnxruntime as ort
-
     if artifact.kind != "onnx":
         raise UserError("stages: quantize works on ONNX; put an export stage before it")
     source = artifact.file("model")
     out = ctx.out_dir / "model.onnx"
     excluded = _excluded_nodes(source, cfg.exclude_nodes)
-    preset, chosen_by = presets.choose(cfg.preset, list(ctx.recipe.targets))
+    preset, chosen_by = presets.choose(cfg.preset, ctx.targets)
     types, overrides = _types(cfg, preset)
     ctx.log(f"quantizing for preset {preset.name} ({chosen_by}): {types}")
     if overrides:
         ctx.warn(f"quantize: the recipe overrides preset {preset.name}: {', '.join(overrides)}")
 
-    # ONNX Runtime's quantizer logs advice to the root logger and its C++ core warns about unused
-    # initializers it removes itself; our report says what matters.
-    logging.getLogger().setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)
-    settings: dict[str, Any] = {}
-    calibration: dict[str, Any] | None = None
-    typed: Path | None = None
-    try:
-        if cfg.mode == "dynamic":
-            ctx.log("quantizing: dynamic int8" + (", per-channel" if cfg.per_channel else ""))
-            quantize = partial(_dynamic, source=source, cfg=cfg, types=types)
-        else:
-            typed = _with_shapes(source, ctx)
-            cal = _calibrate(typed, cfg, ctx, artifact)
-            calibration = {
-                "method": cal.method,
-                "sequences": cal.sequences,
-                "batches": cal.batches,
-                "chunks": cal.chunks,
-                "batches_per_chunk": cfg.calibration_chunk,
-                "tensors": cal.tensors,
-                "seconds": round(cal.seconds, 2),
-            }
-            quantize = partial(_static, typed=typed, cfg=cfg, types=types, cache=cal.cache)
-            settings = QDQ_SESSION
-        search_report = None
-        if cfg.goal is None:
-            quantize(excluded, out)
-        else:
-            search_report = _accuracy_aware(
-                source,
-                cfg=cfg,
-                ctx=ctx,
-                artifact=artifact,
-                quantize=quantize,
-                excluded=excluded,
-                settings=settings,
-                out=out,
-            )
-    finally:
-        if typed is not None:
-            typed.unlink(missing_ok=True)
-
-    kernels = count_kernels(out, settings)
-    if kernels["int8_total"] == 0:
-        raise StageFailed(
-            "quantize: ONNX Runtime's optimized graph has no int8 kernel: the model would run in float "
-            f"(float compute ops: {kernels['float']})"
-        )
-    ctx.log(f"ONNX Runtime runs {kernels['int8_total']} int8 kernels: {kernels['int8']}")
-    searched = search_report["trials"][search_report["chosen"]]["in_float"] if search_report else []
-    in_float = len(excluded) + len(searched)
-    if kernels["float_total"] > in_float:
-        ctx.warn(
-            f"quantize: {kernels['float_total']} compute ops still run in float after {cfg.mode} quantization "
-            f"({kernels['float']}); ONNX Runtime's {cfg.mode} quantizer does not cover them"
-        )
+    settings, calibration, search_report = _quantize(artifact, cfg, ctx, types, excluded)
+    kernels = _int8_kernels(out, settings, cfg, ctx, in_float=len(excluded) + _searched(search_report))
 
     fidelity = quick_fidelity(artifact, out, settings, ctx)
     shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
@@ -123,6 +67,92 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
     meta = {**artifact.meta, "precision": "int8", "session": settings, "preset": preset.name, "int8_types": types}
     files = {**artifact.files, "model": out, "tokenizer": ctx.out_dir / "tokenizer"}
     return Artifact("onnx", files, meta), metrics
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice to the root logger, and its C++ core warns about unused
+    initializers it removes itself; our report says what matters. The root logger's level is restored."""
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(
+    artifact: Artifact, cfg: QuantizeStage, ctx: Context, types: dict[str, Any], excluded: list[str]
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """Write ctx.out_dir/model.onnx; returns (session settings, calibration summary, accuracy-aware report)."""
+    source, out = artifact.file("model"), ctx.out_dir / "model.onnx"
+    settings: dict[str, Any] = {}
+    calibration: dict[str, Any] | None = None
+    typed: Path | None = None
+    with _quiet_quantizer():
+        try:
+            if cfg.mode == "dynamic":
+                ctx.log("quantizing: dynamic int8" + (", per-channel" if cfg.per_channel else ""))
+                quantize = partial(_dynamic, source=source, cfg=cfg, types=types)
+            else:
+                typed = _with_shapes(source, ctx)
+                cal = _calibrate(typed, cfg, ctx, artifact)
+                calibration = {
+                    "method": cal.method,
+                    "sequences": cal.sequences,
+                    "batches": cal.batches,
+                    "chunks": cal.chunks,
+                    "batches_per_chunk": cfg.calibration_chunk,
+                    "tensors": cal.tensors,
+                    "seconds": round(cal.seconds, 2),
+                }
+                quantize = partial(_static, typed=typed, cfg=cfg, types=types, cache=cal.cache)
+                settings = QDQ_SESSION
+            if cfg.goal is None:
+                quantize(excluded, out)
+                return settings, calibration, None
+            report = _accuracy_aware(
+                source,
+                cfg=cfg,
+                ctx=ctx,
+                artifact=artifact,
+                quantize=quantize,
+                excluded=excluded,
+                settings=settings,
+                out=out,
+            )
+            return settings, calibration, report
+        finally:
+            if typed is not None:
+                typed.unlink(missing_ok=True)
+
+
+def _searched(report: dict[str, Any] | None) -> int:
+    """How many nodes the accuracy-aware search put back in float."""
+    return len(report["trials"][report["chosen"]]["in_float"]) if report else 0
+
+
+def _int8_kernels(
+    out: Path, settings: dict[str, Any], cfg: QuantizeStage, ctx: Context, in_float: int
+) -> dict[str, Any]:
+    """The kernels ONNX Runtime runs for the result: none in int8 fails the stage; more float than asked warns."""
+    kernels = count_kernels(out, settings)
+    if kernels["int8_total"] == 0:
+        raise StageFailed(
+            "quantize: ONNX Runtime's optimized graph has no int8 kernel: the model would run in float "
+            f"(float compute ops: {kernels['float']})"
+        )
+    ctx.log(f"ONNX Runtime runs {kernels['int8_total']} int8 kernels: {kernels['int8']}")
+    if kernels["float_total"] > in_float:
+        ctx.warn(
+            f"quantize: {kernels['float_total']} compute ops still run in float after {cfg.mode} quantization "
+            f"({kernels['float']}); ONNX Runtime's {cfg.mode} quantizer does not cover them"
+        )
+    return kernels
 
 
 def _types(cfg: QuantizeStage, preset: presets.Preset) -> tuple[dict[str, Any], list[str]]:
@@ -187,7 +217,7 @@ def _calibrate(typed: Path, cfg: QuantizeStage, ctx: Context, artifact: Artifact
     method = cfg.calibration or "minmax"
     ctx.log(
         f"calibrating: {method} on {cfg.calibration_samples} texts, {cfg.calibration_chunk} batches of "
-        f"{ctx.recipe.data.batch_size} in memory at a time"
+        f"{ctx.data.batch_size} in memory at a time"
     )
     try:
         result = calibration.calibrate(
@@ -221,14 +251,14 @@ def _accuracy_aware(
 
     texts = feeds.evaluation_texts(ctx)[: cfg.goal.samples]
     encode = feeds.encoder(artifact)
-    length, size = artifact.usable_length(ctx.recipe.data.max_length), ctx.recipe.data.batch_size
+    length, size = artifact.usable_length(ctx.data.max_length), ctx.data.batch_size
     batches = [encode(texts[i : i + size], length, None) for i in range(0, len(texts), size)]
 
     def outputs(model: Path, extra: dict[str, Any]) -> np.ndarray:
         sess = session(model, threads=2, settings=extra)
         return np.concatenate([sess.run(None, b)[0] for b in batches])
 
-    if ctx.recipe.task == "classification":
+    if ctx.task == "classification":
         labels = np.asarray(ctx.labeled("evaluation").labels)[: len(texts)]
         score, name = quantize_search.accuracy_metric(labels), "accuracy"
     else:
@@ -301,8 +331,8 @@ def _calibration_batches(ctx: Context, artifact: Artifact, samples: int) -> Iter
     """
     encode = feeds.encoder(artifact)
     texts = ctx.calibration.texts[:samples]
-    size = min(ctx.recipe.data.batch_size, len(texts))
-    length = artifact.usable_length(ctx.recipe.data.max_length)
+    size = min(ctx.data.batch_size, len(texts))
+    length = artifact.usable_length(ctx.data.max_length)
     for start in range(0, len(texts) - size + 1, size):
         yield encode(texts[start : start + size], length, length)
 

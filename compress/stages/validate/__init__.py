@@ -43,7 +43,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         raise UserError(
             f"stages: validate.sequence_length {cfg.sequence_length} exceeds the model's {positions} positions"
         )
-    chosen = [targets.get(name) for name in ctx.recipe.targets]
+    chosen = ctx.targets
     for target in chosen:
         _ready(target, ctx)
     native = targets.get("x86_64")
@@ -54,9 +54,9 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     encode = feeds.encoder(artifact)
     texts = feeds.evaluation_texts(ctx)
     scorer, data_name = _scorer(ctx)
-    size = ctx.recipe.data.batch_size
+    size = ctx.data.batch_size
     max_length = (
-        min(ctx.recipe.data.max_length, positions) if isinstance(positions, int) else ctx.recipe.data.max_length
+        min(ctx.data.max_length, positions) if isinstance(positions, int) else ctx.data.max_length
     )
     batches = [encode(list(texts[i : i + size]), max_length, None) for i in range(0, len(texts), size)]
     # Latency inputs: real evaluation text, truncated/padded to exactly sequence_length tokens.
@@ -64,7 +64,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     jobs = _JobFolders(ctx.work_dir / "targets", artifact, batches, timing, cfg)
 
     # The fp32 reference (and the artifact, for consistency) natively, timed only if x86_64 is a target.
-    native_timed = "x86_64" in ctx.recipe.targets
+    native_timed = any(t.kind == "native" for t in ctx.targets)
     ctx.log(f"validating natively on x86-64: {len(texts)} texts" + (f", {cfg.runs} timed runs" if native_timed else ""))
     base = _evaluate(native, jobs, jobs.full(native), ["reference", "artifact"], native_timed, ctx)
 
@@ -82,7 +82,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
         results[target.name]["seconds"] = round(time.perf_counter() - started, 1)  # this target's own wall time
 
     for name, result in results.items():
-        result["gate"] = _gate(name, result, cfg, artifact, ctx.recipe.task)
+        result["gate"] = _gate(name, result, cfg, artifact, ctx.task)
     if not jobs.optimized_graph().is_file():  # x86_64 is not a target: the node map still comes from it
         _measure(native, jobs, "artifact", base["job"])
     metrics = {
@@ -105,7 +105,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
 
 def _measured_model(model: Path, run_dir: Path) -> dict[str, str]:
     """The file validate measures and its sha256: `edge-compress package` ships only these very bytes."""
-    from compress.serving.server import sha256_of
+    from compress.serving.bundle_check import sha256_of
 
     model, root = model.resolve(), run_dir.resolve()
     path = str(model.relative_to(root)) if model.is_relative_to(root) else str(model)
@@ -143,8 +143,8 @@ def _result(  # noqa: PLR0917
         **per_model,
         "reference_task": scorer(base["outputs"]["reference"][:n], n),
         "fidelity": cosine_fidelity(art_out, base["outputs"]["reference"][:n]),
-        "agreement": _agreement(ctx.recipe.task, art_out, base["outputs"]["reference"][:n]),
-        "consistency": _agreement(ctx.recipe.task, art_out, base["outputs"]["artifact"][:n]),
+        "agreement": _agreement(ctx.task, art_out, base["outputs"]["reference"][:n]),
+        "consistency": _agreement(ctx.task, art_out, base["outputs"]["artifact"][:n]),
         "setup": {
             "batch_size": cfg.batch_size,
             "sequence_length": cfg.sequence_length,
@@ -167,7 +167,7 @@ def _result(  # noqa: PLR0917
         ref_lat, art_lat = per_model["reference"]["latency_ms"], per_model["artifact"]["latency_ms"]
         result["speedup_p50"] = ref_lat["p50"] / art_lat["p50"]
         result["size_ratio"] = per_model["artifact"]["size_bytes"] / per_model["reference"]["size_bytes"]
-    _drop(ctx.recipe.task, result)
+    _drop(ctx.task, result)
     _custom_op_kernel(artifact, target, run_["env"], result, ctx)
     if per_model["artifact"]["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
         ctx.warn(f"validate: on {target.name} ONNX Runtime ran the int8 artifact with no int8 kernel")
@@ -339,7 +339,7 @@ def _custom_op_kernel(
 
 def _scorer(ctx: Context) -> tuple[Callable[[np.ndarray, int], dict[str, Any]], str]:
     """The task's metrics on the outputs for the first n evaluation texts, and the set's name."""
-    if ctx.recipe.task == "classification":
+    if ctx.task == "classification":
         labeled = ctx.labeled("evaluation")
         labels = np.asarray(labeled.labels)
         return (lambda logits, n: classification.score(logits, labels[:n])), labeled.name
@@ -388,12 +388,13 @@ def _gate(name: str, result: dict[str, Any], cfg: ValidateStage, artifact: Artif
         gate["failures"].append(f"{agreement['metric']} {agreement['value']:.4f} < {limits.min_agreement:g}")
     if gate["failures"]:
         gate["passed"] = False
-        gate["cause"], gate["fix"] = diagnose(name, result, artifact, task)
+        gate["cause"], gate["fix"] = diagnose(result, artifact, task)
     return gate
 
 
-def diagnose(name: str, result: dict[str, Any], artifact: Artifact, task: str) -> tuple[str, str]:
-    """The likely cause of a gate failure on `name`, and what fixes it.
+def diagnose(result: dict[str, Any], artifact: Artifact, task: str) -> tuple[str, str]:
+    """The likely cause of a target's gate failure, and what fixes it, read from the CPU the target
+    reported (its architecture, kind and features), never from its name.
 
     Consistency (the artifact here against the same artifact on native x86-64) tells the target's kernels
     apart from the quantization itself: if the artifact computes the same here as natively, the target is
@@ -406,22 +407,24 @@ def diagnose(name: str, result: dict[str, Any], artifact: Artifact, task: str) -
     preset = artifact.meta.get("preset")
     setup = result.get("setup", {})
     features = set(setup.get("cpu_features", []))
-    saturates = int8 and not types.get("reduce_range", False) and not features & {"avx512_vnni", "avx_vnni"}
-    if saturates and setup.get("arch") == "x86_64" and (consistent or name == "x86_64"):
+    native = setup.get("kind") == "native"
+    x86_without_vnni = setup.get("arch") == "x86_64" and not features & {"avx512_vnni", "avx_vnni"}
+    saturates = int8 and not types.get("reduce_range", False) and x86_without_vnni
+    if saturates and (consistent or native):
         # Native x86-64 without VNNI: the reference run saturates as well, so consistency cannot show it.
         return (
             f"u8s8 saturation without VNNI: this CPU has no VNNI, and AVX2's vpmaddubsw adds pairs of u8 x s8 "
             f"products in int16, which overflow with full-range 8-bit weights (preset {preset})",
             "quantize.preset: x86_64-avx2 (7-bit weights, reduce_range), or quantize.preset: auto",
         )
-    if consistent or name == "x86_64":
+    if consistent or native:
         how = "quantize.goal (accuracy-aware: keeps the most sensitive layers in float) or a qat stage"
         return (
             f"the artifact itself: it computes the same here as on native x86-64 (consistency {consistency:.4f}), "
             "so the loss comes from compression, not from this CPU",
             how if int8 else "less aggressive pruning or distillation settings",
         )
-    if name == "x86_64-avx2" and int8 and not types.get("reduce_range", False):
+    if saturates:
         return (
             f"u8s8 saturation without VNNI: AVX2's vpmaddubsw adds pairs of u8 x s8 products in int16, which "
             f"overflow with full-range 8-bit weights (preset {preset}); the same artifact here differs from "
@@ -429,7 +432,7 @@ def diagnose(name: str, result: dict[str, Any], artifact: Artifact, task: str) -
             "quantize.preset: x86_64-avx2 (7-bit weights, reduce_range), or quantize.preset: auto with "
             "x86_64-avx2 among the targets",
         )
-    if name.startswith("aarch64") and int8 and preset not in (None, "aarch64"):
+    if setup.get("arch") == "aarch64" and int8 and preset not in (None, "aarch64"):
         return (
             f"ONNX Runtime's aarch64 int8 kernels compute this artifact (preset {preset}) differently from x86-64 "
             f"(consistency {consistency:.4f})",
