@@ -38,7 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.ops.torch_ops import register_torch_ops
+from compress.data.cache import write_atomic
+from compress.models import hf
+from exporters.ops import DOMAIN, attach_functions, register_schemas
+from exporters.ops.torch_ops import register_torch_ops, translation_table
 
 INPUTS = ("input_ids", "attention_mask", "global_attention_mask", "token_type_ids", "position_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
@@ -315,8 +318,6 @@ def _wrap(model: nn.Module, names: tuple[str, ...], outputs: tuple[str, ...]) ->
 
 def load_longformer(folder: Path) -> nn.Module:
     """A Hugging Face Longformer checkpoint folder (safetensors) as a LongformerModel in eval mode."""
-    from compress.models import hf
-
     kind = sparse_attention_kind(hf.read_config(folder))
     if kind != "longformer":
         raise ValueError(f"export: {folder} is not a Longformer checkpoint ({kind or 'dense attention'})")
@@ -342,9 +343,6 @@ def export_longformer(
     import onnx
     from transformers.models.longformer.modeling_longformer import LongformerModel
 
-    from compress.data.cache import write_atomic
-    from exporters.ops import attach_functions
-
     model = load_longformer(Path(source)) if isinstance(source, str | Path) else source
     names = tuple(example)
     module = _wrap(model, names, output_names) if isinstance(model, LongformerModel) else model
@@ -365,9 +363,6 @@ def _export(
     module: nn.Module, model: nn.Module, example: dict[str, np.ndarray], output_names: tuple[str, ...]
 ) -> tuple[Any, list[int]]:
     """torch.export with dynamic batch and sequence axes, then the ONNX translation; (ModelProto, windows)."""
-    from exporters.ops import register_schemas
-    from exporters.ops.torch_ops import translation_table
-
     names = tuple(example)
     register_schemas()
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in names)
@@ -414,8 +409,6 @@ def check_graph(model: Any, windows: list[int]) -> None:
     """The exported graph maps every layer and stays banded: one WindowedAttention node per layer with
     that layer's window, dynamic batch and sequence axes on the inputs, and no value of the main
     graph with two sequence-long axes (an S x S score or mask matrix). ValueError otherwise."""
-    from exporters.ops import DOMAIN
-
     nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "WindowedAttention"]
     got = [next(a.i for a in n.attribute if a.name == "window") for n in nodes]
     if got != windows:

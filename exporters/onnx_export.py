@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from compress.data.cache import write_atomic
 from compress.errors import StageFailed
+from exporters import native as native_ops
+from exporters.ops import DOMAIN, attach_functions, register_schemas
+from exporters.ops.torch_ops import exportable, translation_table
 
 if TYPE_CHECKING:
     import torch
@@ -111,9 +115,6 @@ def export_zoo(
     import onnx
     import torch
 
-    from exporters.ops import attach_functions, register_schemas
-    from exporters.ops.torch_ops import exportable, translation_table
-
     register_schemas()
     names = tuple(example)
     args = tuple(torch.from_numpy(example[name]) for name in names)
@@ -136,7 +137,6 @@ def export_zoo(
     model = program.model_proto
     attach_functions(model)
     onnx.checker.check_model(model, full_check=True)
-    from compress.data.cache import write_atomic
 
     write_atomic(path, model.SerializeToString())
     return kinds
@@ -145,8 +145,6 @@ def export_zoo(
 def custom_ops(path: Path) -> dict[str, int]:
     """How many nodes of each ai.edgecompress op the model at `path` has (main graph)."""
     import onnx
-
-    from exporters.ops import DOMAIN
 
     counts: dict[str, int] = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
@@ -178,8 +176,6 @@ def check_against_torch(
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if native:
-        from exporters import native as native_ops
-
         native_ops.register(so)
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     worst, total, count, shapes = 0.0, 0.0, 0, []

@@ -15,7 +15,7 @@ stop() never touches anything else on the host. It signals the pidfile's PID onl
 is a dockerd with our --data-root and -H socket (a stale pidfile whose PID now belongs to another
 process is removed, and that process left alone). The host's networking (forwarding sysctls, links,
 iptables rules) is recorded at start and compared after the stop; differences are reported, not
-reverted: something else on the host may have made them. See ../shared/notes/docker-engine.md.
+reverted: something else on the host may have made them. See docs/notes/docker-engine.md.
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from compress.container.engine import CLIENT
+from compress.container.engine import CLIENT, Engine
 from compress.container.host_tools import ensure_tools
+from compress.data.cache import cache_dir
 from compress.errors import UserError
+from exporters.native.build import build as build_ops
 
 Log = Callable[[str], object]
 REPO = Path(__file__).resolve().parents[2]
@@ -90,8 +92,6 @@ def docker(args: list[str], env: dict[str, str], what: str, timeout: float = 180
 
 def client_env() -> dict[str, str]:
     """The user's docker environment; when DOCKER_HOST is unset and our private engine runs, that one."""
-    from compress.container.engine import Engine
-
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     if "DOCKER_HOST" not in env:
         private = Engine(build_root() / "engine")
@@ -194,8 +194,6 @@ def _site(arch: str, context: Path, log: Log) -> None:
 
 def build_runtime(arch: str, env: dict[str, str], log: Log) -> str:
     """Build (or refresh from cache) the base and runtime images of `arch`; returns the runtime tag."""
-    from exporters.native.build import build as build_ops
-
     check_arch(arch)
     if arch != host_arch():
         ensure_binfmt(log)
@@ -275,9 +273,6 @@ def pipeline_tag() -> str:
 
 def build_pipeline(env: dict[str, str], log: Log) -> str:
     """The amd64 pipeline image: a Debian minbase, a venv with the host's resolved wheels, kernels, data cache."""
-    from compress.data.cache import cache_dir
-    from exporters.native.build import build as build_ops
-
     if host_arch() != "amd64":
         raise UserError("docker: the pipeline image is built for amd64, on an x86-64 host")
     out = build_root() / "amd64" / "debian"

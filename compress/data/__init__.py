@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compress.data import spam
 from compress.data.files import labeled_set, scored_pairs, text_set
 from compress.data.reference import REFERENCE_SETS
 from compress.data.sets import LabeledTexts, ScoredPairs, TextSet
@@ -29,7 +30,6 @@ def load_labeled(spec: ReferenceSet | FileSet, split_seed: int = 0) -> LabeledTe
     if isinstance(spec, ReferenceSet):
         if spec.reference != "spam-assassin" or spec.split is None:
             raise UserError(f"data: reference set {spec.reference!r} has no class labels; use spam-assassin")
-        from compress.data import spam
 
         part = spam.split(spam.load_spam(), split_seed)[spec.split]
         if spec.limit is None or spec.limit >= len(part.texts):

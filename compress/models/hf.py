@@ -11,7 +11,7 @@ import numpy as np
 
 from compress.errors import UserError
 from compress.models.spec import HFModel, PackageModel
-from compress.models.structure import STRUCTURE_KEY
+from compress.models.structure import STRUCTURE_KEY, rebuild
 
 if TYPE_CHECKING:
     import torch
@@ -174,8 +174,6 @@ def _load_pruned(folder: Path, structure: dict[str, list[int]]) -> torch.nn.Modu
     """A structurally pruned checkpoint: build the architecture, shrink each layer, then load the weights."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
-
-    from compress.models.structure import rebuild
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     model = AutoModel.from_config(config, attn_implementation="eager")

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 
+from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.strict import Strict
 
 
@@ -51,8 +52,6 @@ class NewModel(Strict):
     @field_validator("architecture")
     @classmethod
     def _valid_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
-
         try:
             ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **value})
         except (TypeError, ValueError) as exc:

@@ -18,7 +18,7 @@ from compress.errors import UserError
 from compress.models import hf
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
-from compress.models.zoo import read_zoo_config
+from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.stages.validate.config import ValidateStage
 
@@ -99,8 +99,6 @@ def _load_weights(source: Artifact) -> None:
         hf.load_model(source.file("model"))
         hf.load_tokenizer(source.file("model"))
     elif source.kind == "zoo":
-        from compress.models.zoo import load_zoo
-
         load_zoo(source.file("model"))
 
 

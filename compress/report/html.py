@@ -18,7 +18,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from compress.report.markdown import stage_note, stage_time, summary_rows
 from compress.serving.bundle_check import sha256_of as sha256  # the server's own check (stdlib only)
+from compress.targets.native import cpu_model
+from exporters.native import ARCHES, library_path
 
 PACKAGES = ("edge-compress", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "torchao")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
@@ -33,7 +36,6 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
             packages[dist] = version(dist)
         except PackageNotFoundError:
             continue
-    from compress.targets.native import cpu_model
 
     flags: list[str] = []
     try:
@@ -46,7 +48,6 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
     for stage in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(stage.glob("*.onnx")) + sorted(stage.glob("*.onnx.data")):
             artifacts[str(path.relative_to(run_dir))] = sha256(path)
-    from exporters.native import ARCHES, library_path
 
     for arch in ARCHES:
         lib = library_path(arch)
@@ -237,8 +238,6 @@ def _table(header: tuple[str, ...], rows: Sequence[Sequence[object]]) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    from compress.report.markdown import stage_note, stage_time, summary_rows
-
     validate = next((s["metrics"] for s in report["stages"] if s["type"] == "validate"), None)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>edge-compress: {html.escape(report['name'])}</title>",

@@ -15,7 +15,7 @@ from compress.runtime.session import session
 from compress.tasks.metrics import cosine_fidelity
 
 # Static QDQ: ONNX Runtime's MatMulAddFusion rewrites MatMul+Add on 3-D activations into Reshape->Gemm,
-# after which the QDQ pairs no longer fuse into int8 kernels (docs/quantization-facts.md).
+# after which the QDQ pairs no longer fuse into int8 kernels (docs/notes/quantization-facts.md).
 QDQ_SESSION: dict[str, Any] = {"disabled_optimizers": ["MatMulAddFusion"]}
 
 

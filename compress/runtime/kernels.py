@@ -1,7 +1,7 @@
 """Which kernels ONNX Runtime really runs: count int8 and float compute ops in its optimized graph.
 
 A quantized file is not proof of int8 execution: ONNX Runtime's graph optimizer can rewrite QDQ
-pairs away (e.g. MatMulAddFusion, ../shared/notes/quantization-facts.md), so we read the graph the
+pairs away (e.g. MatMulAddFusion, docs/notes/quantization-facts.md), so we read the graph the
 session ends up with.
 """
 
@@ -11,6 +11,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from compress.runtime.session import session
 
 INT8_OPS = frozenset(
     {
@@ -39,8 +41,6 @@ FLOAT_COMPUTE_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "Attention", "Mu
 
 def count_kernels(model: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Op counts of the graph an ONNX Runtime session optimizes `model` into, split int8 / float compute."""
-    from compress.runtime.session import session
-
     with tempfile.TemporaryDirectory(prefix="edge-compress-kernels-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         session(model, threads=1, settings=settings, optimized_path=optimized)

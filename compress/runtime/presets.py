@@ -10,7 +10,7 @@ One int8 artifact is shipped to every target of a recipe, so the preset must be 
   widening multiplies without them) accumulate in 32 bits, so there is no saturation to avoid; the guide
   finds U8S8 as fast as or faster than U8U8 on ARM64 at the same accuracy.
 Signed activations (S8S8) are not offered: on x86 they left the residual Adds in float and ran slower
-(../shared/notes/quantization-facts.md).
+(docs/notes/quantization-facts.md).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from exporters import native as custom_ops
+
 
 def session(
     model: Path,
@@ -28,7 +30,6 @@ def session(
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    from exporters import native as custom_ops
 
     custom_ops.register(so)  # our attention ops' native kernels, when built for this machine
     for key, value in settings.get("config_entries", {}).items():

@@ -1,4 +1,4 @@
-"""Emulated CPUs (QEMU user mode, no binfmt, chroot or mounts): ../shared/notes/arm64-emulation.md.
+"""Emulated CPUs (QEMU user mode, no binfmt, chroot or mounts): docs/notes/arm64-emulation.md.
 
 x86_64-avx2 runs this machine's own Python and onnxruntime under `qemu-x86_64-static -cpu Haswell`, so
 ONNX Runtime's CPU dispatch sees AVX2 without AVX-512 or VNNI and picks the kernels such a CPU would run.
@@ -25,6 +25,8 @@ from typing import Literal
 from compress.container.host_tools import ensure_tools
 from compress.errors import UserError
 from compress.targets.base import Log, Target
+from exporters.native import check_aarch64
+from exporters.native.check_aarch64 import PYTHON, default_root, emulation_env
 
 
 class X86Target(Target):
@@ -66,8 +68,6 @@ class ArmTarget(Target):
 
     @property
     def root(self) -> Path:
-        from exporters.native.check_aarch64 import default_root
-
         return default_root()
 
     @property
@@ -89,8 +89,6 @@ class ArmTarget(Target):
         return None
 
     def setup(self, log: Log) -> None:
-        from exporters.native import check_aarch64
-
         ensure_tools([self.qemu, "mmdebstrap"], log)
         start = time.perf_counter()
         if not (self.root / "site" / "onnxruntime").is_dir() or not (self.root / "rootfs" / "usr/bin").is_dir():
@@ -116,8 +114,6 @@ class ArmTarget(Target):
         log(f"{self.name}: ready in {time.perf_counter() - start:.0f} s")
 
     def command(self, job_dir: Path) -> tuple[list[str], dict[str, str] | None]:
-        from exporters.native.check_aarch64 import PYTHON, emulation_env
-
         tree = self.tree
         cmd = [self.qemu, "-L", str(tree), str(tree / PYTHON), str(job_dir / "worker.py"), str(job_dir)]
         return cmd, emulation_env(self.root, self.cpu)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from compress.runtime.presets import host_has_vnni
 from compress.targets.base import Target
 
 ARCH = "x86_64"
@@ -19,8 +20,6 @@ class NativeTarget(Target):
     cpu = "this machine's CPU"
 
     def __init__(self) -> None:
-        from compress.runtime.presets import host_has_vnni
-
         self.vnni = host_has_vnni()
         self.cpu = cpu_model()
 

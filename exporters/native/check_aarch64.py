@@ -2,7 +2,7 @@
 
     python -m exporters.native.check_aarch64 [--root DIR] [--cpu neoverse-n1] [--prepare]
 
-DIR holds an emulated userland (../shared/notes/arm64-emulation.md): DIR/rootfs, an arm64 Debian 12 with
+DIR holds an emulated userland (docs/notes/arm64-emulation.md): DIR/rootfs, an arm64 Debian 12 with
 python3.11 (mmdebstrap --variant=extract), and DIR/site, aarch64 wheels of onnxruntime and numpy installed
 by the host's pip. `--prepare` creates both (needs root, qemu-user-static and mmdebstrap, about 1.5 min).
 The same single-node models and inputs run natively with the x86-64 library and emulated with the

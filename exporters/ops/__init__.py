@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporters.ops import block_sparse_attention, windowed_attention
 from exporters.ops.schema import DOMAIN, VERSION
 
 __all__ = ["DOMAIN", "OP_NAMES", "VERSION", "attach_functions", "register_schemas"]
@@ -19,8 +20,6 @@ _registered = False
 
 
 def _modules() -> list[Any]:
-    from exporters.ops import block_sparse_attention, windowed_attention
-
     return [windowed_attention, block_sparse_attention]
 
 

@@ -57,8 +57,6 @@ def block_sparse_reference(
     return zoo.block_sparse_attention(q, k, v, key_mask, lay, block=block, global_blocks=min(global_blocks, nb))
 
 
-
-
 # Autograd: training through the ops (quantization-aware training trains the exported graph, where each
 # attention is one op node). The backward recomputes the PyTorch reference and differentiates it: the
 # ops' memory stays O(S·w) in the forward, and the gradient is the reference's exactly.

@@ -8,11 +8,15 @@ from typing import Any
 
 from compress.artifact import Artifact
 from compress.context import Context
+from compress.data.tokenizers import data_tokenizer
 from compress.errors import UserError
 from compress.models import hf
+from compress.models.encoder import ZooCausalLM
+from compress.models.zoo import load_zoo
 from compress.stages.export.config import ExportStage
 from compress.tasks import TASKS
-from exporters import onnx_export, ort_fusion
+from exporters import native, onnx_export, ort_fusion
+from exporters.longformer import export_longformer, sparse_attention_kind
 
 
 def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
@@ -97,8 +101,6 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
 def _is_longformer(config: dict[str, Any], cfg: ExportStage) -> bool:
     """True for a Longformer (its sliding-window attention exports as our WindowedAttention op). Any
     other attention that is not dense is refused: the exporters would silently turn it dense."""
-    from exporters.longformer import sparse_attention_kind
-
     kind = sparse_attention_kind(config)
     if kind is None:
         return False
@@ -113,8 +115,6 @@ def _is_longformer(config: dict[str, Any], cfg: ExportStage) -> bool:
 
 
 def _export_longformer(module: Any, example: dict[str, Any], path: Path, outputs: tuple[str, ...]) -> None:
-    from exporters.longformer import export_longformer
-
     try:
         export_longformer(module, path, example=example, output_names=outputs)
     except ValueError as exc:  # a Longformer the exporter cannot map exactly (would come out dense)
@@ -126,8 +126,6 @@ def _custom_op_checks(
 ) -> tuple[Any, dict[str, Any]]:
     """The checks again with our ops' native kernels, when built (validation times the model with
     them); the metrics the report shows for a graph with our ops."""
-    from exporters import native
-
     ops = onnx_export.custom_ops(path)
     kernel = "function body"
     if native.available():
@@ -162,11 +160,6 @@ def _longformer_checks(
 def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     """A zoo model: dynamo export with windowed/block-sparse attention as our custom ops, checked at
     lengths below, at, at multiples of and above the window (or block), with padding and globals."""
-    from compress.data.tokenizers import data_tokenizer
-    from compress.models.encoder import ZooCausalLM
-    from compress.models.zoo import load_zoo
-    from exporters import native
-
     folder = artifact.file("model")
     model = load_zoo(folder)
     zcfg = model.cfg

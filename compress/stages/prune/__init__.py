@@ -24,7 +24,12 @@ from compress.models.zoo import load_zoo, save_zoo
 from compress.stages.prune import masks
 from compress.stages.prune.config import PruneStage
 from compress.stages.prune.gradual import MaskKeeper
+from compress.stages.prune.reconstruct import reconstruct_bert
 from compress.stages.prune.structured import kept_counts, prune_bert, prune_zoo
+from compress.tasks import TASKS
+from compress.training import distill_hf, supervised
+from compress.training.loop import StepHooks
+from compress.training.settings import DistillSettings, TrainingSettings
 
 SPEED_NOTE = {
     "unstructured": "size only: ONNX Runtime's CPU kernels are dense, zeros cost the same time",
@@ -194,8 +199,6 @@ def _reconstruct(
 
     Every 10th text (of at least 20) is held out of the fit: the embeddings of the refitted model, and of
     the plain magnitude-pruned one for comparison, are scored against the original's on them."""
-    from compress.stages.prune.reconstruct import reconstruct_bert
-
     rec = cfg.reconstruct
     assert rec is not None
     if artifact.kind != "hf":
@@ -258,8 +261,6 @@ def _held_out_cosine(
     original: nn.Module, pruned: nn.Module, batches: list[dict[str, Any]], ctx: Context
 ) -> float | None:
     """Mean cosine between the pruned and the original model's embeddings (as deployed) of the batches."""
-    from compress.tasks import TASKS
-
     if not batches:
         return None
     spec, task = ctx.model, TASKS["embedding"]
@@ -273,10 +274,6 @@ def _recover(
     model: nn.Module, artifact: Artifact, cfg: PruneStage, ctx: Context, selected: dict[str, tuple[nn.Linear, float]]
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the masked model with its masks kept (gradual: tightened along the cubic ramp)."""
-    from compress.training import distill_hf, supervised
-    from compress.training.loop import StepHooks
-    from compress.training.settings import DistillSettings, TrainingSettings
-
     rec = cfg.recovery
     assert rec is not None
     start = ctx.work_dir / "start"  # the masked (or, gradual, unpruned) model recovery starts from

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from compress.models.blocks import Block
+from compress.models.encoder import build_model
 from compress.models.structure import keep_cols, keep_rows, record_structure, remove_heads, remove_neurons
 
 
@@ -70,9 +72,6 @@ def prune_zoo(model: Any, heads: float, ffn: float, p: int) -> tuple[Any, dict[s
     Returns (pruned model in eval mode, structure summary).
     """
     import dataclasses
-
-    from compress.models.blocks import Block
-    from compress.models.encoder import build_model
 
     cfg = model.cfg
     blocks = [m for m in model.modules() if isinstance(m, Block)]

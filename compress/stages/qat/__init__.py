@@ -26,14 +26,22 @@ import torch.nn.functional as F
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import StageFailed, UserError
+from compress.models import hf
+from compress.models.zoo import load_zoo
 from compress.runtime import presets
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
 from compress.runtime.kernels import count_kernels
+from compress.runtime.session import session
 from compress.stages.qat.config import QatStage
 from compress.stages.qat.lifecycle import Lifecycle, QatModel
+from compress.tasks import TASKS
+from compress.tasks.metrics import cosine_fidelity
 from compress.training import feeds
 from compress.training.loop import Batch, Evaluation, Persistence, fit
 from compress.training.losses import embedding_cosine, held_out_count, held_out_rows, soft_kl
+from exporters.onnx_export import rename_shadowed_values
+from exporters.ops import attach_functions, register_schemas
+from exporters.ops.torch_ops import exportable, translation_table
 
 WEIGHTS = "qat_model.safetensors"
 
@@ -60,9 +68,7 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     torch.set_num_threads(cfg.threads)
     preset, chosen_by = presets.choose(cfg.preset, ctx.targets)
     ctx.log(f"qat for preset {preset.name} ({chosen_by})")
-    setup = (
-        _embedding(artifact, cfg, ctx, preset) if ctx.task == "embedding" else _zoo(artifact, cfg, ctx, preset)
-    )
+    setup = _embedding(artifact, cfg, ctx, preset) if ctx.task == "embedding" else _zoo(artifact, cfg, ctx, preset)
     life = setup.lifecycle
     state = _train(life, setup, cfg, ctx)
     out = ctx.out_dir / "model.onnx"
@@ -144,8 +150,6 @@ def _export_checked(
     life: Lifecycle, setup: Any, out: Path, cfg: QatStage, ctx: Context
 ) -> tuple[float, float, dict[str, Any]]:
     """convert -> QDQ ONNX, checked against the converted PyTorch model and for int8 kernels."""
-    from exporters.onnx_export import rename_shadowed_values
-
     life.convert()
     life.export(
         out, input_names=setup.names, output_names=setup.outputs, translation=setup.translation, finish=setup.finish
@@ -171,9 +175,6 @@ def _ort_vs_torch(life: Lifecycle, path: Path, setup: Setup) -> tuple[float, flo
     one step apart (division vs multiplication by the scale), and such flips add up over layers: the
     check is on the cosine, the max |difference| is reported.
     """
-    from compress.runtime.session import session
-    from compress.tasks.metrics import cosine_fidelity
-
     assert life.converted is not None
     sess = session(path, threads=2, settings=QDQ_SESSION)
     worst, cosine = 0.0, 1.0
@@ -195,9 +196,6 @@ def _split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------- embedding
 def _embedding(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset) -> Setup:
-    from compress.models import hf
-    from compress.tasks import TASKS
-
     folder = artifact.file("torch")
     task, spec = TASKS["embedding"], ctx.model
     tokenizer = hf.load_tokenizer(folder)
@@ -264,10 +262,6 @@ def _dims(names: tuple[str, str], max_length: int) -> dict[int, Any]:
 # ---------------------------------------------------------------------------------------------- zoo
 def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset) -> Setup:
     import onnx
-
-    from compress.models.zoo import load_zoo
-    from exporters.ops import attach_functions, register_schemas
-    from exporters.ops.torch_ops import exportable, translation_table
 
     folder = artifact.file("torch")
     teacher = load_zoo(folder).eval().requires_grad_(False)

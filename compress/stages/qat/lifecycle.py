@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.data.cache import write_atomic
 from compress.runtime.presets import Preset
 
 STATES = ("float", "prepared", "converted", "exported")
@@ -159,7 +160,6 @@ class Lifecycle:
         """QDQ ONNX at `path` (dynamo exporter, opset 18); `finish` edits the ModelProto before saving."""
         self._require("converted", "export")
         assert self.converted is not None
-        from compress.data.cache import write_atomic
 
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

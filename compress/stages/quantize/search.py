@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.data.cache import write_atomic
 from compress.errors import StageFailed, UserError
 from compress.stages.quantize.config import QuantizeGoal
 
@@ -190,8 +191,6 @@ class _Run:
 
 
 def _save(work_dir: Path, result: SearchResult, started: float) -> None:
-    from compress.data.cache import write_atomic
-
     result.elapsed_s = time.perf_counter() - started
     write_atomic(work_dir / "search.json", (json.dumps(result.to_dict(), indent=2) + "\n").encode())
 

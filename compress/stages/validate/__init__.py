@@ -27,10 +27,12 @@ from compress.errors import GateFailed, UserError
 from compress.runtime import feeds
 from compress.runtime.kernels import FLOAT_COMPUTE_OPS, INT8_OPS, kernels_of
 from compress.runtime.latency import summarize
+from compress.serving.bundle_check import sha256_of
 from compress.stages.validate.config import ValidateStage
 from compress.targets import Target
 from compress.tasks import TASKS, classification
 from compress.tasks.metrics import cosine_fidelity
+from exporters import native
 
 MAIN_METRIC = {"classification": "accuracy", "embedding": "spearman"}
 
@@ -55,9 +57,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     texts = feeds.evaluation_texts(ctx)
     scorer, data_name = _scorer(ctx)
     size = ctx.data.batch_size
-    max_length = (
-        min(ctx.data.max_length, positions) if isinstance(positions, int) else ctx.data.max_length
-    )
+    max_length = min(ctx.data.max_length, positions) if isinstance(positions, int) else ctx.data.max_length
     batches = [encode(list(texts[i : i + size]), max_length, None) for i in range(0, len(texts), size)]
     # Latency inputs: real evaluation text, truncated/padded to exactly sequence_length tokens.
     timing = encode([texts[i % len(texts)] for i in range(cfg.batch_size)], cfg.sequence_length, cfg.sequence_length)
@@ -105,8 +105,6 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
 
 def _measured_model(model: Path, run_dir: Path) -> dict[str, str]:
     """The file validate measures and its sha256: `edge-compress package` ships only these very bytes."""
-    from compress.serving.bundle_check import sha256_of
-
     model, root = model.resolve(), run_dir.resolve()
     path = str(model.relative_to(root)) if model.is_relative_to(root) else str(model)
     return {"path": path, "sha256": sha256_of(model)}
@@ -206,13 +204,10 @@ class _JobFolders:
         arrays = {f"b{i}/{k}": v for i, b in enumerate(self.batches[:count]) for k, v in b.items()}
         np.savez(folder / "batches.npz", **arrays)  # type: ignore[arg-type]
         np.savez(folder / "timing.npz", **self.timing)
-        if self.artifact.meta.get("custom_ops"):
-            from exporters import native
-
-            # Without the library the ops run as their ONNX function bodies; _custom_op_kernel warns loudly.
-            if native.available(target.arch):
-                lib = native.library_path(target.arch)
-                shutil.copyfile(lib, folder / lib.name)
+        # Without the library the ops run as their ONNX function bodies; _custom_op_kernel warns loudly.
+        if self.artifact.meta.get("custom_ops") and native.available(target.arch):
+            lib = native.library_path(target.arch)
+            shutil.copyfile(lib, folder / lib.name)
         if target.kind == "docker":
             folder.chmod(0o777)  # the image's user writes its outputs here
         return folder
