@@ -16,11 +16,25 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
+    from compress.api import Report, load, run_stage
+    from compress.api import run as run_recipe
     from compress.pipeline import run
     from compress.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["Recipe", "StageFailed", "UserError", "__version__", "load_recipe", "run"]
+__all__ = [
+    "Recipe",
+    "Report",
+    "StageFailed",
+    "UserError",
+    "__version__",
+    "load",
+    "load_recipe",
+    "run",
+    "run_recipe",
+    "run_stage",
+]
+_API = {"load": "load", "run_recipe": "run", "run_stage": "run_stage", "Report": "Report"}
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from compress.pipeline import run
 
         return run
+    if name in _API:  # the Python API (compress/api.py): load, run_recipe, run_stage, Report
+        from compress import api
+
+        return getattr(api, _API[name])
     raise AttributeError(f"module 'compress' has no attribute {name!r}")

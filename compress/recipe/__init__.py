@@ -47,6 +47,8 @@ __all__ = [
     "ValidateStage",
     "ZooModel",
     "load_recipe",
+    "recipe_from_dict",
+    "recipe_from_text",
     "recipe_schema",
 ]
 
@@ -215,17 +217,34 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"{path}: a folder, not a recipe file") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the recipe ({exc})") from None
+    return recipe_from_text(text, str(path))
+
+
+def recipe_from_text(text: str, source_name: str = "<string>") -> Recipe:
+    """A recipe from YAML text, read within the same bounds as a file; errors name source_name:line."""
     try:
         node, data = parse(text)
     except RecipeYamlError as exc:
-        raise UserError(f"{path}:{exc.line}: {exc}" if exc.line else f"{path}: {exc}") from None
+        raise UserError(f"{source_name}:{exc.line}: {exc}" if exc.line else f"{source_name}: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}:1: a recipe is a mapping with name, model, task, data, stages")
+        raise UserError(f"{source_name}:1: a recipe is a mapping with name, model, task, data, stages")
+    return _validate(data, node, source_name)
+
+
+def recipe_from_dict(data: Any, source_name: str = "<dict>") -> Recipe:
+    """A recipe from Python data (e.g. yaml.safe_load's); errors name source_name and the field, no line."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source_name}: a recipe is a mapping with name, model, task, data, stages")
+    return _validate(data, None, source_name)
+
+
+def _validate(data: dict[Any, Any], node: Any, source_name: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         line, field, why = describe(exc.errors()[0], node, Recipe)
-        raise UserError(f"{path}:{line}: {field}: {why}") from None
+        where = f"{source_name}:{line}" if node is not None else source_name
+        raise UserError(f"{where}: {field}: {why}") from None
 
 
 def recipe_schema() -> dict[str, Any]:
