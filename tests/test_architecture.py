@@ -26,7 +26,15 @@ PACKAGES = ("compress", "exporters")
 BASE = ("compress.errors", "compress.strict")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "compress.cli": ("compress", "exporters"),
-    "compress.api": ("compress.pipeline", "compress.recipe", "compress.report", "compress.stages", *BASE),
+    "compress.api": (
+        "compress.artifact",
+        "compress.context",
+        "compress.pipeline",
+        "compress.recipe",
+        "compress.report",
+        "compress.stages",
+        *BASE,
+    ),
     "compress.pipeline": (
         "compress.artifact",
         "compress.context",
@@ -298,8 +306,8 @@ def test_import_compress_and_help_stay_cheap() -> None:
 
 if __name__ == "__main__":
     found = edges()
-    top = [n for n in modules() if n.count(".") == 1 and n.startswith("compress.")]
-    print(f"modules {len(modules())}, loose top-level modules of compress/ {len(top)}")
+    loose = [p for p in (ROOT / "compress").glob("*.py") if p.name != "__init__.py"]
+    print(f"modules {len(modules())}, loose top-level modules of compress/ {len(loose)}")
     print(f"internal import edges {len(found)}, inside functions {sum(e.in_function for e in found)}")
     print(f"circles {len(circles(found))}: " + "; ".join(" <-> ".join(c) for c in circles(found)))
     crossing = {
