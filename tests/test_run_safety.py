@@ -291,3 +291,14 @@ def test_artifact_json_names_no_host_path(recipe_for: Callable[..., Path], tiny_
     assert json.loads(text)["files"]["torch"] == "source:"
     reused = json.loads((_run(recipe_for(stages=[{"type": "export"}])) / "report.json").read_text())
     assert reused["stages"][0]["reused"]
+
+
+def test_a_missing_zoo_checkpoint_names_the_recipe_that_trains_it(
+    check: Check, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "recipes", tmp_path / "recipes")  # a fresh clone: no runs/ yet
+    monkeypatch.chdir(tmp_path)
+    code, lines = check(Path("recipes/windowed-int8.yaml"))
+    assert code == 2 and len(lines) == 1
+    assert "edge-compress train recipes/train/windowed.yaml" in lines[0]

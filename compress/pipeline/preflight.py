@@ -48,13 +48,29 @@ def source_artifact(recipe: Recipe) -> Artifact:
         return Artifact("hf", {"model": folder}, {"precision": "fp32"})
     if isinstance(model, ZooModel):
         if not model.zoo.is_dir():
-            raise UserError(f"model.zoo: {model.zoo} is not a folder")
+            raise UserError(f"model.zoo: {model.zoo} is not a folder{_made_by(model.zoo)}")
         read_zoo_config(model.zoo)
         if not (model.zoo / "model.safetensors").is_file():
             raise UserError(f"model.zoo: {model.zoo} holds no model.safetensors")
         hf.check_safetensors(model.zoo / "model.safetensors")
         return Artifact("zoo", {"model": model.zoo}, {"precision": "fp32"})
     return Artifact("new", {}, {"architecture": model.architecture})
+
+
+def _made_by(checkpoint: Path) -> str:
+    """Which recipe (under ./recipes) trains the missing zoo checkpoint RUNS/NAME/NN_train/model, as a hint."""
+    parts = checkpoint.parts
+    if len(parts) < 3 or parts[-1] != "model" or not parts[-2].endswith("_train"):
+        return ""
+    name = parts[-3]
+    for path in sorted(Path("recipes").rglob("*.yaml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if f"\nname: {name}\n" in f"\n{text}":
+            return f"; it is made by `edge-compress train {path}`: run that first"
+    return ""
 
 
 def _positions(recipe: Recipe, source: Artifact) -> int | None:
