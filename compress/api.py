@@ -30,6 +30,7 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.pipeline.preflight import source_artifact
 from compress.recipe import Recipe, load_recipe, recipe_from_dict, recipe_from_text
+from compress.report import read_report
 from compress.stages import STAGES, StageConfig
 
 RecipeLike = Recipe | str | Path | Mapping[str, Any]
@@ -77,7 +78,7 @@ class Report:
     def read(cls, run_dir: str | Path) -> Report:
         """The report of a run folder (also one an earlier `edge-compress run` wrote)."""
         run_dir = Path(run_dir)
-        return cls(run_dir, _read_json(run_dir / "report.json"))
+        return cls(run_dir, read_report(run_dir))
 
     @property
     def name(self) -> str:
@@ -126,18 +127,6 @@ class Report:
             raise UserError(f"{path}: missing (the stage did not finish)")
         model = Path(str(self.data.get("model", "")))
         return Artifact.from_json(path.read_text(), self.run_dir, model if model.is_dir() else None)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path.parent}: no report.json (is this a finished run directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a report (a JSON object)")
-    return data
 
 
 def run(recipe: RecipeLike, *, fresh: bool = False, quiet: bool = True) -> Report:

@@ -43,6 +43,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "compress.models",
         "compress.recipe",
         "compress.report",
+        "compress.serving.bundle_check",
         "compress.stages",
         "compress.targets",
         *BASE,

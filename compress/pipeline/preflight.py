@@ -7,7 +7,6 @@ also loads the weights once, so a checkpoint whose tensors do not fit its config
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
 from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
+from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
 from compress.stages.validate.config import ValidateStage
 
 DATA_ROLES = ("train", "calibration", "evaluation", "test")
@@ -124,17 +124,9 @@ def content_fingerprint(recipe: Recipe, source: Artifact) -> dict[str, Any]:
     folder = source.files.get("model")
     if folder is not None:
         for path in hf.model_files(folder):
-            files[f"model/{path.relative_to(folder)}"] = _sha256(path)
+            files[f"model/{path.relative_to(folder)}"] = sha256_of(path)
     for role in DATA_ROLES:
         spec = getattr(recipe.data, role)
         if isinstance(spec, FileSet) and spec.path.is_file():
-            files[f"data.{role}"] = _sha256(spec.path)
+            files[f"data.{role}"] = sha256_of(spec.path)
     return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

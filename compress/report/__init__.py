@@ -62,20 +62,36 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: li
     return report
 
 
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """A finished run's report.json, checked to be a JSON object; a one-line UserError otherwise."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no report.json (is this a finished run directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a report (a JSON object)")
+    return data
+
+
 def render(run_dir: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
     """(Re)write report.md and report.html from report.json (or the report given)."""
     if report is None:
-        path = run_dir / "report.json"
-        if not path.is_file():
-            raise UserError(f"{run_dir}: no report.json (is this a finished run directory?)")
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    assert report is not None
+        report = read_report(run_dir)
     write_atomic(run_dir / "report.md", markdown(report).encode())
     write_atomic(run_dir / "report.html", render_html(report).encode())
     return report
 
 
-__all__ = ["StageRecord", "markdown", "render", "stage_note", "stage_time", "summary_rows", "write_report"]
+__all__ = [
+    "StageRecord",
+    "markdown",
+    "read_report",
+    "render",
+    "stage_note",
+    "stage_time",
+    "summary_rows",
+    "write_report",
+]
