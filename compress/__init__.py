@@ -5,15 +5,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import StageFailed, UserError
-
-# transformers imports torchao (our QAT stage's library) whenever it is installed; torchao then warns
-# about CUDA-only kernels it cannot load on a CPU and torch about pytree registrations: noise to a user.
-for _noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from compress.api import Report, load, run_stage

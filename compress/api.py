@@ -28,6 +28,7 @@ from compress import pipeline
 from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import UserError
+from compress.logs import quiet_library_logs
 from compress.pipeline.preflight import source_artifact
 from compress.recipe import Recipe, load_recipe, recipe_from_dict, recipe_from_text
 from compress.report import read_report
@@ -138,7 +139,8 @@ def run(recipe: RecipeLike, *, fresh: bool = False, quiet: bool = True) -> Repor
     """
     parsed = load(recipe)
     ctx = Context(recipe=parsed, run_dir=parsed.output.dir / parsed.name, console=_console(quiet))
-    return Report.read(pipeline.run(parsed, ctx, fresh=fresh))
+    with quiet_library_logs():
+        return Report.read(pipeline.run(parsed, ctx, fresh=fresh))
 
 
 def run_stage(
@@ -167,7 +169,8 @@ def run_stage(
         ctx.source = source_artifact(parsed)
         ctx.work_dir.mkdir()
         start = time.perf_counter()
-        result, metrics = kind.run(artifact, stage_config, ctx)
+        with quiet_library_logs():
+            result, metrics = kind.run(artifact, stage_config, ctx)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # it was empty or absent: leave it as it was
         if existed:

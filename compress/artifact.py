@@ -43,12 +43,18 @@ class Artifact:
     def usable_length(self, max_length: int) -> int:
         """The tokens per text a stage feeds this model: the recipe's data.max_length, within its positions."""
         positions = self.meta.get("max_positions")
-        return min(max_length, positions) if isinstance(positions, int) else max_length
+        return usable_length(max_length, positions if isinstance(positions, int) else None)
 
     def moved(self, old: Path, new: Path) -> Artifact:
         """The same artifact after its stage folder `old` was renamed to `new`."""
         files = {k: (new / v.relative_to(old) if v.is_relative_to(old) else v) for k, v in self.files.items()}
         return Artifact(self.kind, files, self.meta)
+
+
+def usable_length(max_length: int, *positions: int | None) -> int:
+    """The one answer to "how many tokens per text": the recipe's data.max_length, within every model's
+    positions (None: that model does not say)."""
+    return min([max_length, *(p for p in positions if p is not None)])
 
 
 SOURCE = "source:"  # prefix of a path inside the recipe's input model folder

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from compress import distributed
 from compress.errors import StageFailed, UserError
+from compress.logs import quiet_library_logs
 
 _err = Console(stderr=True)
 
@@ -331,7 +332,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         distributed.init()  # under torchrun: join the process group (gloo); alone: nothing
-        cli.main(standalone_mode=False)
+        with quiet_library_logs():
+            cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         _err.print("aborted")
         sys.exit(130)

@@ -222,8 +222,7 @@ def _max_length(resolved: Path, artifact: Artifact) -> int:
 
     recipe = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
     length = int((recipe.get("data") or {}).get("max_length") or 512)
-    positions = artifact.meta.get("max_positions")
-    return min(length, int(positions)) if positions else length
+    return artifact.usable_length(length)
 
 
 def _labels(run_dir: Path) -> list[str] | None:

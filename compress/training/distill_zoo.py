@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, usable_length
 from compress.context import Context
 from compress.errors import UserError
 from compress.models.blocks import Block
@@ -62,7 +62,7 @@ def distill(
     pupil = Pupil(student, _projections(teacher, student, w, layer_map))
 
     tok = feeds.tokenizer(ctx)
-    max_length = min(ctx.data.max_length, student.cfg.max_len, teacher.cfg.max_len)
+    max_length = usable_length(ctx.data.max_length, student.cfg.max_len, teacher.cfg.max_len)
     train_ids, train_labels = feeds.encode(ctx, "train", tok, max_length, lm=lm)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tok, max_length, lm=lm, limit=cfg.eval_samples)
     n_train = len(train_ids["input_ids"])

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, usable_length
 from compress.context import Context
 from compress.errors import UserError
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
@@ -44,7 +44,7 @@ def train(
             f"model: vocab_size {model.cfg.vocab_size} is smaller than the {ctx.data.tokenizer} "
             f"tokenizer's {tok.vocab_size}"
         )
-    max_length = min(ctx.data.max_length, model.cfg.max_len)
+    max_length = usable_length(ctx.data.max_length, model.cfg.max_len)
     lm = isinstance(model, ZooCausalLM)
     train_ids, train_labels = feeds.encode(ctx, "train", tok, max_length, lm=lm)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tok, max_length, lm=lm, limit=cfg.eval_samples)

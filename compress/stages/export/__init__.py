@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, usable_length
 from compress.context import Context
 from compress.data.tokenizers import data_tokenizer
 from compress.errors import UserError
@@ -166,7 +166,7 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
     tokenizer = data_tokenizer(ctx.data.tokenizer)
     lm = isinstance(model, ZooCausalLM)
     outputs = ("logits",)
-    max_length = min(ctx.data.max_length, zcfg.max_len)
+    max_length = usable_length(ctx.data.max_length, zcfg.max_len)
     texts = list(ctx.texts("evaluation").texts if lm else ctx.labeled("evaluation").texts)[: cfg.check_samples]
     if len(texts) < 2:
         raise UserError("data.evaluation: export checks need at least 2 texts")

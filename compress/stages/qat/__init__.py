@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, usable_length
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.models import hf
@@ -267,7 +267,7 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
     teacher = load_zoo(folder).eval().requires_grad_(False)
     student = load_zoo(folder)
     max_len = student.cfg.max_len
-    max_length = min(ctx.data.max_length, max_len)
+    max_length = usable_length(ctx.data.max_length, max_len)
     tokenizer = feeds.tokenizer(ctx)
     train_ids, train_labels = feeds.encode(ctx, "train", tokenizer, max_length, lm=False)
     eval_ids, eval_labels = feeds.encode(ctx, "evaluation", tokenizer, max_length, lm=False, limit=cfg.eval_samples)

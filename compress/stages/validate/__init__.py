@@ -57,7 +57,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     texts = feeds.evaluation_texts(ctx)
     scorer, data_name = _scorer(ctx)
     size = ctx.data.batch_size
-    max_length = min(ctx.data.max_length, positions) if isinstance(positions, int) else ctx.data.max_length
+    max_length = artifact.usable_length(ctx.data.max_length)
     batches = [encode(list(texts[i : i + size]), max_length, None) for i in range(0, len(texts), size)]
     # Latency inputs: real evaluation text, truncated/padded to exactly sequence_length tokens.
     timing = encode([texts[i % len(texts)] for i in range(cfg.batch_size)], cfg.sequence_length, cfg.sequence_length)
