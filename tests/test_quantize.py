@@ -297,3 +297,12 @@ def test_tiny_time_budget_exits_2_before_any_trial(recipe_for: Callable[..., Pat
     )
     assert proc.returncode == 2, proc.stderr
     assert "too small to run one trial" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_auto_preset_for_a_docker_target_follows_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An amd64 image runs on this CPU: auto picks VNNI only where this CPU has it."""
+    from compress.targets import docker
+
+    for vnni, expected in ((True, "x86_64-vnni"), (False, "x86_64-avx2")):
+        monkeypatch.setattr(docker, "host_has_vnni", lambda v=vnni: v)
+        assert presets.choose("auto", [docker.DockerTarget("some/image:tag")])[0].name == expected

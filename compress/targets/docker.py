@@ -17,6 +17,7 @@ from typing import Literal
 from compress.container.engine import CLIENT
 from compress.container.images import EMULATED_CPU, client_env, ensure_binfmt, host_arch
 from compress.errors import UserError
+from compress.runtime.presets import host_has_vnni
 from compress.targets.base import Log, Target
 from compress.targets.emulated import ArmTarget
 
@@ -32,6 +33,9 @@ class DockerTarget(Target):
         self.cpu = "this machine's CPU, in a container"
         self.arch: Literal["x86_64", "aarch64"] = "x86_64"
         self.platform = "amd64"
+        # Until problem() has inspected the image it is taken as an amd64 image on this CPU (as presets
+        # always treated it); an arm64 image has no VNNI to speak of.
+        self.vnni: bool | None = host_has_vnni()
 
     @property
     def emulated(self) -> bool:
@@ -60,6 +64,7 @@ class DockerTarget(Target):
         if arch not in ARCHES:
             return f"image {self.image} is for {arch}; targets run amd64 or arm64 images"
         self.platform, self.arch = arch, ARCHES[arch]
+        self.vnni = host_has_vnni() if self.arch == "x86_64" else None
         if arch != host_arch():
             self.cpu = f"emulated {EMULATED_CPU} (binfmt), in a container"
         return None
