@@ -126,8 +126,11 @@ class Report:
         path = self.run_dir / found["dir"] / "artifact.json"
         if not path.is_file():
             raise UserError(f"{path}: missing (the stage did not finish)")
-        model = Path(str(self.data.get("model", "")))
-        return Artifact.from_json(path.read_text(), self.run_dir, model if model.is_dir() else None)
+        named = self.data.get("model")
+        model = Path(named) if isinstance(named, str) and named else None
+        return Artifact.from_json(
+            path.read_text(), self.run_dir, model if model is not None and model.is_dir() else None
+        )
 
 
 def run(recipe: RecipeLike, *, fresh: bool = False, quiet: bool = True) -> Report:

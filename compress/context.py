@@ -50,8 +50,17 @@ class Context:
 
     @cached_property
     def targets(self) -> list[Target]:
-        """The recipe's targets, resolved once (architecture, CPU features, how the worker runs)."""
-        return [targets.get(name) for name in self.recipe.targets]
+        """The recipe's targets, resolved once (architecture, CPU features, how the worker runs).
+
+        A docker:IMAGE target's architecture is known once its image is inspected: done here, so the int8
+        preset of a quantize stage before validate already sees an arm64 image as arm64.
+        """
+        resolved = [targets.get(name) for name in self.recipe.targets]
+        for target in resolved:
+            problem = target.problem() if target.kind == "docker" else None
+            if problem:
+                self.warn(f"{target.name}: {problem}; until then it counts as an amd64 image on this CPU")
+        return resolved
 
     @cached_property
     def calibration(self) -> TextSet:

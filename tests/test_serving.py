@@ -344,9 +344,12 @@ def test_package_replaces_only_its_own_bundles(recipe_for: Callable[..., Path], 
     run_dir = _run(recipe_for())
     bundle = tmp_path / "bundle"
     first = write_bundle(run_dir, bundle)
-    (bundle / "stale.txt").write_text("left by an older package")
     second = write_bundle(run_dir, bundle)  # a bundle of ours is replaced whole
-    assert second["model_sha256"] == first["model_sha256"] and not (bundle / "stale.txt").exists()
+    assert second["model_sha256"] == first["model_sha256"]
+    (bundle / "Dockerfile").write_text("FROM edge-compress/runtime:amd64\n")  # a user's file beside ours
+    with pytest.raises(UserError, match="holds files of yours"):
+        write_bundle(run_dir, bundle)
+    assert (bundle / "Dockerfile").read_text().startswith("FROM") and (bundle / "metadata.json").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     write_bundle(run_dir, empty)
@@ -364,6 +367,15 @@ def test_package_replaces_only_its_own_bundles(recipe_for: Callable[..., Path], 
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg", "metadata.json"]
     assert (foreign / "holiday.jpg").read_bytes() == b"not a bundle" and afile.read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no leftovers
+
+
+def test_package_reads_only_its_own_stage_folders(recipe_for: Callable[..., Path], tmp_path: Path) -> None:
+    run_dir = _run(recipe_for())
+    backup = run_dir / "99_backup"
+    shutil.copytree(run_dir / "01_export", backup)  # a user's copy of a stage, `done` and all
+    meta = write_bundle(run_dir, tmp_path / "bundle")
+    assert meta["precision"] == "int8"  # the quantize stage's model, not the backup's fp32 copy
+    assert backup.is_dir()
 
 
 def test_bundle_is_a_copy_with_every_file_hashed_and_no_host_path(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,12 +47,23 @@ def _package_folder(package: str) -> Path:
     The module must belong to a distribution pip installed (importlib.metadata knows it), so a stray
     file of that name in the working directory is never imported.
     """
-    from importlib.metadata import packages_distributions
+    import importlib.util
+    from importlib.metadata import files, packages_distributions
 
     dists = packages_distributions().get(package)
     if not dists:
         dist = package.replace("_", "-")
         raise UserError(f"model.package: {package} is not the module of an installed distribution (pip install {dist})")
+    # The module found first on sys.path must be the distribution's own file, not a NAME.py in the
+    # working folder that shadows it (python -m and the Python API put that folder first).
+    spec = importlib.util.find_spec(package)
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    installed = {Path(str(f.locate())).resolve() for d in dists for f in (files(d) or [])}
+    if origin is None or origin not in installed:
+        raise UserError(
+            f"model.package: {package} would be imported from {origin}, which {dists[0]} did not install; "
+            "run from another folder or rename that file"
+        )
     try:
         module = importlib.import_module(package)
     except Exception as exc:  # its own import failed: the package is broken, not our bug
@@ -117,18 +127,14 @@ def check_safetensors(path: Path) -> None:
 
 
 def model_files(folder: Path) -> list[Path]:
-    """The files of a checkpoint folder that a run reads: config, weights, tokenizer and pooling settings."""
-    names = ["config.json", "model.safetensors", "model.safetensors.index.json", "special_tokens_map.json"]
-    names += [*TOKENIZER_FILES, "modules.json", "1_Pooling/config.json"]
-    paths = [folder / n for n in names if (folder / n).is_file()]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            shards = set()
-        paths += sorted(folder / str(s) for s in shards if (folder / str(s)).is_file())
-    return paths
+    """The files of a checkpoint folder a run may read: every regular file in it, except other frameworks'
+    weights (never loaded: safetensors only) and documentation."""
+    skipped = (".bin", ".onnx", ".h5", ".msgpack", ".ot", ".md", ".pt", ".pth", ".ckpt")
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(skipped)
+    )
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.errors import GateFailed, UserError
 from compress.pipeline import run_dir as run_dirs
-from compress.pipeline.preflight import content_fingerprint, preflight
+from compress.pipeline.preflight import content_fingerprint, preflight, teacher_fingerprint
 from compress.recipe import Recipe
 from compress.report import StageRecord, write_report
 from compress.stages import STAGES
@@ -94,7 +94,7 @@ def _run_stages(  # noqa: PLR0917
         stages = stages[: [str(s.type) for s in stages].index(until) + 1]
     for index, stage in enumerate(stages, 1):
         stage_dir = run_dir / f"{index:02d}_{stage.type}"
-        fingerprint = _hash(fingerprint + stage.model_dump_json())
+        fingerprint = _hash(fingerprint + stage.model_dump_json() + json.dumps(teacher_fingerprint(stage)))
         synced = stage.type in TRAINING_STAGES  # torchrun ranks meet only in the stages that train
         if scratch is not None and not synced:
             break  # export, quantize, validate: rank 0's alone (a second process would skew latency)
@@ -219,7 +219,8 @@ def _source_fingerprint(recipe: Recipe, source: Artifact) -> str:
     """Everything the first stage depends on: the recipe's settings and the bytes of the files it reads."""
     parts = {
         "model": recipe.model.model_dump(mode="json"),
-        # content, not paths or times: an edited data file or config recomputes, a moved folder does not
+        # content as well as the recipe's paths: an edited data file or config recomputes even when its path
+        # and time stamp stay the same
         "files": content_fingerprint(recipe, source),
         "task": recipe.task,
         "data": recipe.data.model_dump(mode="json"),

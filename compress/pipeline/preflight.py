@@ -33,6 +33,8 @@ def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
         if isinstance(spec, FileSet) and not spec.path.is_file():
             raise UserError(f"data.{role}.path: {spec.path} does not exist")
     _check_lengths(recipe, _positions(recipe, source))
+    for where, teacher in teachers(recipe):
+        _check_teacher(recipe, where, teacher)
     if deep:
         _load_files(recipe)
         _load_weights(source)
@@ -71,6 +73,40 @@ def _made_by(checkpoint: Path) -> str:
         if f"\nname: {name}\n" in f"\n{text}":
             return f"; it is made by `edge-compress train {path}`: run that first"
     return ""
+
+
+def teachers(recipe: Recipe) -> list[tuple[str, Path]]:
+    """The teacher folders the recipe's stages name (distill.teacher, prune.recovery.teacher), with where."""
+    found = []
+    for index, stage in enumerate(recipe.stages):
+        teacher = getattr(stage, "teacher", None) or getattr(getattr(stage, "recovery", None), "teacher", None)
+        if teacher is not None:
+            found.append((f"stages[{index}].teacher", teacher))
+    return found
+
+
+def _check_teacher(recipe: Recipe, where: str, teacher: Path) -> None:
+    """A teacher is checked like the input model: a folder of the same kind, whole weights, enough positions."""
+    positions: Any
+    zoo = isinstance(recipe.model, ZooModel | NewModel)
+    if zoo:
+        source_artifact(recipe.model_copy(update={"model": ZooModel(zoo=teacher)}))
+        positions = read_zoo_config(teacher).max_len
+    else:
+        folder = hf.model_folder(HFModel(hf=teacher))
+        hf.check_weights(folder)
+        positions = hf.read_config(folder).get("max_position_embeddings")
+    length = recipe.data.max_length
+    if isinstance(positions, int) and length > positions and not zoo:  # zoo stages cut to the shorter model
+        raise UserError(f"{where}: the teacher takes {positions} tokens, less than data.max_length {length}")
+
+
+def teacher_fingerprint(stage: Any) -> dict[str, str]:
+    """sha256 of the files of the teacher a stage names: a teacher replaced in place recomputes the stage."""
+    teacher = getattr(stage, "teacher", None) or getattr(getattr(stage, "recovery", None), "teacher", None)
+    if teacher is None or not Path(teacher).is_dir():
+        return {}
+    return {str(p.relative_to(teacher)): sha256_of(p) for p in hf.model_files(Path(teacher))}
 
 
 def _positions(recipe: Recipe, source: Artifact) -> int | None:

@@ -6,6 +6,8 @@ turning names into models, data and sessions happens later, in the stages.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -206,7 +208,12 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; any problem is a UserError naming file:line, the field and what is allowed."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:  # bounded: a FIFO or /dev/zero is read no further than the cap
+        # Non-blocking open, then a regular file only: a FIFO would block open() itself, and a device such
+        # as /dev/zero never ends; a regular file is read no further than the cap.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UserError(f"{path}: not a regular file; a recipe is a YAML file")
             raw = handle.read(MAX_BYTES + 1)
         if len(raw) > MAX_BYTES:
             raise UserError(f"{path}: the file is over {MAX_BYTES // 1024} KB; a recipe is a short YAML file")

@@ -51,7 +51,7 @@ def write_report(run_dir: Path, recipe: Recipe, folder: Path | None, records: li
         "name": recipe.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": recipe.task,
-        "model": str(folder) if folder is not None else "new (trained in this run)",
+        "model": str(folder.resolve()) if folder is not None else "new (trained in this run)",
         "stages": stages,
         "targets": targets,
         "warnings": warnings,

@@ -23,6 +23,7 @@ from typing import Any
 from compress.artifact import Artifact
 from compress.data.marker import MARKER
 from compress.errors import UserError
+from compress.pipeline.run_dir import stage_index
 from compress.serving.bundle_check import FORMAT, TASKS, VERSION, sha256_of
 
 # An absolute path (or ~/...) after a start, a blank, a quote, "=", "(", "[", "," or a scheme such as hf: or
@@ -34,7 +35,7 @@ def final_stage(run_dir: Path) -> Path:
     """The run's last finished stage folder; a clear error when the run is missing or unfinished."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    stages = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit() and "_" in p.name)
+    stages = _stage_folders(run_dir)
     if not stages:
         raise UserError(f"{run_dir}: not a run folder (no NN_<stage> folders; run `edge-compress run RECIPE` first)")
     unfinished = [p.name for p in stages if not (p / "done").is_file()]
@@ -127,13 +128,31 @@ def _check_out(out: Path, run_dir: Path) -> None:
     if not out.exists():
         return
     try:
-        ours = out.is_dir() and (not any(out.iterdir()) or _is_bundle(out))
+        ours = out.is_dir() and (not any(out.iterdir()) or (_is_bundle(out) and not _foreign(out)))
     except OSError:
         ours = False
     if not ours:
         raise UserError(
-            f"--out {out} exists and is not an edge-compress bundle; choose another folder or remove it yourself"
+            f"--out {out} exists and is not an edge-compress bundle (or holds files of yours besides one); "
+            "choose another folder or remove it yourself"
         )
+
+
+def _stage_folders(run_dir: Path) -> list[Path]:
+    """The run's stage folders in order: only names edge-compress writes (NN_<stage type>), never a user's."""
+    return sorted(
+        p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and stage_index(p.name) is not None
+    )
+
+
+def _foreign(bundle: Path) -> list[str]:
+    """Files in a bundle folder that the bundle does not list (a user's): replacing the folder would lose them."""
+    try:
+        listed = set(json.loads((bundle / "metadata.json").read_bytes()).get("files", {})) | {"metadata.json"}
+    except (OSError, ValueError, AttributeError):
+        return ["metadata.json"]
+    found = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() or p.is_symlink()}
+    return sorted(found - listed)
 
 
 def _is_bundle(folder: Path) -> bool:
@@ -148,7 +167,12 @@ def _report(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "report.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no report.json (the run did not finish)")
-    report: dict[str, Any] = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable report ({str(exc)[:120]})") from None
+    if not isinstance(report, dict):
+        raise UserError(f"{path}: not a report (a JSON object)")
     return report
 
 
@@ -227,8 +251,11 @@ def _max_length(resolved: Path, artifact: Artifact) -> int:
 
 def _labels(run_dir: Path) -> list[str] | None:
     """Class names from a Hugging Face config's id2label, when they are more than LABEL_0, LABEL_1, ..."""
-    for config in sorted(run_dir.glob("*/config.json")):
-        id2label = json.loads(config.read_text()).get("id2label")
+    for config in (stage / "config.json" for stage in _stage_folders(run_dir)):
+        try:
+            id2label = json.loads(config.read_text()).get("id2label") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue
         if isinstance(id2label, dict) and id2label:
             names = [str(id2label[k]) for k in sorted(id2label, key=int)]
             if any(n != f"LABEL_{i}" for i, n in enumerate(names)):
