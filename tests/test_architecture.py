@@ -93,7 +93,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "compress.targets": ("compress.container", "compress.runtime", "exporters.native", *BASE),
     "compress.container": ("compress.data", "exporters.native", *BASE),
-    "compress.serving": ("compress.artifact", "compress.data", "compress.pipeline.run_dir", *BASE),
+    "compress.serving": ("compress.artifact", "compress.data", "compress.pipeline.run_dir", "compress.report", *BASE),
     "compress.models": ("compress.data.cache", *BASE),
     "compress.data": ("compress.models", *BASE),
     "compress.artifact": (),

@@ -24,6 +24,7 @@ from compress.artifact import Artifact
 from compress.data.marker import MARKER
 from compress.errors import UserError
 from compress.pipeline.run_dir import stage_index
+from compress.report import read_report
 from compress.serving.bundle_check import FORMAT, TASKS, VERSION, sha256_of
 
 # An absolute path (or ~/...) after a start, a blank, a quote, "=", "(", "[", "," or a scheme such as hf: or
@@ -51,7 +52,7 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     artifact = Artifact.from_json((last / "artifact.json").read_text(), run_dir)
     if artifact.kind != "onnx":
         raise UserError(f"{run_dir}: the last stage ({last.name}) holds no ONNX model; add an export stage")
-    report = _report(run_dir)
+    report = read_report(run_dir)
     task = report.get("task")
     if task not in TASKS:
         raise UserError(f"{run_dir}: task {task!r} cannot be served; the server answers {' and '.join(TASKS)}")
@@ -161,19 +162,6 @@ def _is_bundle(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
-
-
-def _report(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "report.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no report.json (the run did not finish)")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable report ({str(exc)[:120]})") from None
-    if not isinstance(report, dict):
-        raise UserError(f"{path}: not a report (a JSON object)")
-    return report
 
 
 def _validation(report: dict[str, Any], run_dir: Path, model: Path, digest: str) -> dict[str, Any]:
