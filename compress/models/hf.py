@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,18 +148,36 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_model(folder: Path) -> torch.nn.Module:
-    """The encoder in eval mode, eager attention (exports to a graph ONNX Runtime's optimizer can fuse)."""
-    from transformers import AutoModel
+INPUT_KINDS = ("text", "pair", "words")
+HEADS = ("sequence", "token")  # a classifier of texts (or pairs), a tagger of words
+# What a fine-tuned folder records about the inputs its head was trained on (text, pair or words).
+INPUT_KIND_KEY = "edge_compress_input_kind"
+
+
+def auto_class(head: str | None) -> Any:
+    """The transformers Auto class that builds a model with this head (None: the bare encoder)."""
+    import transformers
+
+    names = {
+        None: "AutoModel",
+        "sequence": "AutoModelForSequenceClassification",
+        "token": "AutoModelForTokenClassification",
+    }
+    return getattr(transformers, names[head])
+
+
+def load_model(folder: Path, head: str | None = None) -> torch.nn.Module:
+    """The encoder (or, with a head, the classifier) in eval mode, eager attention (exports to a graph
+    ONNX Runtime's optimizer can fuse)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     config = read_config(folder)
     if STRUCTURE_KEY in config:
-        return _load_pruned(folder, config[STRUCTURE_KEY])
+        return _load_pruned(folder, config[STRUCTURE_KEY], head)
 
     try:
-        model, info = AutoModel.from_pretrained(
+        model, info = auto_class(head).from_pretrained(
             folder,
             local_files_only=True,
             use_safetensors=True,
@@ -169,20 +188,80 @@ def load_model(folder: Path) -> torch.nn.Module:
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"model: cannot load {folder}: {first}") from None
-    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+    # The bare encoder's pooler is never exported; a classifier's pooler is part of its head.
+    missing = [k for k in info.get("missing_keys", []) if head is not None or "pooler" not in k]
+    if missing and head is not None and all(_is_head_key(k) for k in missing):
+        raise UserError(
+            f"model: {folder} has no trained {head}-classification head ({', '.join(sorted(missing)[:2])} missing); "
+            "add a train stage to fine-tune one, or use a fine-tuned checkpoint"
+        )
     if missing:  # transformers would start them from random values: a silent fallback
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"model: {folder}: the weights lack {', '.join(sorted(missing)[:3])}{more}")
     return model.eval()
 
 
-def _load_pruned(folder: Path, structure: dict[str, list[int]]) -> torch.nn.Module:
+def _is_head_key(key: str) -> bool:
+    """A weight of a task head (not of the encoder): classifier, score or pre-classifier layers."""
+    first = key.split(".", maxsplit=1)[0]
+    return first in {"classifier", "pre_classifier", "score", "head", "pooler"} or ".pooler." in key
+
+
+def fresh_head_model(folder: Path, head: str, labels: tuple[str, ...]) -> torch.nn.Module:
+    """A pretrained encoder with a new, randomly initialised head for these labels (fine-tuning starts here)."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    id2label = dict(enumerate(labels))
+    config = AutoConfig.from_pretrained(
+        folder,
+        local_files_only=True,
+        trust_remote_code=False,
+        num_labels=len(labels),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    if STRUCTURE_KEY in read_config(folder):
+        raise UserError(f"model: {folder} is structurally pruned; fine-tune before pruning, not after")
+    try:
+        model = auto_class(head).from_pretrained(
+            folder,
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,  # the folder's own head, if any, has other labels: replaced
+        )
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"model: cannot load {folder}: {first}") from None
+    return model
+
+
+def model_labels(folder: Path) -> tuple[str, ...] | None:
+    """The label names of a fine-tuned folder's head (id2label in order), or None for a bare encoder."""
+    config = read_config(folder)
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        ordered = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        raise UserError(f"{folder / 'config.json'}: id2label keys must be integers") from None
+    if [k for k, _ in ordered] != list(range(len(ordered))):
+        raise UserError(f"{folder / 'config.json'}: id2label must number the labels 0..{len(ordered) - 1}")
+    return tuple(v for _, v in ordered)
+
+
+def _load_pruned(folder: Path, structure: dict[str, list[int]], head: str | None = None) -> torch.nn.Module:
     """A structurally pruned checkpoint: build the architecture, shrink each layer, then load the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    model = AutoModel.from_config(config, attn_implementation="eager")
+    model = auto_class(head).from_config(config, attn_implementation="eager")
     try:
         rebuild(model, structure)
     except (KeyError, ValueError, AttributeError) as exc:
@@ -220,22 +299,48 @@ def input_names(tokenizer: Any, config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def encode(
+def encode(  # noqa: PLR0917
     tokenizer: Any,
-    texts: list[str] | tuple[str, ...],
+    examples: Sequence[Any],
     max_length: int,
     names: tuple[str, ...],
     pad_to: int | None = None,
+    kind: str = "text",
 ) -> dict[str, np.ndarray]:
-    """Tokenize to int64 arrays: padded to the longest text, or to exactly `pad_to` tokens."""
-    enc = tokenizer(
-        list(texts),
-        padding="max_length" if pad_to else True,
-        truncation=True,
-        max_length=pad_to or max_length,
-        return_tensors="np",
-    )
+    """Tokenize to int64 arrays: padded to the longest example, or to exactly `pad_to` tokens.
+
+    By `kind` (INPUT_KINDS), an example is a text, a (text, text) pair (both in one sequence, truncated
+    longest first) or a tuple of words (a tagger's input: each word tokenized on its own)."""
+    enc = _tokenize(tokenizer, examples, kind, pad_to or max_length, "max_length" if pad_to else True)
     return {name: np.asarray(enc[name], dtype=np.int64) for name in names}
+
+
+def _tokenize(tokenizer: Any, examples: Sequence[Any], kind: str, max_length: int, padding: Any) -> Any:
+    common = {"padding": padding, "truncation": True, "max_length": max_length, "return_tensors": "np"}
+    if kind == "pair":
+        return tokenizer([a for a, _ in examples], [b for _, b in examples], **common)
+    if kind == "words":
+        try:
+            return tokenizer([list(w) for w in examples], is_split_into_words=True, **common)
+        except Exception as exc:  # e.g. a byte-level BPE tokenizer built without add_prefix_space
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"model: the tokenizer cannot take pre-split words: {first}") from None
+    return tokenizer([str(t) for t in examples], **common)
+
+
+def word_starts(tokenizer: Any, examples: Sequence[tuple[str, ...]], max_length: int) -> list[list[int]]:
+    """Per example of words, the token position of each word's first sub-token (-1: cut by truncation)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("model: token classification needs a fast tokenizer (a tokenizer.json in the folder)")
+    enc = tokenizer([list(w) for w in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+    starts = []
+    for i, words in enumerate(examples):
+        first = [-1] * len(words)
+        for pos, word in enumerate(enc.word_ids(i)):
+            if word is not None and first[word] < 0:
+                first[word] = pos
+        starts.append(first)
+    return starts
 
 
 def copy_tokenizer_files(source: Path, out: Path) -> None:
