@@ -33,8 +33,10 @@ def export(
     output_names: tuple[str, ...],
     exporter: Exporter,
     opset: int,
+    per_token: bool = False,
 ) -> None:
-    """Export with dynamic batch and sequence axes on every input (inputs are (B, S) token arrays)."""
+    """Export with dynamic batch and sequence axes on every input (inputs are (B, S) token arrays); the
+    outputs have a dynamic batch axis, and a dynamic sequence axis too when they are `per_token`."""
     import torch
 
     names = tuple(example)
@@ -44,7 +46,7 @@ def export(
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             axes = {name: {0: "batch", 1: "sequence"} for name in names}
-            axes.update({name: {0: "batch"} for name in output_names})
+            axes.update({name: {0: "batch", 1: "sequence"} if per_token else {0: "batch"} for name in output_names})
             torch.onnx.export(
                 module,
                 args,
