@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from compress import data as data_sets
 from compress import distributed, targets
 from compress.artifact import Artifact
 from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
@@ -36,8 +37,39 @@ class Context:
 
     @property
     def task(self) -> str:
-        """embedding | classification | lm."""
+        """embedding | classification | token-classification | lm."""
         return str(self.recipe.task)
+
+    @cached_property
+    def input_kind(self) -> str:
+        """What one example the model takes is: text, pair (a classifier of text pairs) or words (a tagger)."""
+        if self.task == "token-classification":
+            return "words"
+        if self.task == "classification" and self.labeled("evaluation").text_pairs is not None:
+            return "pair"
+        return "text"
+
+    def examples(self, role: str) -> list[Any]:
+        """data.<role>'s model inputs, in order: texts, (text, text) pairs, or tuples of words."""
+        if self.task == "token-classification":
+            return list(self.tagged(role).sentences)
+        if self.task == "classification":
+            return examples_of(self.labeled(role), self.input_kind, f"data.{role}")
+        if self.task == "embedding" and role == "evaluation":
+            return list(self.evaluation.texts)
+        return list(self.texts(role).texts)
+
+    @cached_property
+    def calibration_examples(self) -> list[Any]:
+        """Model inputs for calibration: real text (split into words for a tagger), or real text pairs."""
+        spec = self._source("calibration")
+        if self.input_kind == "pair":
+            return examples_of(load_labeled(spec, self.data.split_seed), "pair", "data.calibration")
+        if self.input_kind == "words":
+            if _has_tags(spec):
+                return list(data_sets.load_tagged(spec, self.data.split_seed).sentences)
+            return [tuple(t.split()) for t in self.calibration.texts if t.split()]
+        return list(self.calibration.texts)
 
     @property
     def data(self) -> DataSpec:
@@ -77,6 +109,10 @@ class Context:
         """data.<role> (train, evaluation, test) as labelled texts (classification)."""
         return load_labeled(self._source(role), self.data.split_seed)
 
+    def tagged(self, role: str) -> Any:
+        """data.<role> as sentences of words with one tag each (token classification)."""
+        return data_sets.load_tagged(self._source(role), self.data.split_seed)
+
     def texts(self, role: str) -> TextSet:
         """data.<role> (train, evaluation, test) as plain texts (language modelling)."""
         return load_texts(self._source(role), self.data.split_seed)
@@ -105,3 +141,21 @@ class Context:
             console=self.console,
             transient=True,
         )
+
+
+def examples_of(data: LabeledTexts, kind: str, where: str) -> list[Any]:
+    """A labelled set's model inputs: its texts, or (text, text) pairs; a pair model given single texts
+    (or the reverse) is a one-line error."""
+    if kind == "pair":
+        if data.text_pairs is None:
+            raise UserError(f"{where}: the model classifies text pairs, but {data.name} holds single texts")
+        return list(zip(data.texts, data.text_pairs, strict=True))
+    if data.text_pairs is not None:
+        raise UserError(f"{where}: {data.name} holds text pairs, but the evaluation set holds single texts")
+    return list(data.texts)
+
+
+def _has_tags(spec: ReferenceSet | FileSet) -> bool:
+    if isinstance(spec, FileSet):
+        return getattr(spec, "tags_field", None) is not None
+    return spec.reference == "brown-pos"

@@ -46,6 +46,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "compress.serving.bundle_check",
         "compress.stages",
         "compress.targets",
+        "compress.tasks",
         *BASE,
     ),
     "compress.recipe": ("compress.data", "compress.models.spec", "compress.stages", "compress.targets", *BASE),

@@ -30,7 +30,7 @@ from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.errors import GateFailed, UserError
 from compress.pipeline import run_dir as run_dirs
-from compress.pipeline.preflight import content_fingerprint, preflight, teacher_fingerprint
+from compress.pipeline.preflight import check_task_data, content_fingerprint, preflight, teacher_fingerprint
 from compress.recipe import Recipe
 from compress.report import StageRecord, write_report
 from compress.stages import STAGES
@@ -206,8 +206,10 @@ def _load_data_up_front(recipe: Recipe, ctx: Context) -> None:
     """Read the data the stages will need before any stage runs: a bad file fails fast, costing nothing."""
     if recipe.task == "embedding":
         ctx.evaluation  # noqa: B018 (cached property: loads and validates now)
+    if ctx.source is not None:
+        check_task_data(recipe, ctx.source, ctx)
     if any(getattr(stage, "mode", None) == "static" for stage in recipe.stages):
-        ctx.calibration  # noqa: B018
+        ctx.calibration_examples  # noqa: B018
 
 
 def _is_done(stage_dir: Path, fingerprint: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.artifact import Artifact
+from compress.context import Context
 from compress.data import load_evaluation, load_labeled, load_texts
 from compress.data.spec import FileSet
 from compress.errors import UserError
@@ -21,6 +22,7 @@ from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
 from compress.stages.validate.config import ValidateStage
+from compress.tasks.classification import label_map
 
 DATA_ROLES = ("train", "calibration", "evaluation", "test")
 
@@ -37,6 +39,7 @@ def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
         _check_teacher(recipe, where, teacher)
     if deep:
         _load_files(recipe)
+        check_task_data(recipe, source, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name))
         _load_weights(source)
     return source
 
@@ -136,14 +139,37 @@ def _load_files(recipe: Recipe) -> None:
     """Parse the user's data files as the stages will (reference sets are pinned by checksum: not fetched here)."""
     for role in DATA_ROLES:
         spec = getattr(recipe.data, role)
-        if not isinstance(spec, FileSet):
-            continue
+        if not isinstance(spec, FileSet) or getattr(spec, "tags_field", None) is not None:
+            continue  # tagged words are read by check_task_data
         if role == "evaluation" and recipe.task == "embedding":
             load_evaluation(spec)
         elif spec.label_field is not None:
             load_labeled(spec, recipe.data.split_seed)
         else:
             load_texts(spec, recipe.data.split_seed)
+
+
+def check_task_data(recipe: Recipe, source: Artifact, ctx: Context) -> None:
+    """A Hugging Face classifier or tagger: every data role holds the model's kind of example (single texts,
+    pairs or tagged words) and, without a train stage, the folder has a trained head that knows the data's
+    labels by name. Run before any stage (the data is loaded once, then cached by the context)."""
+    if source.kind != "hf" or recipe.task not in ("classification", "token-classification"):
+        return
+    roles = [role for role in ("train", "evaluation", "test") if getattr(recipe.data, role) is not None]
+    for role in roles:
+        ctx.examples(role)
+    if any(stage.type == "train" for stage in recipe.stages):
+        return  # the train stage gives the model a head for the data's labels
+    folder = source.file("model")
+    names = hf.model_labels(folder)
+    if names is None:
+        raise UserError(
+            f"model: {folder} has no classification head (no id2label in config.json); "
+            "add a train stage to fine-tune one"
+        )
+    for role in roles:
+        data = ctx.tagged(role) if recipe.task == "token-classification" else ctx.labeled(role)
+        label_map(data.tag_names if recipe.task == "token-classification" else data.label_names, names, f"data.{role}")
 
 
 def _load_weights(source: Artifact) -> None:

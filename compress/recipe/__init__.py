@@ -107,10 +107,11 @@ class Recipe(Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     )
     model: ModelSpec = Field(description="The model to compress (or, with a train stage, to train).")
-    task: Literal["embedding", "classification", "lm"] = Field(
+    task: Literal["embedding", "classification", "token-classification", "lm"] = Field(
         description=(
             "What the model is for; decides the exported outputs and the metrics: embedding (Hugging Face "
-            "encoders), classification and lm (zoo models)."
+            "encoders), classification (of a text or a text pair: Hugging Face and zoo models), "
+            "token-classification (one label per word: Hugging Face models) and lm (zoo models)."
         )
     )
     data: DataSpec
@@ -157,12 +158,13 @@ class Recipe(Strict):
     def _fits_the_model(self) -> Recipe:
         kinds = [s.type for s in self.stages]
         zoo = isinstance(self.model, ZooModel | NewModel)
-        if zoo != (self.task in ("classification", "lm")):
-            raise ValueError("task embedding goes with Hugging Face models; classification and lm with zoo models")
+        _check_task(self.task, zoo, kinds)
         if isinstance(self.model, NewModel) and kinds[0] != "train":
             raise ValueError("model.architecture is a new, untrained model: the first stage must be train")
-        if "train" in kinds and not zoo:
-            raise ValueError("the train stage trains zoo models (model.zoo or model.architecture)")
+        if "train" in kinds and not zoo and self.task == "embedding":
+            raise ValueError(
+                "the train stage fine-tunes Hugging Face models for classification and token-classification"
+            )
         if ("train" in kinds or "distill" in kinds or "qat" in kinds) and self.data.train is None:
             raise ValueError("the train, distill and qat stages need data.train")
         for stage in self.stages:
@@ -180,6 +182,19 @@ class Recipe(Strict):
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self
+
+
+def _check_task(task: str, zoo: bool, kinds: list[str]) -> None:
+    if zoo and task not in ("classification", "lm"):
+        raise ValueError(f"task {task} goes with Hugging Face models; zoo models do classification and lm")
+    if not zoo and task == "lm":
+        raise ValueError("task lm is for zoo models; Hugging Face models do embedding and (token-)classification")
+    untrained = sorted({"prune", "distill", "qat"} & set(kinds))
+    if untrained and not zoo and task != "embedding":
+        raise ValueError(
+            f"{', '.join(untrained)}: not available yet for Hugging Face {task} models "
+            "(train, export, quantize, validate are)"
+        )
 
 
 def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:

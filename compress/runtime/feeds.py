@@ -17,11 +17,12 @@ from compress.data.marker import MARKER
 from compress.data.tokenizers import load_saved
 from compress.models import hf
 
-Encoder = Callable[[Sequence[str], int, int | None], dict[str, np.ndarray]]
+Encoder = Callable[[Sequence[Any], int, int | None], dict[str, np.ndarray]]
 
 
 def encoder(artifact: Artifact) -> Encoder:
-    """encode(texts, max_length, pad_to) -> the artifact's input arrays."""
+    """encode(examples, max_length, pad_to) -> the artifact's input arrays. An example is what the model
+    takes (artifact.meta["input_kind"]): a text, a (text, text) pair, or a tuple of words."""
     folder = artifact.file("tokenizer")
     if (folder / MARKER).is_file():
         saved = load_saved(folder)
@@ -32,18 +33,25 @@ def encoder(artifact: Artifact) -> Encoder:
         return encode_saved
     tokenizer: Any = hf.load_tokenizer(folder)
     names = tuple(artifact.meta["inputs"])
+    kind = input_kind(artifact)
 
-    def encode_hf(texts: Sequence[str], max_length: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
-        return hf.encode(tokenizer, tuple(texts), max_length, names, pad_to)
+    def encode_hf(examples: Sequence[Any], max_length: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        return hf.encode(tokenizer, list(examples), max_length, names, pad_to, kind=kind)
 
     return encode_hf
 
 
-def evaluation_texts(ctx: Context) -> tuple[str, ...]:
-    """The evaluation texts of the recipe's task (sentence pairs' sentences, labelled texts, or plain text)."""
-    task = ctx.task
-    if task == "embedding":
-        return tuple(ctx.evaluation.texts)
-    if task == "classification":
-        return tuple(ctx.labeled("evaluation").texts)
-    return tuple(ctx.texts("evaluation").texts)
+def input_kind(artifact: Artifact) -> str:
+    """text, pair or words: what one example of this artifact is (artifacts before it was recorded: text)."""
+    return str(artifact.meta.get("input_kind", "text"))
+
+
+def word_starts(artifact: Artifact, examples: Sequence[tuple[str, ...]], max_length: int) -> list[list[int]]:
+    """A tagger's first sub-token position of each word (-1: cut by truncation), by the artifact's tokenizer."""
+    return hf.word_starts(hf.load_tokenizer(artifact.file("tokenizer")), examples, max_length)
+
+
+def evaluation_texts(ctx: Context) -> tuple[Any, ...]:
+    """The evaluation set's model inputs (the embedding task: the scored pairs' texts; classification: texts
+    or text pairs; token classification: sentences of words; lm: texts)."""
+    return tuple(ctx.examples("evaluation"))

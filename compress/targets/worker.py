@@ -123,6 +123,9 @@ def evaluate(job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
             feeds = {name: batches[f"b{i}/{name}"] for name in job["inputs"]}
             chunks.append(sessions[role].run(None, feeds)[0])
             _progress(f"evaluate:{role}", i + 1, count)
+        length = job.get("output_length")  # per-token outputs (B, S, L): zero-padded to one S across batches
+        if length and chunks and chunks[0].ndim == 3:
+            chunks = [np.pad(c, ((0, 0), (0, length - c.shape[1]), (0, 0))) for c in chunks]
         outputs[role] = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
     np.savez(job_dir / "outputs.npz", **outputs)
 

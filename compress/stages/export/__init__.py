@@ -14,7 +14,7 @@ from compress.models import hf
 from compress.models.encoder import ZooCausalLM
 from compress.models.zoo import load_zoo
 from compress.stages.export.config import ExportStage
-from compress.tasks import TASKS
+from compress.tasks import HEADS, TASKS
 from exporters import native, onnx_export, ort_fusion
 from exporters.longformer import export_longformer, sparse_attention_kind
 
@@ -29,23 +29,14 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     longformer = _is_longformer(config, cfg)
     tokenizer = hf.load_tokenizer(folder)
     names = hf.input_names(tokenizer, config)
-    task = TASKS[ctx.task]
-    module = task.build_module(hf.load_model(folder), ctx.model, names)
+    task, kind = TASKS[ctx.task], ctx.input_kind
+    module = task.build_module(hf.load_model(folder, HEADS[ctx.task]), ctx.model, names)
     max_length = ctx.data.max_length
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and max_length > positions:
         raise UserError(f"data.max_length: {max_length} exceeds the model's {positions} positions")
 
-    texts = ctx.evaluation.texts[: cfg.check_samples]
-    example = hf.encode(tokenizer, texts[:2], max_length, names)
-    # Checked shapes: a padded batch of real texts, one text alone, and a full-length batch.
-    checks = [
-        hf.encode(tokenizer, texts, max_length, names),
-        hf.encode(tokenizer, texts[:1], max_length, names),
-        hf.encode(tokenizer, texts[:2], max_length, names, pad_to=max_length),
-    ]
-    checks += _longformer_checks(tokenizer, texts, config, max_length, names) if longformer else []
-
+    example, checks = _checks(tokenizer, ctx, cfg, names, config if longformer else None)
     raw = ctx.out_dir / "raw.onnx"
     model_path = ctx.out_dir / "model.onnx"
     exporter = "dynamo" if longformer else cfg.exporter or "torchscript"
@@ -55,7 +46,13 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
         _export_longformer(module, example, raw, task.OUTPUT_NAMES)
     else:
         onnx_export.export(
-            module, example=example, path=raw, output_names=task.OUTPUT_NAMES, exporter=exporter, opset=cfg.opset
+            module,
+            example=example,
+            path=raw,
+            output_names=task.OUTPUT_NAMES,
+            exporter=exporter,
+            opset=cfg.opset,
+            per_token=kind == "words",
         )
     fused: dict[str, int] | str = "disabled in the recipe"
     if longformer:
@@ -88,6 +85,8 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     meta: dict[str, Any] = {
         "inputs": list(names),
         "outputs": list(task.OUTPUT_NAMES),
+        "input_kind": kind,
+        **({"labels": list(hf.model_labels(folder) or ())} if ctx.task != "embedding" else {}),
         "precision": "fp32",
         "session": {},
         "max_positions": positions,
@@ -96,6 +95,26 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     # "torch": the PyTorch model this graph came from (quantization-aware training trains it)
     files: dict[str, Path] = {"model": model_path, "reference": model_path, "tokenizer": tok_dir, "torch": folder}
     return Artifact("onnx", files, meta), metrics
+
+
+def _checks(
+    tokenizer: Any, ctx: Context, cfg: ExportStage, names: tuple[str, ...], longformer: dict[str, Any] | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The export example and the checked shapes: a padded batch of real examples, one alone, a
+    full-length batch (and a Longformer's window lengths)."""
+    kind, max_length = ctx.input_kind, ctx.data.max_length
+    texts = ctx.examples("evaluation")[: cfg.check_samples]
+    if len(texts) < 2:
+        raise UserError("data.evaluation: export checks need at least 2 examples")
+    example = hf.encode(tokenizer, texts[:2], max_length, names, kind=kind)
+    checks = [
+        hf.encode(tokenizer, texts, max_length, names, kind=kind),
+        hf.encode(tokenizer, texts[:1], max_length, names, kind=kind),
+        hf.encode(tokenizer, texts[:2], max_length, names, pad_to=max_length, kind=kind),
+    ]
+    if longformer is not None:
+        checks += _longformer_checks(tokenizer, texts, longformer, max_length, names, kind)
+    return example, checks
 
 
 def _is_longformer(config: dict[str, Any], cfg: ExportStage) -> bool:
@@ -141,8 +160,8 @@ def _custom_op_checks(
     return agreement, {"attention": windowed, "custom_ops": ops, "custom_op_kernel": kernel}
 
 
-def _longformer_checks(
-    tokenizer: Any, texts: tuple[str, ...], config: dict[str, Any], max_length: int, names: tuple[str, ...]
+def _longformer_checks(  # noqa: PLR0917
+    tokenizer: Any, texts: list[Any], config: dict[str, Any], max_length: int, names: tuple[str, ...], kind: str
 ) -> list[dict[str, Any]]:
     """Lengths below, at, at multiples of and above the one-sided window (where HF pads to a multiple
     of the two-sided one), and a batch whose first tokens are global (attention_mask 2)."""
@@ -150,9 +169,9 @@ def _longformer_checks(
     one_side = min(windows if isinstance(windows, list) else [windows]) // 2
     checks = []
     for length in check_lengths(one_side, max_length):
-        checks.append(hf.encode(tokenizer, texts[:2], length, names, pad_to=length))
-        checks.append(hf.encode(tokenizer, texts[:3], length, names))
-    glob = hf.encode(tokenizer, texts[:3], max_length, names)
+        checks.append(hf.encode(tokenizer, texts[:2], length, names, pad_to=length, kind=kind))
+        checks.append(hf.encode(tokenizer, texts[:3], length, names, kind=kind))
+    glob = hf.encode(tokenizer, texts[:3], max_length, names, kind=kind)
     glob["attention_mask"][:, 0] *= 2  # real first tokens become global
     return [*checks, glob]
 

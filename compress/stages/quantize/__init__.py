@@ -20,6 +20,7 @@ from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.runtime import feeds, presets
+from compress.runtime.evaluation import pad_outputs, task_scoring
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
 from compress.runtime.kernels import count_kernels
 from compress.runtime.session import session
@@ -256,13 +257,16 @@ def _accuracy_aware(
 
     def outputs(model: Path, extra: dict[str, Any]) -> np.ndarray:
         sess = session(model, threads=2, settings=extra)
-        return np.concatenate([sess.run(None, b)[0] for b in batches])
+        return pad_outputs([sess.run(None, b)[0] for b in batches])
 
-    if ctx.task == "classification":
-        labels = np.asarray(ctx.labeled("evaluation").labels)[: len(texts)]
-        score, name = quantize_search.accuracy_metric(labels), "accuracy"
-    else:
+    if ctx.task == "embedding":
         score, name = quantize_search.embedding_metric(outputs(source, {})), "cosine to fp32"
+    else:  # the task metric (accuracy; per word for a tagger) on the goal's evaluation examples
+        scoring = task_scoring(ctx, artifact, length)
+        name = scoring.metric
+
+        def score(out: np.ndarray) -> float:
+            return float(scoring.score(out, len(out))[scoring.metric])
 
     def evaluate(model: Path) -> float:
         return score(outputs(model, settings if model != source else {}))
@@ -330,7 +334,7 @@ def _calibration_batches(ctx: Context, artifact: Artifact, samples: int) -> Iter
     percentile) stack the batches of a chunk and fail on ragged ones. A last partial batch is dropped.
     """
     encode = feeds.encoder(artifact)
-    texts = ctx.calibration.texts[:samples]
+    texts = ctx.calibration_examples[:samples]
     size = min(ctx.data.batch_size, len(texts))
     length = artifact.usable_length(ctx.data.max_length)
     for start in range(0, len(texts) - size + 1, size):

@@ -13,8 +13,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +23,14 @@ from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import GateFailed, UserError
 from compress.runtime import feeds
+from compress.runtime.evaluation import TaskScoring, task_scoring
 from compress.runtime.kernels import FLOAT_COMPUTE_OPS, INT8_OPS, kernels_of
 from compress.runtime.latency import summarize
 from compress.serving.bundle_check import sha256_of
 from compress.stages.validate.config import ValidateStage
 from compress.targets import Target
-from compress.tasks import TASKS, classification
 from compress.tasks.metrics import cosine_fidelity
 from exporters import native
-
-MAIN_METRIC = {"classification": "accuracy", "embedding": "spearman"}
 
 
 def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
@@ -55,13 +51,14 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
     measured = _measured_model(artifact.file("model"), ctx.run_dir)  # before the job folders link it in
     encode = feeds.encoder(artifact)
     texts = feeds.evaluation_texts(ctx)
-    scorer, data_name = _scorer(ctx)
     size = ctx.data.batch_size
     max_length = artifact.usable_length(ctx.data.max_length)
+    scoring = task_scoring(ctx, artifact, max_length)
     batches = [encode(list(texts[i : i + size]), max_length, None) for i in range(0, len(texts), size)]
     # Latency inputs: real evaluation text, truncated/padded to exactly sequence_length tokens.
     timing = encode([texts[i % len(texts)] for i in range(cfg.batch_size)], cfg.sequence_length, cfg.sequence_length)
     jobs = _JobFolders(ctx.work_dir / "targets", artifact, batches, timing, cfg)
+    jobs.output_length = max_length
 
     # The fp32 reference (and the artifact, for consistency) natively, timed only if x86_64 is a target.
     native_timed = any(t.kind == "native" for t in ctx.targets)
@@ -78,7 +75,7 @@ def run(artifact: Artifact, cfg: ValidateStage, ctx: Context) -> tuple[Artifact,
             job = jobs.subset(target, cfg.emulated_samples) if subset else jobs.full(target)
             ctx.log(f"validating on {target.describe()}: {job.texts} texts, {job.runs} timed runs")
             run_ = _evaluate(target, jobs, job, ["artifact"], True, ctx)
-        results[target.name] = _result(target, run_, base, jobs, ctx, (scorer, data_name, len(texts)))
+        results[target.name] = _result(target, run_, base, jobs, ctx, (scoring, len(texts)))
         results[target.name]["seconds"] = round(time.perf_counter() - started, 1)  # this target's own wall time
 
     for name, result in results.items():
@@ -116,10 +113,11 @@ def _result(  # noqa: PLR0917
     base: dict[str, Any],
     jobs: _JobFolders,
     ctx: Context,
-    scoring: tuple[Callable[[np.ndarray, int], dict[str, Any]], str, int],
+    scoring: tuple[TaskScoring, int],
 ) -> dict[str, Any]:
     """One target's figures: task, agreement, consistency, latency, memory, kernels."""
-    scorer, data_name, total = scoring
+    task, total = scoring
+    scorer, data_name = task.score, task.data_name
     artifact, cfg = jobs.artifact, jobs.cfg
     n = len(run_["outputs"]["artifact"])
     art_out = run_["outputs"]["artifact"]
@@ -141,8 +139,8 @@ def _result(  # noqa: PLR0917
         **per_model,
         "reference_task": scorer(base["outputs"]["reference"][:n], n),
         "fidelity": cosine_fidelity(art_out, base["outputs"]["reference"][:n]),
-        "agreement": _agreement(ctx.task, art_out, base["outputs"]["reference"][:n]),
-        "consistency": _agreement(ctx.task, art_out, base["outputs"]["artifact"][:n]),
+        "agreement": task.agree(art_out, base["outputs"]["reference"][:n]),
+        "consistency": task.agree(art_out, base["outputs"]["artifact"][:n]),
         "setup": {
             "batch_size": cfg.batch_size,
             "sequence_length": cfg.sequence_length,
@@ -165,7 +163,7 @@ def _result(  # noqa: PLR0917
         ref_lat, art_lat = per_model["reference"]["latency_ms"], per_model["artifact"]["latency_ms"]
         result["speedup_p50"] = ref_lat["p50"] / art_lat["p50"]
         result["size_ratio"] = per_model["artifact"]["size_bytes"] / per_model["reference"]["size_bytes"]
-    _drop(ctx.task, result)
+    _drop(task.metric, result)
     _custom_op_kernel(artifact, target, run_["env"], result, ctx)
     if per_model["artifact"]["kernels"]["int8_total"] == 0 and artifact.meta.get("precision") == "int8":
         ctx.warn(f"validate: on {target.name} ONNX Runtime ran the int8 artifact with no int8 kernel")
@@ -192,6 +190,7 @@ class _JobFolders:
         self.root, self.artifact, self.batches, self.timing, self.cfg = root, artifact, batches, timing, cfg
         self.inputs = list(batches[0])
         self.native_folder: Path | None = None
+        self.output_length = 0  # per-token outputs are padded to this many positions (the worker does it)
 
     def _make(self, target: Target, count: int, label: str) -> Path:
         folder = self.root / label.replace(":", "_").replace("/", "_")
@@ -267,6 +266,7 @@ def _evaluate(  # noqa: PLR0917
     if not timed:
         job.runs, job.warmup = 0, 0
     spec = _job_spec(job, jobs.artifact, jobs.cfg, "evaluate", roles)
+    spec["output_length"] = jobs.output_length
     with ctx.progress() as bar:
         tasks: dict[str, Any] = {}
 
@@ -332,35 +332,7 @@ def _custom_op_kernel(
 # ------------------------------------------------------------------------------------ scoring, gate
 
 
-def _scorer(ctx: Context) -> tuple[Callable[[np.ndarray, int], dict[str, Any]], str]:
-    """The task's metrics on the outputs for the first n evaluation texts, and the set's name."""
-    if ctx.task == "classification":
-        labeled = ctx.labeled("evaluation")
-        labels = np.asarray(labeled.labels)
-        return (lambda logits, n: classification.score(logits, labels[:n])), labeled.name
-    pairs = ctx.evaluation
-
-    def embedding(embeddings: np.ndarray, n: int) -> dict[str, Any]:
-        if n == len(pairs.texts):
-            return dict(TASKS["embedding"].score(embeddings, pairs))
-        keep = [k for k, (i, j) in enumerate(pairs.pairs) if i < n and j < n]
-        if len(keep) < 3:
-            return {"pairs": len(keep)}  # too few rated pairs among the first n texts for a correlation
-        sub = replace(pairs, pairs=tuple(pairs.pairs[k] for k in keep), scores=tuple(pairs.scores[k] for k in keep))
-        return dict(TASKS["embedding"].score(embeddings, sub))
-
-    return embedding, pairs.name
-
-
-def _agreement(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    if task == "classification":
-        same = outputs.argmax(-1) == reference.argmax(-1)
-        return {"metric": "prediction agreement", "value": float(same.mean()), "differing": int((~same).sum())}
-    return {"metric": "mean cosine", "value": cosine_fidelity(outputs, reference)["cosine_mean"]}
-
-
-def _drop(task: str, result: dict[str, Any]) -> None:
-    key = MAIN_METRIC[task]
+def _drop(key: str, result: dict[str, Any]) -> None:
     ref, art = result["reference_task"].get(key), result["artifact"]["task"].get(key)
     ok = ref is not None and art is not None and not (math.isnan(ref) or math.isnan(art))
     result["drop"] = {"metric": key, "reference": ref, "artifact": art, "value": ref - art if ok else None}
@@ -396,7 +368,7 @@ def diagnose(result: dict[str, Any], artifact: Artifact, task: str) -> tuple[str
     not at fault.
     """
     consistency = result["consistency"]["value"]
-    consistent = consistency >= (0.999 if task == "classification" else 0.9995)
+    consistent = consistency >= (0.9995 if task == "embedding" else 0.999)
     int8 = artifact.meta.get("precision") == "int8"
     types = artifact.meta.get("int8_types", {})
     preset = artifact.meta.get("preset")
