@@ -158,9 +158,14 @@ def check_task_data(recipe: Recipe, source: Artifact, ctx: Context) -> None:
     roles = [role for role in ("train", "evaluation", "test") if getattr(recipe.data, role) is not None]
     for role in roles:
         ctx.examples(role)
+    folder = source.file("model")
+    recorded = hf.read_config(folder).get(hf.INPUT_KIND_KEY)
+    if recorded is not None and recorded != ctx.input_kind:
+        raise UserError(
+            f"model: {folder} was fine-tuned on {recorded} examples, but data.evaluation holds {ctx.input_kind} ones"
+        )
     if any(stage.type == "train" for stage in recipe.stages):
         return  # the train stage gives the model a head for the data's labels
-    folder = source.file("model")
     names = hf.model_labels(folder)
     if names is None:
         raise UserError(
@@ -168,8 +173,10 @@ def check_task_data(recipe: Recipe, source: Artifact, ctx: Context) -> None:
             "add a train stage to fine-tune one"
         )
     for role in roles:
-        data = ctx.tagged(role) if recipe.task == "token-classification" else ctx.labeled(role)
-        label_map(data.tag_names if recipe.task == "token-classification" else data.label_names, names, f"data.{role}")
+        if recipe.task == "token-classification":
+            label_map(ctx.tagged(role).tag_names, names, f"data.{role}")
+        else:
+            label_map(ctx.labeled(role).label_names, names, f"data.{role}")
 
 
 def _load_weights(source: Artifact) -> None:

@@ -39,6 +39,16 @@ class LoopState:
     stale_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def summary(self, metric: str) -> dict[str, Any]:
+        """What a training stage reports about its loop: epochs, the best epoch and its metric, history."""
+        return {
+            "epochs_run": self.epoch,
+            "best_epoch": self.best_epoch,
+            f"best_{metric}": self.best_metric,
+            "history": self.history,
+            "steps": self.step,
+        }
+
 
 @dataclass(frozen=True)
 class Persistence:

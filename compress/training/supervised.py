@@ -21,7 +21,7 @@ from compress.errors import UserError
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.encoder import ZooCausalLM, build_model
 from compress.models.zoo import ZooModel, load_zoo, save_zoo
-from compress.training import feeds
+from compress.training import feeds, finetune_hf
 from compress.training.loop import Batch, StepHooks, fit
 from compress.training.settings import TrainingSettings
 
@@ -36,6 +36,8 @@ def train(
         )
     elif artifact.kind == "zoo":
         model = load_zoo(artifact.file("model"))
+    elif artifact.kind == "hf":
+        return finetune_hf.finetune(artifact, cfg, ctx)
     else:
         raise UserError(f"stages: train works on zoo models, not on a {artifact.kind} artifact")
     tok = feeds.tokenizer(ctx)
@@ -70,11 +72,7 @@ def train(
     )
 
     metrics: dict[str, Any] = {
-        "epochs_run": state.epoch,
-        "best_epoch": state.best_epoch,
-        f"best_{scoring.name}": state.best_metric,
-        "history": state.history,
-        "steps": state.step,
+        **state.summary(scoring.name),
         "parameters": sum(p.numel() for p in best.parameters()),
         "tokenizer": ctx.data.tokenizer,
         "max_length": max_length,

@@ -1,4 +1,5 @@
-"""train: fit a zoo model (new or from a checkpoint) on data.train, scored on data.evaluation each epoch.
+"""train: fit a zoo model (new or from a checkpoint) on data.train, scored on data.evaluation each epoch;
+or fine-tune a Hugging Face encoder with a task head (compress.training.finetune_hf).
 
 Classification optimises accuracy; language modelling minimises bits per token (bits per byte with
 the byte tokenizer). The best epoch's model is the stage's artifact; data.test, when given, is
