@@ -40,6 +40,7 @@ from torch import nn
 
 from compress.data.cache import write_atomic
 from compress.models import hf
+from compress.models.architectures import ARCHITECTURES
 from exporters.ops import DOMAIN, attach_functions, register_schemas
 from exporters.ops.torch_ops import register_torch_ops, translation_table
 
@@ -63,14 +64,19 @@ _FORWARD_ARGS = (
 
 
 def sparse_attention_kind(config: dict[str, Any]) -> str | None:
-    """What kind of non-dense attention a Hugging Face config.json asks for; None if it is dense.
+    """What kind of non-dense attention a Hugging Face config.json asks for; None if it is dense, or if
+    its local attention exports exactly as a band mask on dense scores (ModernBERT's local layers:
+    `window="mask"` in compress.models.architectures; their export is checked like any other).
 
     "longformer" is the one kind `export_longformer` maps; any other answer names what an exporter of
     dense graphs would silently lose (the export stage refuses those)."""
     model_type = str(config.get("model_type", ""))
     layer_types = config.get("layer_types") or []
     kind = None
-    if model_type == "longformer":
+    masked = ARCHITECTURES.get(model_type)
+    if masked is not None and masked.window == "mask":
+        kind = None
+    elif model_type == "longformer":
         kind = "longformer"
     elif config.get("attention_window") is not None:  # LED and other Longformer-style encoders
         kind = f"{model_type} sliding window (attention_window={config['attention_window']})"

@@ -10,26 +10,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from compress.models.architectures import ARCHITECTURES, attention_shape
 from compress.models.structure import STRUCTURE_KEY
-
-# Hugging Face model_type -> the optimizer's model family. Others are left unfused, and the report says so.
-OPTIMIZER_FAMILY = {
-    "bert": "bert",
-    "roberta": "bert",
-    "xlm-roberta": "bert",
-    "distilbert": "bert",
-    "electra": "bert",
-    "mpnet": "bert",
-}
 
 
 def fuse(source: Path, target: Path, config: dict[str, Any]) -> dict[str, int] | str:
     """Fuse `source` into `target`. Returns the fused operator counts, or why nothing was fused."""
     from onnxruntime.transformers import optimizer
 
-    family = OPTIMIZER_FAMILY.get(str(config.get("model_type")))
-    if family is None:
-        return f"model type {config.get('model_type')!r} is not one ONNX Runtime's optimizer fuses"
+    arch = ARCHITECTURES.get(str(config.get("model_type")))
+    family = arch.ort_model_type if arch else None
+    if arch is None or family is None:
+        why = arch.unfused_because if arch else "not an architecture in compress.models.architectures"
+        return f"model type {config.get('model_type')!r}: {why}"
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     logging.getLogger("fusion").setLevel(logging.ERROR)
     num_heads, hidden = _attention_shape(config)
@@ -47,8 +40,7 @@ def _attention_shape(config: dict[str, Any]) -> tuple[int, int]:
     within 2e-7. Layers with different head counts cannot share one setting: 0, 0 lets the optimizer
     skip the Attention fusion (correct, slower).
     """
-    heads = int(config.get("num_attention_heads", 0))
-    hidden = int(config.get("hidden_size", 0))
+    heads, hidden = attention_shape(config)  # DistilBERT names them n_heads and dim
     structure = config.get(STRUCTURE_KEY)
     if not structure:
         return heads, hidden

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.errors import UserError
+from compress.models.architectures import check_supported
 from compress.models.spec import HFModel, PackageModel
 from compress.models.structure import STRUCTURE_KEY, rebuild
 
@@ -38,7 +39,9 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
         raise UserError(f"{where}: {folder} holds no model.safetensors weights{hint}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{where}: {folder} has no tokenizer (tokenizer.json or vocab.txt)")
-    _refuse_code(folder, read_config(folder))
+    config = read_config(folder)
+    _refuse_code(folder, config)
+    check_supported(config, where=str(folder / "config.json"))  # one of the encoders models/architectures.py lists
     return folder
 
 

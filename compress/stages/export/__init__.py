@@ -11,6 +11,7 @@ from compress.context import Context
 from compress.data.tokenizers import data_tokenizer
 from compress.errors import UserError
 from compress.models import hf
+from compress.models.architectures import usable_positions
 from compress.models.encoder import ZooCausalLM
 from compress.models.zoo import load_zoo
 from compress.stages.export.config import ExportStage
@@ -32,7 +33,7 @@ def run(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifact, d
     task, kind = TASKS[ctx.task], ctx.input_kind
     module = task.build_module(hf.load_model(folder, HEADS[ctx.task]), ctx.model, names)
     max_length = ctx.data.max_length
-    positions = config.get("max_position_embeddings")
+    positions = usable_positions(config)  # RoBERTa-style position ids start after padding_idx
     if isinstance(positions, int) and max_length > positions:
         raise UserError(f"data.max_length: {max_length} exceeds the model's {positions} positions")
 
