@@ -7,7 +7,6 @@ folder and a rename, so an interrupted first use leaves nothing that looks compl
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tarfile
@@ -15,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from compress.data.cache import sha256_of
 from compress.errors import UserError
 
 _FETCH_TIMEOUT_S = 600
@@ -60,7 +60,3 @@ def _fetch(package: str, version: str, sha256: str, dest: Path) -> Path:
     if sha256_of(tarballs[0].read_bytes()) != sha256:
         raise UserError(f"{package}@{version} does not match its pinned checksum; refusing to use it")
     return tarballs[0]
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

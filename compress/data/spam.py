@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from compress.data import npm
+from compress.data import npm, splits
 from compress.data.cache import cache_dir, write_atomic
 from compress.data.sets import LabeledTexts
 from compress.errors import UserError
@@ -33,7 +31,7 @@ _FOLDERS = {
     "spam-2": (1, 1396),
 }
 LABEL_NAMES = ("ham", "spam")
-PARTS = ("train", "validation", "test")
+PARTS = splits.PARTS
 
 
 def load_spam() -> LabeledTexts:
@@ -55,31 +53,11 @@ def load_spam() -> LabeledTexts:
 
 
 def split(
-    data: LabeledTexts, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    data: LabeledTexts, seed: int, fractions: tuple[float, float, float] = splits.EIGHTY_TEN_TEN
 ) -> dict[str, LabeledTexts]:
-    """Seeded train/validation/test split, stratified per label; identical texts stay together.
-
-    Every row lands in exactly one part. Per label, groups of identical texts are shuffled with
-    numpy's PCG64 generator (the same permutation on every machine for a given seed and numpy) and
-    cut at the rounded cumulative fractions, so each part's label count is within one row of its
-    share when no text repeats. A group takes the label of its first row.
-    """
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise UserError(f"split: fractions must be three non-negative numbers summing to 1, got {fractions}")
-    if seed < 0:
-        raise UserError(f"split: the seed must be a non-negative integer, got {seed}")
-    rng = np.random.default_rng(seed)
-    groups = _identical_groups(data.texts)
-    parts: dict[str, list[int]] = {part: [] for part in PARTS}
-    for label in range(len(data.label_names)):
-        mine = [group for group in groups if data.labels[group[0]] == label]
-        total = sum(len(group) for group in mine)
-        bounds = (round(total * fractions[0]), round(total * (fractions[0] + fractions[1])))
-        placed = 0
-        for k in rng.permutation(len(mine)):
-            parts[PARTS[sum(placed >= b for b in bounds)]].extend(mine[k])
-            placed += len(mine[k])
-    return {part: _subset(data, sorted(rows), part) for part, rows in parts.items()}
+    """Seeded train/validation/test split, stratified per label; identical texts stay together
+    (compress.data.splits.stratified)."""
+    return splits.stratified(data, seed, fractions)
 
 
 def email_body(raw: bytes) -> str:
@@ -99,20 +77,6 @@ def email_body(raw: bytes) -> str:
     except UnicodeDecodeError:
         text = body.decode("latin-1")
     return text.strip()
-
-
-def _identical_groups(texts: tuple[str, ...]) -> list[list[int]]:
-    """Row indices grouped by identical text, in order of first appearance (deterministic)."""
-    groups: dict[str, list[int]] = {}
-    for i, text in enumerate(texts):
-        groups.setdefault(text, []).append(i)
-    return list(groups.values())
-
-
-def _subset(data: LabeledTexts, rows: list[int], part: str) -> LabeledTexts:
-    texts = tuple(data.texts[i] for i in rows)
-    labels = tuple(data.labels[i] for i in rows)
-    return LabeledTexts(f"{data.name}/{part}", texts, labels, data.label_names)
 
 
 def _home() -> Path:
