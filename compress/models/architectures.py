@@ -25,7 +25,7 @@ Head = Literal["sequence", "token"] | None
 Exporter = Literal["torchscript", "dynamo"]
 
 # The transformers Auto class that loads each head: None is the bare encoder (last_hidden_state).
-AUTO_CLASSES: Mapping[Head, str] = MappingProxyType(
+AUTO_CLASSES: Mapping[str | None, str] = MappingProxyType(
     {
         None: "AutoModel",
         "sequence": "AutoModelForSequenceClassification",
@@ -51,7 +51,7 @@ class Architecture:
     hidden_key: str = "hidden_size"
     # RoBERTa-style position ids start after padding_idx: max_position_embeddings - 2 tokens fit.
     position_offset: int = 0
-    auto_classes: Mapping[Head, str] = field(default_factory=lambda: AUTO_CLASSES)
+    auto_classes: Mapping[str | None, str] = field(default_factory=lambda: AUTO_CLASSES)
 
 
 ROBERTA_POSITIONS = 2  # padding_idx + 1 (transformers' create_position_ids_from_input_ids)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.errors import UserError
-from compress.models.architectures import check_supported
+from compress.models.architectures import AUTO_CLASSES, check_supported
 from compress.models.spec import HFModel, PackageModel
 from compress.models.structure import STRUCTURE_KEY, rebuild
 
@@ -161,12 +161,7 @@ def auto_class(head: str | None) -> Any:
     """The transformers Auto class that builds a model with this head (None: the bare encoder)."""
     import transformers
 
-    names = {
-        None: "AutoModel",
-        "sequence": "AutoModelForSequenceClassification",
-        "token": "AutoModelForTokenClassification",
-    }
-    return getattr(transformers, names[head])
+    return getattr(transformers, AUTO_CLASSES[head])  # the one table: compress/models/architectures.py
 
 
 def load_model(folder: Path, head: str | None = None) -> torch.nn.Module:
