@@ -2,8 +2,9 @@
 
     BUNDLE/model.onnx       a copy of the last stage's model (never a link: editing one leaves the other)
     BUNDLE/tokenizer/       tokenizer.json (WordPiece) or edge_tokenizer.json (bytes)
-    BUNDLE/metadata.json    task, inputs, limits, session settings, the sha256 of every file ("files"), the
-                            resolved recipe (host paths removed), and the validation figures from report.json
+    BUNDLE/metadata.json    task, inputs, input_kind (text, pair or words), labels (id2label in order), limits,
+                            session settings, the sha256 of every file ("files"), the resolved recipe (host
+                            paths removed), and the validation figures from report.json
 
 A validated run is packaged only if its model is the very file validate measured (same sha256). The bundle
 is written to a temporary folder and renamed into place, so a failed package leaves the previous bundle
@@ -25,7 +26,7 @@ from compress.data.marker import MARKER
 from compress.errors import UserError
 from compress.pipeline.run_dir import stage_index
 from compress.report import read_report
-from compress.serving.bundle_check import FORMAT, TASKS, VERSION, sha256_of
+from compress.serving.bundle_check import FORMAT, INPUT_KINDS, OLDEST, TASKS, VERSION, sha256_of
 
 # An absolute path (or ~/...) after a start, a blank, a quote, "=", "(", "[", "," or a scheme such as hf: or
 # file: (not //, which is a URL's host). Inside a longer text a path ends at a blank.
@@ -55,7 +56,10 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     report = read_report(run_dir)
     task = report.get("task")
     if task not in TASKS:
-        raise UserError(f"{run_dir}: task {task!r} cannot be served; the server answers {' and '.join(TASKS)}")
+        raise UserError(f"{run_dir}: task {task!r} cannot be served; the server answers {', '.join(TASKS)}")
+    input_kind = str(artifact.meta.get("input_kind", "text"))  # artifacts exported before it was recorded: text
+    if input_kind not in INPUT_KINDS[task]:
+        raise UserError(f"{run_dir}: the model takes {input_kind} inputs, which a {task} bundle cannot serve")
     model = artifact.file("model")
     digest = sha256_of(model)
     validated = _validation(report, run_dir, model, digest)
@@ -65,6 +69,8 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     if tokenizer is None or not tokenizer.is_dir():
         raise UserError(f"{run_dir}: the artifact carries no tokenizer folder")
     kind = _tokenizer_kind(tokenizer)
+    if input_kind != "text" and kind != "wordpiece":
+        raise UserError(f"{tokenizer}: a model of {input_kind} inputs is served with its tokenizer.json only")
     if any(p.name.endswith(".data") for p in model.parent.iterdir()):
         raise UserError(f"{model}: models with external data files are not packaged yet")
     sources = {"model.onnx": model}
@@ -74,14 +80,15 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     resolved = run_dir / "resolved_recipe.yaml"
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": OLDEST if input_kind == "text" else VERSION,  # the oldest server that reads it right
         "name": report.get("name", run_dir.name),
         "task": task,
         "inputs": list(artifact.meta["inputs"]),
         "outputs": list(artifact.meta.get("outputs", [])),
         "max_length": _max_length(resolved, artifact),
         "tokenizer": kind,
-        "labels": _labels(run_dir),
+        "input_kind": input_kind,
+        "labels": list(artifact.meta.get("labels") or ()) or _labels(run_dir),
         "precision": artifact.meta.get("precision", "fp32"),
         "preset": artifact.meta.get("preset"),
         "int8_types": artifact.meta.get("int8_types"),
@@ -238,7 +245,8 @@ def _max_length(resolved: Path, artifact: Artifact) -> int:
 
 
 def _labels(run_dir: Path) -> list[str] | None:
-    """Class names from a Hugging Face config's id2label, when they are more than LABEL_0, LABEL_1, ..."""
+    """Artifacts exported before they recorded labels: class names from a Hugging Face config's id2label in a
+    stage folder, when they are more than LABEL_0, LABEL_1, ..."""
     for config in (stage / "config.json" for stage in _stage_folders(run_dir)):
         try:
             id2label = json.loads(config.read_text()).get("id2label") if config.is_file() else None

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "edge-compress-bundle"
-VERSION = 2  # 2: metadata.json "files" holds the sha256 of every file of the bundle
-TASKS = ("embedding", "classification")
+# 2: metadata.json "files" holds the sha256 of every file of the bundle; 3: input_kind (text pairs, words).
+# A bundle carries the lowest version that reads it right: 3 only for pair and word models, which a server
+# of version 2 would take for single texts; text bundles stay 2, so older servers still serve them.
+VERSION = 3
+OLDEST = 2
+TASKS = ("embedding", "classification", "token-classification")
+# What one example of a task's model is: a text, a (first, second) text pair, or a sentence of words.
+INPUT_KINDS = {"embedding": ("text",), "classification": ("text", "pair"), "token-classification": ("words",)}
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 READS = ("model.onnx", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")  # what this file reads
 
@@ -48,13 +54,26 @@ def load_metadata(folder: Path) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise BundleError(f"{path}: not an {FORMAT} (format {found!r})")
     version = meta.get("version")
-    if not isinstance(version, int) or version < VERSION or "files" not in meta:
+    if not isinstance(version, int) or version < OLDEST or "files" not in meta:
         raise BundleError(f"{path}: an older bundle with no file hashes; re-package it with `edge-compress package`")
     if version > VERSION:
         raise BundleError(f"{path}: bundle version {version} is newer than this server's {VERSION}; update it")
     _check_fields(meta, path)
+    _check_input_kind(meta, path)
     _check_files(meta, folder, path)
     return meta
+
+
+def _check_input_kind(meta: dict[str, Any], path: Path) -> None:
+    """The input kind fits the task and the tokenizer; bundles written before it was recorded take texts."""
+    kind = meta.get("input_kind", "text")
+    allowed = INPUT_KINDS[meta["task"]]
+    if kind not in allowed:
+        raise BundleError(f"{path}: input_kind {kind!r} does not fit task {meta['task']} ({' or '.join(allowed)})")
+    if kind != "text" and (meta["version"] < VERSION or meta["tokenizer"] != "wordpiece"):
+        raise BundleError(
+            f"{path}: input_kind {kind} needs bundle version {VERSION} and a tokenizer.json; re-package the run"
+        )
 
 
 def _strings(value: Any) -> bool:
@@ -62,13 +81,14 @@ def _strings(value: Any) -> bool:
 
 
 FIELDS: dict[str, tuple[bool, Callable[[Any], Any], str]] = {  # field: (required, check, what it must be)
-    "task": (True, lambda v: v in TASKS, " or ".join(TASKS)),
+    "task": (True, lambda v: v in TASKS, ", ".join(TASKS)),
     "inputs": (True, lambda v: _strings(v) and v and set(v) <= set(INPUTS), f"a non-empty list of {', '.join(INPUTS)}"),
     "max_length": (True, lambda v: type(v) is int and v >= 2, "an integer of at least 2"),
     "tokenizer": (True, lambda v: v in ("bytes", "wordpiece"), "bytes or wordpiece"),
     "model_sha256": (True, lambda v: isinstance(v, str), "a string"),
     "files": (True, lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "path: sha256"),
-    "labels": (False, lambda v: v is None or _strings(v), "a list of strings"),
+    "input_kind": (False, lambda v: v in ("text", "pair", "words"), "text, pair or words"),
+    "labels": (False, lambda v: v is None or (_strings(v) and len(v) >= 1), "a non-empty list of strings"),
     "custom_ops": (False, _strings, "a list of strings"),
     "session": (
         False,
