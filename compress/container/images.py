@@ -44,7 +44,7 @@ PLATFORMS = {
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
 USER = "edge:x:10001:10001:edge-compress server:/nonexistent:/usr/sbin/nologin"
 EMULATED_CPU = "neoverse-n1"
-SERVER_FILES = ("server.py", "bundle_check.py")  # compress/serving/ -> /opt/edge-compress/
+SERVER_FILES = ("server.py", "bundle_check.py", "model_inputs.py")  # compress/serving/ -> /opt/edge-compress/
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # from qemu-user-static
 

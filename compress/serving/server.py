@@ -9,6 +9,9 @@ bundle that fails is one "error: ..." line on stderr and exit code 2.
 
     POST /v1/predict   {"texts": ["...", ...], "truncate": false}  (or {"text": "..."})
                        -> {"embeddings": [[...]]} or {"labels": [...], "scores": [[...]]}, and "tokens"
+                       a pair classifier: {"pairs": [["first", "second"], ...]} -> labels and scores per pair
+                       a tagger: {"words": [["The", "cat", ...], ...]} (or "texts", split on whitespace)
+                       -> {"tags": [[...]], "scores": [[[...]]], "words_cut": [...]}: one per word, null if cut
     GET  /healthz      -> {"status": "ok"}: the model is loaded and answers
     GET  /metadata     -> model hash, recipe, validation metrics, runtime versions
 
@@ -33,64 +36,37 @@ from typing import Any
 
 if __package__:  # imported: `edge-compress serve`, the packager
     from compress.serving.bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of
-else:  # run as a script (natively or in the runtime images): bundle_check.py sits beside this file
+    from compress.serving.model_inputs import (
+        FIELD,
+        WARM_UP,
+        BadRequest,
+        ByteEncoder,
+        Request,
+        TokenizerEncoder,
+        encode,
+        parse_request,
+        tag_words,
+    )
+else:  # run as a script (natively or in the runtime images): bundle_check.py and model_inputs.py sit beside it
     from bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of  # type: ignore[import-not-found,no-redef]
+    from model_inputs import (  # type: ignore[import-not-found,no-redef]
+        FIELD,
+        WARM_UP,
+        BadRequest,
+        ByteEncoder,
+        Request,
+        TokenizerEncoder,
+        encode,
+        parse_request,
+        tag_words,
+    )
 
 __all__ = ["FORMAT", "BundleError", "Model", "main", "sha256_of"]
 LIBRARY_ENV = "EDGE_COMPRESS_OPS_LIBRARY"  # the native kernels of our attention ops, for models that use them
 
 
-class BadRequest(Exception):
-    """A client error: the HTTP status and a one-line message."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ByteEncoder:
-    """edge-compress's byte tokenizer: pad 0, [CLS] 1, [SEP] 2, byte b as b + 3."""
-
-    pad_id = 0
-
-    def ids(self, text: str) -> list[int]:
-        return [1, *(b + 3 for b in text.encode("utf-8")), 2]
-
-    def truncated(self, ids: list[int], limit: int) -> list[int]:
-        return [*ids[: limit - 1], ids[-1]]
-
-
-class WordPieceEncoder:
-    """A Hugging Face tokenizer.json (the checkpoint's own), through the tokenizers library."""
-
-    def __init__(self, folder: Path) -> None:
-        from tokenizers import Tokenizer
-
-        try:
-            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            config_path = folder / "tokenizer_config.json"
-            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-            pad = config.get("pad_token", "[PAD]")
-        except Exception as exc:  # tokenizers raises its own Exception type; a config that is no JSON object
-            raise BundleError(f"{folder}: the tokenizer cannot be read ({first_line(exc)})") from None
-        self.tok.no_truncation()
-        self.tok.no_padding()
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = self.tok.token_to_id(str(pad))
-        if pad_id is None:
-            raise BundleError(f"{folder}: the tokenizer has no padding token {pad!r}")
-        self.pad_id = int(pad_id)
-        self.lower = bool(config.get("do_lower_case", False))
-
-    def encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        return [(list(e.ids), list(e.type_ids)) for e in self.tok.encode_batch(texts)]
-
-    def truncated(self, ids: list[int], limit: int) -> list[int]:
-        return [*ids[: limit - 1], ids[-1]]  # keep the closing [SEP]
-
-
 class Model:
-    """The bundle's ONNX model behind its tokenizer: texts in, task outputs out."""
+    """The bundle's ONNX model behind its tokenizer: texts (pairs, words) in, task outputs out."""
 
     def __init__(self, folder: Path, threads: int, library: str | None = None) -> None:
         import numpy as np
@@ -104,9 +80,11 @@ class Model:
         self.inputs: list[str] = list(self.meta["inputs"])
         self.max_length: int = int(self.meta["max_length"])
         self.labels: list[str] | None = self.meta.get("labels")
-        kind = self.meta["tokenizer"]
-        self.encoder: ByteEncoder | WordPieceEncoder = (
-            ByteEncoder() if kind == "bytes" else WordPieceEncoder(folder / "tokenizer")
+        self.input_kind: str = self.meta.get("input_kind", "text")  # bundles before pairs and words: text
+        self.encoder: ByteEncoder | TokenizerEncoder = (
+            ByteEncoder()
+            if self.meta["tokenizer"] == "bytes"
+            else TokenizerEncoder(folder / "tokenizer", self.max_length)
         )
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -157,55 +135,46 @@ class Model:
     def warm_up(self) -> None:
         """The first answer should not pay for lazy initialisation; a model that cannot answer is not served."""
         try:
-            self.predict(["warm up"], truncate=True)
+            feeds, _ = self.encode([WARM_UP[self.input_kind]], truncate=True)
+            with self.lock:
+                out = self.session.run(None, feeds)[0]
         except Exception as exc:
             raise BundleError(f"the model fails on a first request: {type(exc).__name__}: {first_line(exc)}") from None
+        if self.labels and self.task != "embedding" and out.shape[-1] != len(self.labels):
+            raise BundleError(
+                f"metadata.json names {len(self.labels)} labels but the model scores {out.shape[-1]}; "
+                "re-package the run"
+            )
 
-    def encode(self, texts: list[str], truncate: bool) -> tuple[dict[str, Any], list[int]]:
-        np = self.np
-        rows: list[tuple[list[int], list[int]]]
-        if isinstance(self.encoder, ByteEncoder):
-            rows = [(ids, [0] * len(ids)) for ids in map(self.encoder.ids, texts)]
-        else:
-            rows = self.encoder.encode(texts)
-        ids_rows: list[list[int]] = []
-        type_rows: list[list[int]] = []
-        for i, (ids, types) in enumerate(rows):
-            if len(ids) > self.max_length and not truncate:
-                raise BadRequest(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"texts[{i}] is {len(ids)} tokens; this model takes at most {self.max_length} "
-                    '(send "truncate": true to cut it)',
-                )
-            kept = self.encoder.truncated(ids, self.max_length) if len(ids) > self.max_length else ids
-            ids_rows.append(kept)
-            type_rows.append(types[: len(kept)])
-        width = max(len(r) for r in ids_rows)
-        batch = {
-            "input_ids": np.full((len(ids_rows), width), self.encoder.pad_id, dtype=np.int64),
-            "attention_mask": np.zeros((len(ids_rows), width), dtype=np.int64),
-            "token_type_ids": np.zeros((len(ids_rows), width), dtype=np.int64),
-        }
-        for i, (ids, types) in enumerate(zip(ids_rows, type_rows, strict=True)):
-            batch["input_ids"][i, : len(ids)] = ids
-            batch["attention_mask"][i, : len(ids)] = 1
-            batch["token_type_ids"][i, : len(types)] = types
-        return {name: batch[name] for name in self.inputs}, [len(r) for r in ids_rows]
+    def encode(self, examples: list[Any], truncate: bool) -> tuple[dict[str, Any], list[int]]:
+        """The model's input arrays for these examples (texts, pairs or tuples of words) and their token counts."""
+        request = Request(list(examples), truncate, FIELD[self.input_kind])
+        encoded = encode(self.encoder, request, self.input_kind, self.inputs, self.max_length)
+        return encoded.feeds, encoded.tokens
 
-    def predict(self, texts: list[str], truncate: bool = False) -> dict[str, Any]:
+    def predict(self, examples: list[Any], truncate: bool = False) -> dict[str, Any]:
+        """The task's answer for examples of the model's input kind (texts, (first, second) pairs, word tuples)."""
+        return self.answer(Request(list(examples), truncate, FIELD[self.input_kind]))
+
+    def answer(self, request: Request) -> dict[str, Any]:
         np = self.np
-        feeds, tokens = self.encode(texts, truncate)
+        encoded = encode(self.encoder, request, self.input_kind, self.inputs, self.max_length)
         with self.lock:
-            out = self.session.run(None, feeds)[0]
-        result: dict[str, Any] = {"tokens": tokens}
+            out = self.session.run(None, encoded.feeds)[0]
+        result: dict[str, Any] = {"tokens": encoded.tokens}
         if self.task == "embedding":
             result["embeddings"] = out.astype(float).tolist()
-        else:
-            shifted = out - out.max(axis=-1, keepdims=True)
-            scores = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
-            picks = scores.argmax(axis=-1).tolist()
-            result["labels"] = [self.labels[p] if self.labels else p for p in picks]
-            result["scores"] = scores.astype(float).tolist()
+            return result
+        shifted = out - out.max(axis=-1, keepdims=True)
+        scores = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)  # (B, L), a tagger's (B, S, L)
+        if encoded.starts is not None:
+            result.update(tag_words(scores, encoded.starts, self.labels))
+            if request.split:  # the words the tags belong to, as the texts were split
+                result["words"] = [list(words) for words in request.examples]
+            return result
+        picks = scores.argmax(axis=-1).tolist()
+        result["labels"] = [self.labels[p] if self.labels else p for p in picks]
+        result["scores"] = scores.astype(float).tolist()
         return result
 
 
@@ -273,8 +242,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}; try POST /v1/predict")
             return
         try:
-            texts, truncate = self._read_request()
-            result = self.server.model.predict(texts, truncate)
+            result = self.server.model.answer(self._read_request())
         except BadRequest as exc:
             # The body was read whole unless it was too big or of unknown length: then close after answering.
             self._error(exc.status, str(exc))
@@ -294,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
 
     do_DELETE = do_PATCH = do_PUT  # noqa: N815
 
-    def _read_request(self) -> tuple[list[str], bool]:
+    def _read_request(self) -> Request:
         limits = self.server.limits
         if self.headers.get("Transfer-Encoding"):
             raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (no chunked transfer)")
@@ -324,38 +292,9 @@ class Handler(BaseHTTPRequestHandler):
             request = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(HTTPStatus.BAD_REQUEST, f"malformed JSON: {exc}") from None
-        return _texts_of(request, limits["max_texts"])
+        return parse_request(request, self.server.model.input_kind, limits["max_texts"])
 
     _consumed = False
-
-
-def _texts_of(request: Any, max_texts: int) -> tuple[list[str], bool]:
-    """The texts and the truncate flag of a predict request, or a BadRequest saying what is wrong."""
-    unprocessable = HTTPStatus.UNPROCESSABLE_ENTITY
-    if not isinstance(request, dict):
-        raise BadRequest(unprocessable, 'the body must be a JSON object: {"texts": ["..."]}')
-    unknown = sorted(set(request) - {"texts", "text", "truncate"})
-    if unknown:
-        raise BadRequest(unprocessable, f"unknown field {unknown[0]!r}; send texts (or text) and truncate")
-    if ("texts" in request) == ("text" in request):
-        raise BadRequest(unprocessable, 'send exactly one of "texts" (a list of strings) or "text" (a string)')
-    texts = request["texts"] if "texts" in request else [request["text"]]
-    if not isinstance(texts, list) or not texts:
-        raise BadRequest(unprocessable, '"texts" must be a non-empty list of strings')
-    if len(texts) > max_texts:
-        raise BadRequest(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"{len(texts)} texts in one request; the limit is {max_texts} (--max-texts)",
-        )
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise BadRequest(unprocessable, f"texts[{i}] is {type(text).__name__}, not a string")
-        if not text.strip():
-            raise BadRequest(unprocessable, f"texts[{i}] is empty")
-    truncate = request.get("truncate", False)
-    if not isinstance(truncate, bool):
-        raise BadRequest(unprocessable, '"truncate" must be true or false')
-    return texts, truncate
 
 
 class Server(ThreadingHTTPServer):
