@@ -38,7 +38,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     words = sorted({w for t in TEXTS for w in re.findall(r"[a-z]+", t)})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # The vocabulary itself, not vocab_file: transformers 5 ignores vocab_file here and every word became [UNK].
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),

@@ -48,6 +48,8 @@ def source_artifact(recipe: Recipe) -> Artifact:
     """The recipe's input model as an artifact, checked: a Hugging Face folder, a zoo checkpoint, or a new one."""
     model = recipe.model
     if isinstance(model, HFModel | PackageModel):
+        if isinstance(model, HFModel) and not model.hf.is_dir():
+            raise UserError(f"model.hf: {model.hf} is not a folder{_made_by(model.hf)}")
         folder = hf.model_folder(model)
         hf.check_weights(folder)
         return Artifact("hf", {"model": folder}, {"precision": "fp32"})
@@ -63,7 +65,8 @@ def source_artifact(recipe: Recipe) -> Artifact:
 
 
 def _made_by(checkpoint: Path) -> str:
-    """Which recipe (under ./recipes) trains the missing zoo checkpoint RUNS/NAME/NN_train/model, as a hint."""
+    """Which recipe (under ./recipes) trains the missing checkpoint RUNS/NAME/NN_train/model (a zoo model, or a
+    fine-tuned Hugging Face one), as a hint."""
     parts = checkpoint.parts
     if len(parts) < 3 or parts[-1] != "model" or not parts[-2].endswith("_train"):
         return ""
