@@ -73,8 +73,10 @@ def build(arch: str, folder: Path, head: str | None = None, labels: tuple[str, .
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = VOCABS[arch]
-    tokenizer = _train_tokenizer(vocab)
-    _save_tokenizer(tokenizer, vocab, folder, arch)
+    # A byte-level BPE tagger's tokenizer adds a space before each pre-split word, as the word is in text.
+    prefix_space = head == "token" and vocab.model == "bpe"
+    tokenizer = _train_tokenizer(vocab, prefix_space)
+    _save_tokenizer(tokenizer, vocab, folder, prefix_space)
     ids = {name: tokenizer.token_to_id(getattr(vocab, name)) for name in ("cls", "sep", "pad")}
     config = AutoConfig.for_model(arch, **_config(arch, tokenizer.get_vocab_size(), ids))
     if head is not None:
@@ -134,7 +136,7 @@ def _config(arch: str, vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
     return {**common, **configs[arch]}
 
 
-def _train_tokenizer(vocab: Vocab) -> Any:
+def _train_tokenizer(vocab: Vocab, prefix_space: bool = False) -> Any:
     """A tokenizers.Tokenizer trained on the test texts with the pipeline the tokenizer class rebuilds."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -147,7 +149,7 @@ def _train_tokenizer(vocab: Vocab) -> Any:
         trainer: Any = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
     elif vocab.model == "bpe":
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=400,
@@ -175,7 +177,7 @@ def _train_tokenizer(vocab: Vocab) -> Any:
     return tok
 
 
-def _save_tokenizer(tok: Any, vocab: Vocab, folder: Path, arch: str) -> None:
+def _save_tokenizer(tok: Any, vocab: Vocab, folder: Path, prefix_space: bool = False) -> None:
     """tokenizer.json and a tokenizer_config.json naming the class and special tokens, as checkpoints ship."""
     tok.save(str(folder / "tokenizer.json"))
     config: dict[str, Any] = {
@@ -187,6 +189,8 @@ def _save_tokenizer(tok: Any, vocab: Vocab, folder: Path, arch: str) -> None:
         config["do_lower_case"] = True
     if vocab.tokenizer_class == "PreTrainedTokenizerFast":  # a generic class: the inputs are named here
         config["model_input_names"] = ["input_ids", "attention_mask"]
-    if arch in ("roberta", "xlm-roberta", "longformer", "mpnet"):
+    if prefix_space:
+        config["add_prefix_space"] = True
+    if vocab.double_sep:  # RoBERTa-style tokenizers also name <s> and </s> as bos and eos
         config |= {"bos_token": vocab.cls, "eos_token": vocab.sep}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
