@@ -30,6 +30,7 @@ from compress.serving import model_inputs, server
 from compress.serving.bundle import write_bundle
 from compress.serving.bundle_check import BundleError, load_metadata
 from tests.conftest import TEXTS
+from tests.hf_archs import ARCHS, build
 from tests.test_serving import Client, free_port, start_server
 
 NLI = ("entailment", "neutral", "contradiction")
@@ -293,3 +294,25 @@ def test_bundle_checks_of_the_input_kind_and_labels(pair_bundle: tuple[Path, Pat
     older.warm_up()
     answer = older.predict(["the cat sat on the mat"])
     assert older.input_kind == "text" and answer["labels"][0] in NLI and len(answer["scores"][0]) == 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_server_tokenizes_pairs_and_words_as_the_pipeline_for_every_architecture(arch: str, tmp_path: Path) -> None:
+    """The server reads tokenizer.json with the tokenizers library; the pipeline loads the folder through
+    transformers (whose tokenizer classes may rebuild parts of it). Both must give the same arrays."""
+    from compress.models import hf
+
+    pairs = [(TEXTS[0], TEXTS[1]), (LONG, TEXTS[2]), (TEXTS[3], LONG)]
+    sentences = [tuple(TEXTS[4].split()), ("The", "cats", "sat."), tuple(LONG.split())]
+    for head, kind, examples in (("sequence", "pair", pairs), ("token", "words", sentences)):
+        folder = build(arch, tmp_path / head, head=head)
+        tokenizer = hf.load_tokenizer(folder)
+        names = hf.input_names(tokenizer, hf.read_config(folder))
+        expected = hf.encode(tokenizer, examples, MAX_LENGTH, names, kind=kind)
+        request = model_inputs.Request(list(examples), True, model_inputs.FIELD[kind])
+        encoder_ = model_inputs.TokenizerEncoder(folder, MAX_LENGTH)
+        got = model_inputs.encode(encoder_, request, kind, list(names), MAX_LENGTH)
+        for name in names:
+            np.testing.assert_array_equal(got.feeds[name], expected[name], err_msg=f"{arch} {kind} {name}")
+        if kind == "words":
+            assert got.starts == hf.word_starts(tokenizer, examples, MAX_LENGTH), arch
