@@ -16,6 +16,7 @@ from compress.data import load_evaluation, load_labeled, load_texts
 from compress.data.spec import FileSet
 from compress.errors import UserError
 from compress.models import hf
+from compress.models.architectures import usable_positions
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
 from compress.models.zoo import load_zoo, read_zoo_config
@@ -101,7 +102,7 @@ def _check_teacher(recipe: Recipe, where: str, teacher: Path) -> None:
     else:
         folder = hf.model_folder(HFModel(hf=teacher))
         hf.check_weights(folder)
-        positions = hf.read_config(folder).get("max_position_embeddings")
+        positions = usable_positions(hf.read_config(folder))
     length = recipe.data.max_length
     if isinstance(positions, int) and length > positions and not zoo:  # zoo stages cut to the shorter model
         raise UserError(f"{where}: the teacher takes {positions} tokens, less than data.max_length {length}")
@@ -122,8 +123,7 @@ def _positions(recipe: Recipe, source: Artifact) -> int | None:
         return read_zoo_config(model.zoo).max_len
     if isinstance(model, NewModel):
         return ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **model.architecture}).max_len
-    positions = hf.read_config(source.file("model")).get("max_position_embeddings")
-    return positions if isinstance(positions, int) else None
+    return usable_positions(hf.read_config(source.file("model")))
 
 
 def _check_lengths(recipe: Recipe, positions: int | None) -> None:
