@@ -227,16 +227,20 @@ def stage_note(stage: dict[str, Any]) -> str:
         if "test" in m:
             t = m["test"]
             text += (
-                f"; test accuracy {t['accuracy']:.4f} F1 {t['f1_positive']:.4f}"
+                f"; test accuracy {t['accuracy']:.4f} macro-F1 {t['f1_macro']:.4f}"
                 if "accuracy" in t
                 else f"; test bits/token {t['bits_per_token']:.4f}"
             )
         return text
     if stage["type"] == "prune":
-        return (
+        note = (
             f"{m['method']}: {m['parameters']:,} of {m['parameters_before']:,} parameters kept, "
             f"{100 * m['sparsity_total']:.1f}% zeros; zipped {m['compressed_size_bytes'] / 1e6:.1f} MB; {m['speed']}"
         )
+        if "task" in m:  # a classifier or tagger: its task metric on data.evaluation before and after
+            t = m["task"]
+            note += f"; {t['metric']} {t['before']:.4f} -> {t['after']:.4f}"
+        return note
     notes = {"distill": _distill_note, "export": _export_note, "quantize": _quantize_note, "qat": _qat_note}
     if stage["type"] in notes:
         return notes[stage["type"]](m)
@@ -265,15 +269,31 @@ def _quantize_note(m: dict[str, Any]) -> str:
 
 def _qat_note(m: dict[str, Any]) -> str:
     k = m["kernels"]
-    return (
+    note = (
         f"QAT, preset {m['preset']['name']}: {m['epochs_run']} epochs, kept {m['best_epoch']} "
         f"({m['selection']} {m['best']:.4f}); ORT vs PyTorch cosine {m['ort_vs_torch_cosine_min']:.4f}; "
         f"{k['int8_total']} int8 kernels in ORT's graph, {k['float_total']} float; "
         f"{100 * m['size_ratio']:.0f}% of fp32 size"
     )
+    if "task" in m:  # a classifier or tagger: the int8 graph against the fp32 one on data.evaluation
+        t = m["task"]
+        note += (
+            f"; int8 {t['metric']} {t['int8'][t['metric']]:.4f} (fp32 {t['fp32'][t['metric']]:.4f}), "
+            f"agreement {t['agreement']['value']:.4f}"
+        )
+    return note
 
 
 def _distill_note(m: dict[str, Any]) -> str:
+    if "labels" in m:  # a Hugging Face classifier or tagger
+        note = (
+            f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher "
+            f"({m['parameters']:,} of its {m['teacher_parameters']:,} parameters), {m['epochs_run']} epochs, "
+            f"best {m['best_epoch']}: accuracy {m['best_accuracy']:.4f} (teacher {m['teacher_accuracy']:.4f})"
+        )
+        if "test" in m:
+            note += f"; test accuracy {m['test']['accuracy']:.4f}"
+        return note
     if "student" not in m:  # a Hugging Face embedding student
         note = (
             f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher, "
