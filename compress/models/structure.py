@@ -49,19 +49,29 @@ def remove_neurons(layer: Any, keep: torch.Tensor) -> None:
     layer.output.dense = keep_cols(layer.output.dense, keep)
 
 
+def encoder_of(model: Any) -> Any:
+    """The encoder of a Hugging Face model, with or without a task head (its `base_model`, e.g. `.bert`):
+    the part with `.encoder.layer` that pruning and layer dropping work on. The head and the encoder share
+    one config object."""
+    return getattr(model, "base_model", model)
+
+
 def record_structure(model: Any) -> dict[str, Any]:
-    """Write the per-layer sizes into the config (for reloading); returns them."""
+    """Write the per-layer sizes into the config (for reloading); returns them. `model` may carry a head."""
+    layers = encoder_of(model).encoder.layer
     structure: dict[str, list[int]] = {
-        "heads": [layer.attention.self.num_attention_heads for layer in model.encoder.layer],
-        "intermediate": [layer.intermediate.dense.out_features for layer in model.encoder.layer],
+        "heads": [layer.attention.self.num_attention_heads for layer in layers],
+        "intermediate": [layer.intermediate.dense.out_features for layer in layers],
     }
     model.config.update({STRUCTURE_KEY: structure})
     return structure
 
 
 def rebuild(model: Any, structure: dict[str, list[int]]) -> None:
-    """Give a freshly built model the per-layer sizes of a pruned checkpoint (weights loaded afterwards)."""
-    for layer, n_heads, n_ff in zip(model.encoder.layer, structure["heads"], structure["intermediate"], strict=True):
+    """Give a freshly built model (with or without a head) the per-layer sizes of a pruned checkpoint
+    (weights loaded afterwards)."""
+    layers = encoder_of(model).encoder.layer
+    for layer, n_heads, n_ff in zip(layers, structure["heads"], structure["intermediate"], strict=True):
         if n_heads != layer.attention.self.num_attention_heads:
             remove_heads(layer, torch.arange(n_heads))
         if n_ff != layer.intermediate.dense.out_features:

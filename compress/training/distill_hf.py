@@ -1,5 +1,6 @@
-"""Distillation of Hugging Face embedding encoders (zoo classifiers and LMs: distill_zoo.py), for the
-distill stage and prune's recovery: the original model teaches the compressed one.
+"""Distillation of Hugging Face embedding encoders (classifiers and taggers: distill_task.py; zoo classifiers
+and LMs: distill_zoo.py), for the distill stage and prune's recovery: the original model teaches the
+compressed one.
 
 The teacher (the recipe's input model, or `teacher:`) is frozen in eval mode; its embeddings of the
 training texts are computed once and reused every epoch. The student is the current artifact, or a
@@ -20,7 +21,7 @@ from compress.context import Context
 from compress.errors import UserError
 from compress.models import hf
 from compress.tasks import TASKS
-from compress.training import distill_zoo
+from compress.training import distill_task, distill_zoo
 from compress.training.feeds import bucketed
 from compress.training.loop import Batch, Evaluation, Persistence, StepHooks, fit
 from compress.training.losses import (
@@ -48,6 +49,8 @@ def distill(
         return distill_zoo.distill(artifact, cfg, ctx, hooks)
     if artifact.kind != "hf":
         raise UserError(f"stages: distill works on PyTorch models, not on a {artifact.kind} artifact")
+    if ctx.task != "embedding":  # a classifier or a tagger: logits and labels, the head kept
+        return distill_task.distill(artifact, cfg, ctx, hooks)
     torch.manual_seed(cfg.seed)
     teacher_folder, tokenizer, names, teacher, student, layer_map = _teacher_and_student(artifact, cfg, ctx)
     spec, task = ctx.model, TASKS["embedding"]
@@ -129,7 +132,7 @@ def _teacher_and_student(artifact: Artifact, cfg: DistillSettings, ctx: Context)
     names = hf.input_names(tokenizer, hf.read_config(artifact.file("model")))
     teacher: Any = task.build_module(hf.load_model(teacher_folder), spec, names).requires_grad_(False)
     encoder: Any = hf.load_model(artifact.file("model"))
-    keep = _kept_layers(cfg, len(encoder.encoder.layer))
+    keep = cfg.kept_layers(len(encoder.encoder.layer))
     if keep is not None:
         encoder = drop_layers(encoder, keep)
         ctx.log(f"student: layers {list(keep)} of {len(teacher.encoder.encoder.layer)}")
@@ -172,15 +175,6 @@ def _embed(model: Any, ids: dict[str, np.ndarray], n: int) -> torch.Tensor:
 def _check_widths(cfg: DistillSettings, student: int, teacher: int) -> None:
     if cfg.losses_for("embedding").hidden_relative and student != teacher:
         raise UserError(f"distill: hidden_relative needs student and teacher of one width, not {student} and {teacher}")
-
-
-def _kept_layers(cfg: DistillSettings, depth: int) -> tuple[int, ...] | None:
-    if cfg.keep_layers is not None:
-        return cfg.keep_layers
-    if cfg.keep_every is not None:
-        # Keep every k-th layer counting back from the last, so the top layer always stays.
-        return tuple(range(depth - 1, -1, -cfg.keep_every))[::-1]
-    return None
 
 
 def _tensors(ids: dict[str, np.ndarray], rows: np.ndarray | None) -> dict[str, torch.Tensor]:

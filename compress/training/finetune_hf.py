@@ -39,22 +39,22 @@ def finetune(artifact: Artifact, cfg: TrainingSettings, ctx: Context) -> tuple[A
     tokenizer = hf.load_tokenizer(folder)
     config = hf.read_config(folder)
     names = hf.input_names(tokenizer, config)
-    labels = _label_names(ctx)
+    labels = label_names(ctx)
     own = hf.model_labels(folder)
     model = hf.load_model(folder, head) if own == labels else hf.fresh_head_model(folder, head, labels)
     new_head = own != labels
     ctx.log(f"fine-tuning {'a new' if new_head else 'its own'} {head} head for {len(labels)} labels (lr {cfg.lr:g})")
     max_length = usable_length(ctx.data.max_length, config.get("max_position_embeddings"))
 
-    train = _encoded(ctx, "train", tokenizer, names, max_length, labels)
-    evaluation = _evaluation(ctx, tokenizer, names, max_length, labels, limit=cfg.eval_samples)
+    train = encoded(ctx, "train", tokenizer, names, max_length, labels)
+    evaluation = task_evaluation(ctx, tokenizer, names, max_length, labels, limit=cfg.eval_samples)
     ctx.log(f"training on {len(train[1])} examples ({kind}), evaluating on data.evaluation each epoch")
     lengths = train[0]["attention_mask"].sum(1)
 
     def batches(order: np.ndarray) -> Iterator[Batch]:
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
-            yield _batch(train[0], train[1], rows, int(lengths[rows].max()))
+            yield task_batch(train[0], train[1], rows, int(lengths[rows].max()))
 
     persistence = Persistence(
         save=lambda m, path: m.save_pretrained(path, safe_serialization=True),
@@ -82,7 +82,7 @@ def finetune(artifact: Artifact, cfg: TrainingSettings, ctx: Context) -> tuple[A
     }
     if ctx.data.test is not None:
         with torch.no_grad():
-            metrics["test"] = _evaluation(ctx, tokenizer, names, max_length, labels, role="test").run(best)
+            metrics["test"] = task_evaluation(ctx, tokenizer, names, max_length, labels, role="test").run(best)
     out = ctx.out_dir / "model"
     best.save_pretrained(out, safe_serialization=True)
     hf.copy_tokenizer_files(folder, out)
@@ -90,14 +90,14 @@ def finetune(artifact: Artifact, cfg: TrainingSettings, ctx: Context) -> tuple[A
     return Artifact("hf", {"model": out}, {"precision": "fp32"}), metrics
 
 
-def _label_names(ctx: Context) -> tuple[str, ...]:
+def label_names(ctx: Context) -> tuple[str, ...]:
     """The head's labels: the training set's, in its order (the evaluation set's must be among them)."""
     if ctx.task == "token-classification":
         return ctx.tagged("train").tag_names
     return ctx.labeled("train").label_names
 
 
-def _encoded(  # noqa: PLR0917
+def encoded(  # noqa: PLR0917
     ctx: Context, role: str, tokenizer: Any, names: tuple[str, ...], max_length: int, labels: tuple[str, ...]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[Any]]:
     """data.<role> tokenized (padded to its longest example) with its labels in the head's numbering:
@@ -119,14 +119,14 @@ def _encoded(  # noqa: PLR0917
     return ids, to_head[np.asarray(labeled.labels)], []
 
 
-def _batch(ids: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray, width: int) -> Batch:
+def task_batch(ids: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray, width: int) -> Batch:
     width = max(width, 2)  # trim the batch to its longest real example
     batch = {name: torch.from_numpy(array[rows, :width]) for name, array in ids.items()}
     batch["labels"] = torch.from_numpy(labels[rows, :width] if labels.ndim == 2 else labels[rows])
     return batch
 
 
-def _evaluation(  # noqa: PLR0917
+def task_evaluation(  # noqa: PLR0917
     ctx: Context,
     tokenizer: Any,
     names: tuple[str, ...],
@@ -136,7 +136,7 @@ def _evaluation(  # noqa: PLR0917
     role: str = "evaluation",
 ) -> Evaluation:
     """The task metric on data.<role> (accuracy; per word for a tagger), computed by the PyTorch model."""
-    ids, gold, starts = _encoded(ctx, role, tokenizer, names, max_length, labels)
+    ids, gold, starts = encoded(ctx, role, tokenizer, names, max_length, labels)
     count = min(limit or len(gold), len(gold))
     size = ctx.data.batch_size
     lengths = ids["attention_mask"].sum(1)
@@ -148,7 +148,7 @@ def _evaluation(  # noqa: PLR0917
         chunks = []
         for start in range(0, count, size):
             rows = np.arange(start, min(start + size, count))
-            batch = _batch(ids, gold, rows, int(lengths[rows].max()))
+            batch = task_batch(ids, gold, rows, int(lengths[rows].max()))
             batch.pop("labels")
             out = model(**batch).logits.float().numpy()
             if out.ndim == 3:  # pad per-token logits to one width across batches

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import UserError
+from compress.models.structure import encoder_of
 
 
 def embedding_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -68,18 +69,20 @@ def check_map(layer_map: tuple[int, ...], student_layers: int, teacher_layers: i
 
 
 def drop_layers(encoder: Any, keep: tuple[int, ...]) -> Any:
-    """A copy of a BERT-family encoder keeping layers `keep` (weights copied), with its config updated."""
-    layers = encoder.encoder.layer
+    """A copy of a BERT-family encoder (or of a model with a task head on one: the head is copied whole)
+    keeping layers `keep` (weights copied), with its config updated."""
+    layers = encoder_of(encoder).encoder.layer
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if bad or not keep:
         raise UserError(f"distill: cannot keep layers {list(keep)} of a {len(layers)}-layer model")
     student = copy.deepcopy(encoder).requires_grad_(True)  # a student is trained, whatever the source was
-    student.encoder.layer = torch.nn.ModuleList(student.encoder.layer[i] for i in keep)
+    base = encoder_of(student)
+    base.encoder.layer = torch.nn.ModuleList(base.encoder.layer[i] for i in keep)
     student.config.num_hidden_layers = len(keep)
     structure = getattr(student.config, "edge_compress_structure", None)
     if structure:  # a pruned model: the per-layer sizes follow the kept layers
         student.config.edge_compress_structure = {k: [v[i] for i in keep] for k, v in structure.items()}
-    for index, layer in enumerate(student.encoder.layer):
+    for index, layer in enumerate(base.encoder.layer):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index

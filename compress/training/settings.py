@@ -65,6 +65,12 @@ class DistillLosses(Strict):
         0.0, ge=0, description="Hugging Face models: KL of attention distributions at mapped layers (MiniLM)."
     )
 
+    def reads_teacher(self) -> bool:
+        """Whether these losses need the teacher's outputs (cross-entropy on the labels alone does not)."""
+        return any(
+            (self.embedding_cosine, self.embedding_mse, self.kl, self.hidden_mse, self.hidden_relative, self.attention)
+        )
+
     @model_validator(mode="after")
     def _some_loss(self) -> DistillLosses:
         weights = (self.embedding_cosine, self.embedding_mse, self.kl, self.ce, self.hidden_mse, self.hidden_relative)
@@ -117,6 +123,15 @@ class DistillSettings(TrainingSettings):
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} are alternative ways to make the student; give one")
         return self
+
+    def kept_layers(self, depth: int) -> tuple[int, ...] | None:
+        """The layers of a `depth`-layer model a layer-dropped student keeps (None: no layer dropping)."""
+        if self.keep_layers is not None:
+            return self.keep_layers
+        if self.keep_every is not None:
+            # Keep every k-th layer counting back from the last, so the top layer always stays.
+            return tuple(range(depth - 1, -1, -self.keep_every))[::-1]
+        return None
 
     def losses_for(self, task: str) -> DistillLosses:
         """The recipe's losses, or the task's defaults."""
