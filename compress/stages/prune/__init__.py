@@ -1,8 +1,9 @@
-"""prune: one-shot magnitude pruning of a Hugging Face encoder or a zoo model.
+"""prune: one-shot magnitude pruning of a Hugging Face encoder (bare, or with a task head) or a zoo model.
 
 Masks (unstructured, N:M, block) zero weights in place: the model keeps its shape, and the win is
 size after compression unless a sparse kernel runs it (ONNX Runtime's CPU provider has none for these
 patterns: the report says so). Structured pruning removes heads and FFN neurons: a smaller dense model.
+A classifier's or tagger's head is loaded with its encoder, never pruned or masked, and saved with it.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from compress.stages.prune.config import PruneStage
 from compress.stages.prune.gradual import MaskKeeper
 from compress.stages.prune.reconstruct import reconstruct_bert
 from compress.stages.prune.structured import kept_counts, prune_bert, prune_zoo
-from compress.tasks import TASKS
+from compress.stages.prune.task_models import evaluator, head_modules, held_out_agreement, report_task
+from compress.tasks import HEADS, TASKS
 from compress.training import distill_hf, supervised
 from compress.training.loop import StepHooks
-from compress.training.settings import DistillSettings, TrainingSettings
+from compress.training.settings import DistillLosses, DistillSettings, TrainingSettings
 
 SPEED_NOTE = {
     "unstructured": "size only: ONNX Runtime's CPU kernels are dense, zeros cost the same time",
@@ -40,8 +42,10 @@ SPEED_NOTE = {
 
 
 def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
-    model = _load(artifact)
+    model = _load(artifact, ctx)
     before = {name: p.numel() for name, p in model.named_parameters()}
+    evaluate = evaluator(ctx, artifact.file("model")) if _has_head(artifact, ctx) else None
+    task_before = evaluate(model) if evaluate is not None else None
     by_error = cfg.reconstruct is not None and cfg.reconstruct.select == "error"
     keep: list[tuple[int, int]] = []
     structure: dict[str, Any] = {}
@@ -70,6 +74,7 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
     if cfg.recovery is not None:  # masks only: structured recovery is a distill stage (checked in the recipe)
         model, recovery = _recover(model, artifact, cfg, ctx, selected)
     layers = _layer_report(model, selected)  # by name: recovery returns a new model object
+    task_after = evaluate(model) if evaluate is not None else None
     out = ctx.out_dir / "model"
     _save(model, artifact, out)
     weights = out / "model.safetensors"
@@ -92,6 +97,8 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
         metrics["recovery"] = recovery
     if reconstruction is not None:
         metrics["reconstruction"] = reconstruction
+    if task_before is not None and task_after is not None:
+        metrics["task"] = report_task(task_before, task_after, ctx)
     ctx.log(
         f"pruned: {metrics['sparsity_total']:.1%} of {params:,} parameters zero; "
         f"zip {zipped / 1e6:.1f} MB ({SPEED_NOTE[cfg.method]})"
@@ -99,20 +106,27 @@ def run(artifact: Artifact, cfg: PruneStage, ctx: Context) -> tuple[Artifact, di
     return Artifact(artifact.kind, {"model": out}, {**artifact.meta, "pruning": cfg.method}), metrics
 
 
-def _load(artifact: Artifact) -> nn.Module:
+def _has_head(artifact: Artifact, ctx: Context) -> bool:
+    """A Hugging Face classifier or tagger (its head is loaded, kept and saved with the encoder)."""
+    return artifact.kind == "hf" and HEADS[ctx.task] is not None
+
+
+def _load(artifact: Artifact, ctx: Context) -> nn.Module:
     if artifact.kind == "hf":
-        return hf.load_model(artifact.file("model"))
+        return hf.load_model(artifact.file("model"), HEADS[ctx.task])
     if artifact.kind == "zoo":
         return load_zoo(artifact.file("model"))
     raise UserError(f"stages: prune works on a PyTorch model, not on a {artifact.kind} artifact")
 
 
 def _selected(model: nn.Module, cfg: PruneStage) -> dict[str, tuple[nn.Linear, float]]:
-    """Linear layers to prune with their target sparsity; a target pattern matching nothing is an error."""
+    """Linear layers to prune with their target sparsity (never a task head's); a target pattern matching
+    nothing is an error."""
+    head = head_modules(model)
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(re.search(p, name) for p in cfg.exclude)
+        if isinstance(module, nn.Linear) and name not in head and not any(re.search(p, name) for p in cfg.exclude)
     }
     if not linears:
         raise UserError("stages: prune: every Linear layer is excluded; nothing to prune")
@@ -195,17 +209,19 @@ def _zipped_size(path: Path) -> int:
 def _reconstruct(
     model: nn.Module, artifact: Artifact, cfg: PruneStage, ctx: Context, keep: list[tuple[int, int]] | None
 ) -> dict[str, Any]:
-    """Refit the pruned encoder's output projections to the original's states on calibration text.
+    """Refit the pruned encoder's output projections to the original's states on calibration text (texts,
+    text pairs or sentences of words: what the model reads; a head is not refitted, its inputs are).
 
-    Every 10th text (of at least 20) is held out of the fit: the embeddings of the refitted model, and of
-    the plain magnitude-pruned one for comparison, are scored against the original's on them."""
+    Every 10th example (of at least 20) is held out of the fit: the refitted model, and the plain
+    magnitude-pruned one for comparison, are scored against the original on them (embeddings: mean
+    cosine; classifiers and taggers: the share of predictions that agree)."""
     rec = cfg.reconstruct
     assert rec is not None
     if artifact.kind != "hf":
         raise UserError("stages: prune.reconstruct works on Hugging Face BERT-family encoders, not on zoo models")
     folder = artifact.file("model")
-    source = ctx.calibration if rec.data == "calibration" else ctx.texts("train")
-    texts = list(source.texts[: rec.texts])
+    source = ctx.calibration_examples if rec.data == "calibration" else ctx.examples("train")
+    texts = list(source[: rec.texts])
     held = texts[9::10] if len(texts) >= 20 else []
     fit = [t for i, t in enumerate(texts) if not (held and i % 10 == 9)]
     tokenizer = hf.load_tokenizer(folder)
@@ -213,16 +229,17 @@ def _reconstruct(
     batches = _token_batches(tokenizer, fit, names, ctx)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     ctx.log(
-        f"reconstruction: {len(fit)} texts of data.{rec.data} ({tokens:,} tokens, {len(held)} more held out), "
+        f"reconstruction: {len(fit)} examples of data.{rec.data} ({tokens:,} tokens, {len(held)} more held out), "
         f"ridge {rec.ridge}" + (", heads and neurons chosen by least error" if keep else "")
     )
-    original = _load(artifact)
+    original = _load(artifact, ctx)
     baseline = None
     if held and keep:  # what magnitude ranking alone gives, for the report (select: magnitude: the model itself)
-        baseline = _load(artifact)
+        baseline = _load(artifact, ctx)
         prune_bert(baseline, cfg.heads, cfg.ffn, 1 if cfg.norm == "l1" else 2)
     held_batches = _token_batches(tokenizer, held, names, ctx)
-    before = _held_out_cosine(original, baseline or model, held_batches, ctx)
+    measure, held_out = ("cosine", _held_out_cosine) if ctx.task == "embedding" else ("agreement", held_out_agreement)
+    before = held_out(original, baseline or model, held_batches, ctx)
     layers = reconstruct_bert(original, model, batches, rec.ridge, keep)
     for row in layers:
         a, f = row["attention_output"], row["ffn_output"]
@@ -230,9 +247,9 @@ def _reconstruct(
             f"  layer {row['layer']}: attention output error {a['error_before']:.3f} -> {a['error_after']:.3f}, "
             f"FFN output {f['error_before']:.3f} -> {f['error_after']:.3f}"
         )
-    after = _held_out_cosine(original, model, held_batches, ctx)
+    after = held_out(original, model, held_batches, ctx)
     if held:
-        ctx.log(f"held-out cosine to the original: magnitude pruning alone {before:.4f}, reconstructed {after:.4f}")
+        ctx.log(f"held-out {measure} to the original: magnitude pruning alone {before:.4f}, reconstructed {after:.4f}")
     return {
         "data": rec.data,
         "texts": len(fit),
@@ -240,20 +257,26 @@ def _reconstruct(
         "tokens": tokens,
         "ridge": rec.ridge,
         "select": rec.select,
-        "held_out_cosine_magnitude_only": before,
-        "held_out_cosine": after,
+        f"held_out_{measure}_magnitude_only": before,
+        f"held_out_{measure}": after,
         "layers": layers,
     }
 
 
-def _token_batches(tokenizer: Any, texts: list[str], names: tuple[str, ...], ctx: Context) -> list[dict[str, Any]]:
-    data = ctx.data
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+def _token_batches(tokenizer: Any, examples: list[Any], names: tuple[str, ...], ctx: Context) -> list[dict[str, Any]]:
+    data, kind = ctx.data, ctx.input_kind
+    # similar lengths together: less padding (an example is a text, a pair of texts or a tuple of words)
+    order = sorted(range(len(examples)), key=lambda i: len(" ".join(_parts(examples[i]))))
     batches = []
     for start in range(0, len(order), data.batch_size):
-        ids = hf.encode(tokenizer, [texts[i] for i in order[start : start + data.batch_size]], data.max_length, names)
+        chunk = [examples[i] for i in order[start : start + data.batch_size]]
+        ids = hf.encode(tokenizer, chunk, data.max_length, names, kind=kind)
         batches.append({k: torch.from_numpy(v) for k, v in ids.items()})
     return batches
+
+
+def _parts(example: Any) -> tuple[str, ...]:
+    return (example,) if isinstance(example, str) else tuple(example)
 
 
 @torch.no_grad()
@@ -280,8 +303,7 @@ def _recover(
     _save(model, artifact, start)
     begin = Artifact(artifact.kind, {"model": start}, artifact.meta)
     settings = rec.model_dump(exclude={"distill", "teacher", "losses"})
-    task = ctx.task
-    n_train = len(ctx.labeled("train").texts if task == "classification" else ctx.texts("train").texts)
+    n_train = len(ctx.examples("train"))
     steps = -(-n_train // rec.batch_size)
     if rec.max_steps_per_epoch:
         steps = min(steps, rec.max_steps_per_epoch)
@@ -291,10 +313,11 @@ def _recover(
     def make(weights: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
         return _masks_for(weights, targets, cfg, fraction)
 
-    if artifact.kind == "hf" and not rec.distill:
+    task_model = _has_head(artifact, ctx)
+    if artifact.kind == "hf" and not task_model and not rec.distill:
         raise UserError("stages: prune.recovery: the embedding task has no labels: recovery needs distill: true")
     root: Any
-    if not rec.distill:
+    if not rec.distill or task_model:  # the trained module is the model itself (a task model: with its head)
         root = lambda m: m  # noqa: E731
     elif artifact.kind == "zoo":
         root = lambda m: m.student  # noqa: E731
@@ -306,9 +329,12 @@ def _recover(
         f"recovery: {rec.epochs} epochs ({steps} steps each), "
         + (f"sparsity ramp over {ramp_steps} steps, masks every {cfg.frequency}" if ramp_steps else "masks kept")
     )
-    if rec.distill:
-        distill_cfg = DistillSettings(teacher=rec.teacher, losses=rec.losses, **settings)
+    if rec.distill or task_model:
+        # A task model learns from its labels alone as a distillation with cross-entropy only: no teacher
+        # is read, the head is kept.
+        losses = rec.losses if rec.distill else DistillLosses(ce=1.0)
+        distill_cfg = DistillSettings(teacher=rec.teacher, losses=losses, **settings)
         done, metrics = distill_hf.distill(begin, distill_cfg, ctx, hooks)
     else:
         done, metrics = supervised.train(begin, TrainingSettings(**settings), ctx, hooks)
-    return _load(done), metrics
+    return _load(done, ctx), metrics

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.models.structure import remove_heads, remove_neurons
+from compress.models.structure import encoder_of, remove_heads, remove_neurons
 
 
 class _Stop(Exception):
@@ -46,7 +46,7 @@ def _layer_call(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tens
         got["call"] = (args, kwargs)
         raise _Stop
 
-    handle = model.encoder.layer[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = encoder_of(model).encoder.layer[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**inputs)
     except _Stop:
@@ -215,7 +215,8 @@ def reconstruct_bert(
 ) -> list[dict[str, Any]]:
     """Refit the pruned encoder's output projections, layer by layer; returns per-layer relative errors.
 
-    `original` and `pruned` are the encoder before and after structured pruning (same embeddings);
+    `original` and `pruned` are the encoder (or a model with a task head on it: the head is not touched)
+    before and after structured pruning (same embeddings);
     `batches` are tokenized calibration inputs. With `keep`, a (heads, neurons) pair per layer, `pruned` is
     still whole and each layer keeps the heads and neurons whose removal costs the least error (chosen
     on the pruned inputs from the layers below), the rest removed; the caller records the structure.
@@ -230,7 +231,8 @@ def reconstruct_bert(
         mask = inputs["attention_mask"].reshape(-1).bool()
         state.append(_Batch(mask, args, kwargs, hidden, hidden.clone()))
     report = []
-    for index, (t_layer, s_layer) in enumerate(zip(original.encoder.layer, pruned.encoder.layer, strict=True)):
+    layers = zip(encoder_of(original).encoder.layer, encoder_of(pruned).encoder.layer, strict=True)
+    for index, (t_layer, s_layer) in enumerate(layers):
         attn_targets: list[torch.Tensor] = []
         ffn_targets: list[torch.Tensor] = []
         for batch in state:

@@ -15,7 +15,14 @@ import torch
 
 from compress.models.blocks import Block
 from compress.models.encoder import build_model
-from compress.models.structure import keep_cols, keep_rows, record_structure, remove_heads, remove_neurons
+from compress.models.structure import (
+    encoder_of,
+    keep_cols,
+    keep_rows,
+    record_structure,
+    remove_heads,
+    remove_neurons,
+)
 
 
 def _norm(parts: list[torch.Tensor], p: int) -> torch.Tensor:
@@ -42,7 +49,7 @@ def neuron_scores(layer: Any, p: int) -> torch.Tensor:
 def kept_counts(model: Any, heads: float, ffn: float) -> list[tuple[int, int]]:
     """(heads, FFN neurons) each layer keeps when the fractions `heads` and `ffn` are removed."""
     counts = []
-    for layer in model.encoder.layer:
+    for layer in encoder_of(model).encoder.layer:
         n_heads = layer.attention.self.num_attention_heads
         keep_h = n_heads - round(n_heads * heads)
         if keep_h < 1:
@@ -54,8 +61,9 @@ def kept_counts(model: Any, heads: float, ffn: float) -> list[tuple[int, int]]:
 
 def prune_bert(model: Any, heads: float, ffn: float, p: int) -> dict[str, Any]:
     """Remove the fraction `heads` of heads and `ffn` of FFN neurons in every layer, ranked by weight norm;
-    returns the structure."""
-    for layer, (keep_h, keep_f) in zip(model.encoder.layer, kept_counts(model, heads, ffn), strict=True):
+    returns the structure. A task head (classifier, pooler) is left as it is."""
+    layers = encoder_of(model).encoder.layer
+    for layer, (keep_h, keep_f) in zip(layers, kept_counts(model, heads, ffn), strict=True):
         if keep_h < layer.attention.self.num_attention_heads:
             remove_heads(layer, torch.topk(head_scores(layer, p), keep_h).indices.sort().values)
         if keep_f < layer.intermediate.dense.out_features:
