@@ -7,15 +7,15 @@ soft targets plus labels), converted and exported with the dynamo exporter. The 
 ONNX Runtime's outputs match the converted PyTorch model's and its optimized graph runs int8 kernels.
 
 The epoch kept is the one closest to the fp32 model (embeddings: mean cosine on a seeded 10% of
-data.train held out of training) or the most accurate on data.evaluation (classification).
+data.train held out of training) or the most accurate on data.evaluation (classification; Hugging Face
+classifiers and taggers keep their head: qat/task.py, which also scores the int8 graph on the task).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from compress.artifact import Artifact, usable_length
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.models import hf
+from compress.models.spec import HFModel, PackageModel
 from compress.models.zoo import load_zoo
 from compress.runtime import presets
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
@@ -34,6 +35,8 @@ from compress.runtime.kernels import count_kernels
 from compress.runtime.session import session
 from compress.stages.qat.config import QatStage
 from compress.stages.qat.lifecycle import Lifecycle, QatModel
+from compress.stages.qat.setup import Setup, dims
+from compress.stages.qat.task import task_report, task_setup
 from compress.tasks import TASKS
 from compress.tasks.metrics import cosine_fidelity
 from compress.training import feeds
@@ -46,21 +49,6 @@ from exporters.ops.torch_ops import exportable, translation_table
 WEIGHTS = "qat_model.safetensors"
 
 
-@dataclass
-class Setup:
-    """What differs between a Hugging Face embedder and a zoo classifier."""
-
-    lifecycle: Lifecycle
-    names: list[str]  # graph inputs, in order
-    outputs: list[str]
-    train: dict[str, np.ndarray]  # encoded training texts (+ "targets": the teacher's outputs)
-    loss: Callable[[Any, Batch], torch.Tensor]
-    evaluation: Evaluation
-    checks: list[dict[str, np.ndarray]]  # inputs the ONNX model is compared on
-    translation: dict[Any, Any] | None = None
-    finish: Callable[[Any], None] | None = None
-
-
 def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict[str, Any]]:
     if artifact.kind != "onnx" or "torch" not in artifact.files or artifact.meta.get("precision") != "fp32":
         raise UserError("stages: qat follows export (it trains the PyTorch model the fp32 ONNX came from)")
@@ -68,7 +56,7 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     torch.set_num_threads(cfg.threads)
     preset, chosen_by = presets.choose(cfg.preset, ctx.targets)
     ctx.log(f"qat for preset {preset.name} ({chosen_by})")
-    setup = _embedding(artifact, cfg, ctx, preset) if ctx.task == "embedding" else _zoo(artifact, cfg, ctx, preset)
+    setup = _setup(artifact, cfg, ctx, preset)
     life = setup.lifecycle
     state = _train(life, setup, cfg, ctx)
     out = ctx.out_dir / "model.onnx"
@@ -91,6 +79,8 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
         "size_ratio": out.stat().st_size / artifact.file("model").stat().st_size,
         "fidelity_check": fidelity,
     }
+    if _task_model(ctx):
+        metrics["task"] = task_report(artifact, out, QDQ_SESSION, cfg, ctx)
     meta = {
         **artifact.meta,
         "precision": "int8",
@@ -101,6 +91,19 @@ def run(artifact: Artifact, cfg: QatStage, ctx: Context) -> tuple[Artifact, dict
     files = {k: v for k, v in artifact.files.items() if k != "torch"}
     files.update(model=out, tokenizer=ctx.out_dir / "tokenizer")
     return Artifact("onnx", files, meta), metrics
+
+
+def _task_model(ctx: Context) -> bool:
+    """A Hugging Face classifier or tagger (zoo models are classifiers too, with their own setup)."""
+    return ctx.task != "embedding" and isinstance(ctx.model, HFModel | PackageModel)
+
+
+def _setup(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset) -> Setup:
+    if ctx.task == "embedding":
+        return _embedding(artifact, cfg, ctx, preset)
+    if _task_model(ctx):
+        return task_setup(artifact, cfg, ctx, preset)
+    return _zoo(artifact, cfg, ctx, preset)
 
 
 def _train(life: Lifecycle, setup: Any, cfg: QatStage, ctx: Context) -> Any:
@@ -234,14 +237,14 @@ def _embedding(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.
         return {"cosine_to_fp32": float(F.cosine_similarity(got, held_targets, dim=-1).mean())}
 
     batch = ("batch", "sequence")
-    dims = _dims(batch, max_length)
+    shape = dims(batch, max_length)
     example = tuple(torch.from_numpy(ids[n][:2]) for n in names)
     checks = [
         {n: ids[n][held_rows[:4]] for n in names},
         hf.encode(tokenizer, tuple(texts[:1]), max_length, tuple(names)),
     ]
     return Setup(
-        lifecycle=Lifecycle(student, example, dict.fromkeys(names, dims), preset),
+        lifecycle=Lifecycle(student, example, dict.fromkeys(names, shape), preset),
         names=names,
         outputs=list(task.OUTPUT_NAMES),
         train=train,
@@ -253,10 +256,6 @@ def _embedding(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.
 
 def _width(ids: dict[str, np.ndarray], start: int) -> int:
     return max(int(ids["attention_mask"][start : start + 16].sum(1).max()), 2)
-
-
-def _dims(names: tuple[str, str], max_length: int) -> dict[int, Any]:
-    return {0: torch.export.Dim(names[0]), 1: torch.export.Dim(names[1], min=2, max=max_length)}
 
 
 # ---------------------------------------------------------------------------------------------- zoo
@@ -320,9 +319,9 @@ def _zoo(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset
         {n: eval_ids[n][:3] for n in names},
         {n: eval_ids[n][:1, : max(2, _width(eval_ids, 0) // 2)] for n in names},
     ]
-    dims = _dims(("batch", "sequence"), max_len)
+    dyn = dims(("batch", "sequence"), max_len)
     return Setup(
-        lifecycle=Lifecycle(student, example, dict.fromkeys(names, dims), preset, lambda: exportable(student, max_len)),
+        lifecycle=Lifecycle(student, example, dict.fromkeys(names, dyn), preset, lambda: exportable(student, max_len)),
         names=names,
         outputs=["logits"],
         train={**train_ids, "labels": train_labels},
