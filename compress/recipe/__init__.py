@@ -158,7 +158,9 @@ class Recipe(Strict):
     def _fits_the_model(self) -> Recipe:
         kinds = [s.type for s in self.stages]
         zoo = isinstance(self.model, ZooModel | NewModel)
-        _check_task(self.task, zoo, kinds)
+        _check_task(self.task, zoo)
+        if not zoo and self.task != "embedding" and "train" in kinds:
+            _check_teachers(self.stages, self.task)
         if isinstance(self.model, NewModel) and kinds[0] != "train":
             raise ValueError("model.architecture is a new, untrained model: the first stage must be train")
         if "train" in kinds and not zoo and self.task == "embedding":
@@ -169,7 +171,7 @@ class Recipe(Strict):
             raise ValueError("the train, distill and qat stages need data.train")
         for stage in self.stages:
             if isinstance(stage, DistillStage):
-                _check_distill(stage, self.task)
+                _check_distill(stage, self.task, zoo)
         if self.task == "lm" and "validate" in kinds:
             raise ValueError("validate of zoo language models is not available yet; classification is")
         if zoo and any(isinstance(s, ExportStage) and s.exporter == "torchscript" for s in self.stages):
@@ -184,17 +186,29 @@ class Recipe(Strict):
         return self
 
 
-def _check_task(task: str, zoo: bool, kinds: list[str]) -> None:
+def _check_task(task: str, zoo: bool) -> None:
     if zoo and task not in ("classification", "lm"):
         raise ValueError(f"task {task} goes with Hugging Face models; zoo models do classification and lm")
     if not zoo and task == "lm":
         raise ValueError("task lm is for zoo models; Hugging Face models do embedding and (token-)classification")
-    untrained = sorted({"prune", "distill", "qat"} & set(kinds))
-    if untrained and not zoo and task != "embedding":
-        raise ValueError(
-            f"{', '.join(untrained)}: not available yet for Hugging Face {task} models "
-            "(train, export, quantize, validate are)"
-        )
+
+
+def _check_teachers(stages: Any, task: str) -> None:
+    """After a train stage, the recipe's model (the default teacher) is not the fine-tuned one."""
+    for stage in stages:
+        if isinstance(stage, DistillStage):
+            reads = stage.losses_for(task).reads_teacher()
+            teacher = stage.teacher
+        elif isinstance(stage, PruneStage) and stage.recovery is not None and stage.recovery.distill:
+            reads = stage.recovery.losses is None or stage.recovery.losses.reads_teacher()
+            teacher = stage.recovery.teacher
+        else:
+            continue
+        if reads and teacher is None:
+            raise ValueError(
+                f"{stage.type}: the default teacher is the recipe's model, which the train stage has not "
+                "fine-tuned: name a fine-tuned folder with teacher:, or fine-tune in a recipe of its own"
+            )
 
 
 def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:
@@ -206,14 +220,16 @@ def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:
                 raise ValueError(f"prune.reconstruct reads data.{stage.reconstruct.data}: give it")
 
 
-def _check_distill(stage: DistillStage, task: str) -> None:
+def _check_distill(stage: DistillStage, task: str, zoo: bool) -> None:
     losses = stage.losses_for(task)
+    if not zoo and stage.student is not None:
+        raise ValueError("distill.student (a fresh zoo config) is for zoo models; use keep_every / keep_layers")
     if task == "embedding":
         wrong = [n for n in ("kl", "ce") if getattr(losses, n)]
-        if stage.student is not None:
-            raise ValueError("distill.student (a fresh zoo config) is for zoo models; use keep_every / keep_layers")
     else:
         wrong = [n for n in ("embedding_cosine", "embedding_mse", "attention") if getattr(losses, n)]
+        if stage.select == "fidelity":
+            raise ValueError("distill.select: fidelity is for the embedding task; task models are kept by task metric")
     if wrong:
         raise ValueError(f"distill.losses: {', '.join(wrong)} do not apply to task {task}")
 

@@ -286,11 +286,13 @@ def _qat_note(m: dict[str, Any]) -> str:
 
 def _distill_note(m: dict[str, Any]) -> str:
     if "labels" in m:  # a Hugging Face classifier or tagger
-        note = (
-            f"{m['student_layers']}-layer student of a {m['teacher_layers']}-layer teacher "
-            f"({m['parameters']:,} of its {m['teacher_parameters']:,} parameters), {m['epochs_run']} epochs, "
-            f"best {m['best_epoch']}: accuracy {m['best_accuracy']:.4f} (teacher {m['teacher_accuracy']:.4f})"
-        )
+        note = f"{m['student_layers']}-layer student, {m['parameters']:,} parameters, {m['epochs_run']} epochs, "
+        note += f"best {m['best_epoch']}: accuracy {m['best_accuracy']:.4f}"
+        if m.get("teacher_layers"):
+            note += (
+                f" (its {m['teacher_layers']}-layer teacher: {m['teacher_parameters']:,} parameters, "
+                f"accuracy {m['teacher_accuracy']:.4f})"
+            )
         if "test" in m:
             note += f"; test accuracy {m['test']['accuracy']:.4f}"
         return note
