@@ -44,10 +44,14 @@ class DistillLosses(Strict):
     )
     embedding_mse: float = Field(0.0, ge=0, description="Embedding task: MSE of student and teacher embeddings.")
     kl: float = Field(
-        0.0, ge=0, description="classification / lm: soft-target KL at `temperature` (Hinton et al. 2015)."
+        0.0,
+        ge=0,
+        description="classification, token-classification (per word), lm: soft-target KL at `temperature` (Hinton).",
     )
     temperature: float = Field(2.0, gt=0, le=1000, description="Softmax temperature of the KL loss; must be > 0.")
-    ce: float = Field(0.0, ge=0, description="classification / lm: cross-entropy on the hard labels (next bytes).")
+    ce: float = Field(
+        0.0, ge=0, description="classification, token-classification, lm: cross-entropy on the labels (next bytes)."
+    )
     hidden_mse: float = Field(
         0.0,
         ge=0,
@@ -104,8 +108,8 @@ class DistillSettings(TrainingSettings):
     losses: DistillLosses | None = Field(
         None,
         description=(
-            "Loss weights. Default by task: embedding {embedding_cosine: 1}; classification {kl: 1, ce: 1}; "
-            "lm {kl: 1, ce: 1}."
+            "Loss weights. Default by task: embedding {embedding_cosine: 1}; classification, token-classification "
+            "and lm {kl: 1, ce: 1}."
         ),
     )
     select: Literal["task", "fidelity"] = Field(

@@ -19,7 +19,8 @@ class RecoverySettings(TrainingSettings):
         True,
         description=(
             "Learn from the teacher with the distill stage's losses (needed for the embedding task, which has "
-            "no labels); false: the task loss (labels) through the train stage's loop."
+            "no labels); false: the task loss (labels; a Hugging Face classifier or tagger: cross-entropy, no "
+            "teacher read) through the train stage's loop."
         ),
     )
     teacher: Path | None = Field(None, description="Teacher for distill: true; default the recipe's input model.")
@@ -40,7 +41,11 @@ class ReconstructSettings(Strict):
     """Least-squares refit of the output projections after structured pruning (Hugging Face encoders)."""
 
     data: Literal["calibration", "train"] = Field(
-        "calibration", description="Which of the recipe's data sets is the calibration text (unlabeled is enough)."
+        "calibration",
+        description=(
+            "Which of the recipe's data sets the refit reads (unlabeled is enough): texts, or the text pairs or "
+            "sentences of words a classifier of pairs or a tagger reads."
+        ),
     )
     texts: int = Field(
         512, ge=1, le=10**6, description="At most this many texts of it (the first ones), at data.max_length."
@@ -78,7 +83,10 @@ class PruneStage(Strict):
     )
     exclude: tuple[str, ...] = Field(
         ("pooler", r"(^|\.)head$", "classifier"),
-        description="Regular expressions on module names left dense (default: pooler and task heads).",
+        description=(
+            "Regular expressions on module names left dense (default: pooler and task heads; a Hugging Face "
+            "classifier's or tagger's head is never pruned, whatever this says)."
+        ),
     )
     min_sparsity: float = Field(0.0, ge=0, lt=1, description="global scope: lowest sparsity of any layer.")
     max_sparsity: float = Field(0.98, ge=0, lt=1, description="global scope: highest sparsity of any layer.")
