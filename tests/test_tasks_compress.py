@@ -194,8 +194,9 @@ def test_a_teacher_with_other_labels_is_refused(tmp_path: Path, tiny_bert: Path)
     model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
     other = head_model(tiny_bert, tmp_path / "other", "sequence", ("sport", "money"))
     stages = [{**DISTILL, "teacher": str(other)}]
-    with pytest.raises(UserError, match="same labels in the same order"):
+    with pytest.raises(UserError, match=r"stages\[0\].teacher: .* same labels in the same order"):
         api.run(recipe(tmp_path, model, "classification", _topic_data(tmp_path), stages))
+    assert not list((tmp_path / "runs").glob("*/01_*"))  # refused before any stage
 
 
 TRAIN: dict[str, Any] = {"type": "train", "epochs": 1}

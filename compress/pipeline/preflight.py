@@ -38,6 +38,7 @@ def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
     _check_lengths(recipe, _positions(recipe, source))
     for where, teacher in teachers(recipe):
         _check_teacher(recipe, where, teacher)
+        _check_teacher_labels(recipe, where, teacher, source)
     if deep:
         _load_files(recipe)
         check_task_data(recipe, source, Context(recipe=recipe, run_dir=recipe.output.dir / recipe.name))
@@ -106,6 +107,19 @@ def _check_teacher(recipe: Recipe, where: str, teacher: Path) -> None:
     length = recipe.data.max_length
     if isinstance(positions, int) and length > positions and not zoo:  # zoo stages cut to the shorter model
         raise UserError(f"{where}: the teacher takes {positions} tokens, less than data.max_length {length}")
+
+
+def _check_teacher_labels(recipe: Recipe, where: str, teacher: Path, source: Artifact) -> None:
+    """A Hugging Face classifier's or tagger's teacher predicts the model's labels in the model's order (the
+    soft targets are compared output by output). After a train stage the head is made then: checked there."""
+    if source.kind != "hf" or recipe.task == "embedding" or any(s.type == "train" for s in recipe.stages):
+        return
+    ours, theirs = hf.model_labels(source.file("model")), hf.model_labels(teacher)
+    if theirs != ours:
+        raise UserError(
+            f"{where}: {teacher} predicts labels {list(theirs or ())[:8]}, the model {list(ours or ())[:8]}: "
+            "a teacher needs one head with the same labels in the same order"
+        )
 
 
 def teacher_fingerprint(stage: Any) -> dict[str, str]:
