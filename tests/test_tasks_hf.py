@@ -218,3 +218,14 @@ def test_a_bare_encoder_needs_a_train_stage(tmp_path: Path, tiny_bert: Path) -> 
     data = {"evaluation": {"path": str(write(tmp_path / "ev.jsonl", topic_rows(8, 0))), "label_field": "label"}}
     path = recipe(tmp_path, tiny_bert, "classification", data, STAGES)
     assert_user_error(cli("run", str(path)), "no classification head", "train stage")
+
+
+def test_structured_pruning_of_another_layout_is_refused(tmp_path: Path) -> None:
+    """DistilBERT's layers are not BERT's: structured pruning and distillation say so before any work."""
+    from tests.hf_archs import build
+
+    model = build("distilbert", tmp_path / "m", head="sequence", labels=("money", "sport"))
+    data = {"evaluation": {"path": str(write(tmp_path / "ev.jsonl", topic_rows(8, 0))), "label_field": "label"}}
+    prune = {"type": "prune", "method": "structured", "heads": 0.25}
+    path = recipe(tmp_path, model, "classification", data, [prune, *STAGES])
+    assert_user_error(cli("check", str(path)), "stages[0] (prune)", "not distilbert")

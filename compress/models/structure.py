@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 STRUCTURE_KEY = "edge_compress_structure"
+# Architectures whose layers this surgery (and layer dropping) knows: encoder.layer[i].attention.self/output,
+# intermediate.dense, output.dense. Others are refused before a run (compress.pipeline.preflight).
+BERT_LAYOUT = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 
 
 def keep_rows(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:

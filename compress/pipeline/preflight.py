@@ -19,6 +19,7 @@ from compress.models import hf
 from compress.models.architectures import usable_positions
 from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
 from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
+from compress.models.structure import BERT_LAYOUT
 from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
@@ -36,6 +37,7 @@ def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
         if isinstance(spec, FileSet) and not spec.path.is_file():
             raise UserError(f"data.{role}.path: {spec.path} does not exist")
     _check_lengths(recipe, _positions(recipe, source))
+    _check_layout(recipe, source)
     for where, teacher in teachers(recipe):
         _check_teacher(recipe, where, teacher)
         _check_teacher_labels(recipe, where, teacher, source)
@@ -138,6 +140,26 @@ def _positions(recipe: Recipe, source: Artifact) -> int | None:
     if isinstance(model, NewModel):
         return ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **model.architecture}).max_len
     return usable_positions(hf.read_config(source.file("model")))
+
+
+def _check_layout(recipe: Recipe, source: Artifact) -> None:
+    """Structured pruning, its refit and distillation work on the layers of BERT-layout encoders; another
+    architecture is refused before any work (masks and the other stages work on every architecture)."""
+    if source.kind != "hf":
+        return
+    needs = [
+        f"stages[{i}] ({stage.type})"
+        for i, stage in enumerate(recipe.stages)
+        if stage.type == "distill"
+        or (stage.type == "prune" and (stage.method == "structured" or stage.reconstruct is not None))
+        or (stage.type == "prune" and getattr(stage.recovery, "distill", False))
+    ]
+    kind = hf.read_config(source.file("model")).get("model_type")
+    if needs and kind not in BERT_LAYOUT:
+        raise UserError(
+            f"{needs[0]}: structured pruning and distillation work on {', '.join(sorted(BERT_LAYOUT))} encoders "
+            f"so far, not {kind} (unstructured, N:M and block masks, export, quantize and qat work on it)"
+        )
 
 
 def _check_lengths(recipe: Recipe, positions: int | None) -> None:
