@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench bench-tasks clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,10 @@ test: lint typecheck
 
 bench: setup
 	$(PY) benchmarks/minilm_int8.py
+
+# The reference task models against the alternatives (needs runs/NAME-int8 of recipes/NAME-int8.yaml).
+bench-tasks: setup
+	$(PY) benchmarks/tasks.py bbc-news snli brown-pos
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
