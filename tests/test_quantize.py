@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from compress.context import Context
-from compress.errors import StageFailed, UserError
+from compress.errors import StageFailed
 from compress.pipeline import run
 from compress.recipe import load_recipe
 from compress.runtime import presets
@@ -154,6 +154,7 @@ def test_vnni_flag_read_from_cpuinfo(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- accuracy-aware search
 PENALTY = {"a": 0.001, "b": 0.03, "c": 0.0005, "d": 0.01}
+RANKED = ("b", "d", "a", "c")  # most sensitive first
 
 
 def _fake_pipeline(tmp_path: Path) -> tuple[Callable[[list[str], Path], None], Callable[[Path], float], Path]:
@@ -172,18 +173,20 @@ def _fake_pipeline(tmp_path: Path) -> tuple[Callable[[list[str], Path], None], C
 
 
 def _search(
-    tmp_path: Path, goal: QuantizeGoal, budget: float = 60.0, candidates: tuple[str, ...] = tuple(PENALTY)
+    tmp_path: Path, goal: QuantizeGoal, budget: float = 60.0, candidates: tuple[str, ...] = RANKED
 ) -> quantize_search.SearchResult:
     quantize, evaluate, fp32 = _fake_pipeline(tmp_path)
+    fp32_metric = evaluate(fp32)
     return quantize_search.search(
-        candidates=list(candidates),
+        ranking=list(candidates),  # ranked by the one-pass sensitivity (tests/test_quantize_sensitivity.py)
+        scores=[PENALTY[c] ** 0.5 for c in candidates],
         fixed_float=[],
         quantize=quantize,
         evaluate=evaluate,
-        fp32_model=fp32,
-        goal=goal,
+        target=quantize_search.Target(
+            "accuracy", fp32_metric, quantize_search.allowed_drop(goal, fp32_metric), "quantize.goal"
+        ),
         budget_s=budget,
-        metric_name="accuracy",
         work_dir=tmp_path,
         out=tmp_path / "out.json",
         log=lambda _: None,
@@ -192,10 +195,10 @@ def _search(
 
 def test_search_keeps_most_sensitive_nodes_in_float_until_goal(tmp_path: Path) -> None:
     result = _search(tmp_path, QuantizeGoal(max_drop=0.002))
-    assert [r["node"] for r in result.ranking] == ["b", "d", "a", "c"]  # sensitivity order
+    assert result.ranking == ["b", "d", "a", "c"]
     chosen = result.trials[result.chosen]
     assert chosen.in_float == ["b", "d"] and chosen.met  # drop 0.0015 <= 0.002; top-1 alone was not enough
-    assert [t.phase for t in result.trials] == ["full"] + ["sensitivity"] * 4 + ["search"]
+    assert [t.phase for t in result.trials] == ["full", "predicted", "bisect"]  # predicted 2, confirmed by 1
     assert json.loads((tmp_path / "out.json").read_text()) == ["b", "d"]
     saved = json.loads((tmp_path / "search.json").read_text())
     assert len(saved["trials"]) == len(result.trials) and saved["chosen"] == result.chosen
@@ -203,7 +206,7 @@ def test_search_keeps_most_sensitive_nodes_in_float_until_goal(tmp_path: Path) -
 
 def test_search_stops_at_once_when_full_int8_meets_the_goal(tmp_path: Path) -> None:
     result = _search(tmp_path, QuantizeGoal(max_drop=0.05))
-    assert len(result.trials) == 1 and result.trials[0].in_float == [] and result.stopped_by == "goal met"
+    assert len(result.trials) == 1 and result.trials[0].in_float == [] and result.stopped_by == "target met"
 
 
 def test_relative_goal_scales_with_the_fp32_metric(tmp_path: Path) -> None:
@@ -216,13 +219,14 @@ def test_unreachable_goal_fails_and_keeps_the_trials(tmp_path: Path) -> None:
     with pytest.raises(StageFailed, match="goal not met"):  # b and d are not candidates: they stay int8
         _search(tmp_path, QuantizeGoal(max_drop=0.01), candidates=("a", "c"))
     saved = json.loads((tmp_path / "search.json").read_text())
-    assert [t["phase"] for t in saved["trials"]] == ["full", "sensitivity", "sensitivity", "search"]
+    assert [t["phase"] for t in saved["trials"]] == ["full", "predicted"]  # predicted: both, still short
     assert saved["trials"][saved["chosen"]]["in_float"] == ["a", "c"]  # the best it found is recorded
 
 
-def test_budget_too_small_for_one_trial_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="too small to run one trial"):
+def test_budget_smaller_than_a_trial_stops_after_all_int8(tmp_path: Path) -> None:
+    with pytest.raises(StageFailed, match="time budget"):
         _search(tmp_path, QuantizeGoal(max_drop=0.002), budget=1e-9)
+    assert len(json.loads((tmp_path / "search.json").read_text())["trials"]) == 1
 
 
 # --------------------------------------------------------------------------------------- the stage
@@ -248,7 +252,7 @@ def test_stage_searches_when_full_int8_misses_the_goal(recipe_for: Callable[...,
     search = json.loads((run_dir / "02_quantize" / "metrics.json").read_text())["accuracy_aware"]
     chosen = search["trials"][search["chosen"]]
     assert chosen["met"] and chosen["in_float"] and chosen["drop"] <= full_drop * 0.999
-    assert search["ranking"] and search["trials"][1]["phase"] == "sensitivity"
+    assert search["ranking"] and search["trials"][1]["phase"] == "predicted"
 
 
 def test_preset_decides_types_and_is_recorded(recipe_for: Callable[..., Path]) -> None:

@@ -20,13 +20,11 @@ from compress.artifact import Artifact
 from compress.context import Context
 from compress.errors import StageFailed, UserError
 from compress.runtime import feeds, presets
-from compress.runtime.evaluation import pad_outputs, task_scoring
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
 from compress.runtime.kernels import count_kernels
-from compress.runtime.session import session
-from compress.stages.quantize import calibration
-from compress.stages.quantize import search as quantize_search
+from compress.stages.quantize import calibration, keep_float
 from compress.stages.quantize.config import QuantizeStage
+from compress.stages.quantize.sensitivity import Int8Spec
 
 STATIC_DEFAULT_OPS = ("MatMul", "Gemm")
 # What quantize_dynamic quantizes by default that does arithmetic (its registry less Transpose).
@@ -45,8 +43,9 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
     if overrides:
         ctx.warn(f"quantize: the recipe overrides preset {preset.name}: {', '.join(overrides)}")
 
-    settings, calibration, search_report = _quantize(artifact, cfg, ctx, types, excluded)
-    kernels = _int8_kernels(out, settings, cfg, ctx, in_float=len(excluded) + _searched(search_report))
+    settings, calibration, kept, search_report = _quantize(artifact, cfg, ctx, types, excluded)
+    in_float = len(kept["kept_in_float"]["nodes"]) if kept else 0
+    kernels = _int8_kernels(out, settings, cfg, ctx, in_float=len(excluded) + in_float)
 
     fidelity = quick_fidelity(artifact, out, settings, ctx)
     shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
@@ -57,7 +56,9 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         **types,
         "calibration": calibration,
         "per_channel": cfg.per_channel,
+        "attention_matmuls": _attention_matmuls(cfg),
         "excluded_nodes": excluded,
+        **(kept or {"kept_in_float": None}),
         "kernels": kernels,
         "size_bytes": out.stat().st_size,
         "fp32_size_bytes": source.stat().st_size,
@@ -88,12 +89,14 @@ def _quiet_quantizer() -> Iterator[None]:
 
 def _quantize(
     artifact: Artifact, cfg: QuantizeStage, ctx: Context, types: dict[str, Any], excluded: list[str]
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-    """Write ctx.out_dir/model.onnx; returns (session settings, calibration summary, accuracy-aware report)."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Write ctx.out_dir/model.onnx; returns (session settings, calibration summary, what stays float and why,
+    the goal's search report)."""
     source, out = artifact.file("model"), ctx.out_dir / "model.onnx"
     settings: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
     typed: Path | None = None
+    ranges = None
     with _quiet_quantizer():
         try:
             if cfg.mode == "dynamic":
@@ -113,28 +116,38 @@ def _quantize(
                 }
                 quantize = partial(_static, typed=typed, cfg=cfg, types=types, cache=cal.cache)
                 settings = QDQ_SESSION
-            if cfg.goal is None:
-                quantize(excluded, out)
-                return settings, calibration, None
-            report = _accuracy_aware(
-                source,
-                cfg=cfg,
-                ctx=ctx,
-                artifact=artifact,
-                quantize=quantize,
-                excluded=excluded,
-                settings=settings,
-                out=out,
+                ranges = calibration_ranges(cal.cache)
+            spec = Int8Spec(
+                cfg.per_channel, types["reduce_range"], types["weight_type"], types["activation_type"], ranges
             )
-            return settings, calibration, report
+            plan = keep_float.Plan(quantize, _candidates(source, cfg, excluded), excluded, spec, settings, out)
+            kept, search_report = keep_float.apply(artifact, cfg, ctx, plan)
+            return settings, calibration, kept, search_report
         finally:
             if typed is not None:
                 typed.unlink(missing_ok=True)
 
 
-def _searched(report: dict[str, Any] | None) -> int:
-    """How many nodes the accuracy-aware search put back in float."""
-    return len(report["trials"][report["chosen"]]["in_float"]) if report else 0
+def _attention_matmuls(cfg: QuantizeStage) -> str | None:
+    """Dynamic: whether MatMuls of two activations are quantized (int8 unless the recipe says float)."""
+    return None if cfg.mode == "static" else (cfg.attention_matmuls or "int8")
+
+
+def _candidates(source: Path, cfg: QuantizeStage, excluded: list[str]) -> list[str]:
+    """The nodes the quantizer would quantize (its op types), less those the recipe keeps in float."""
+    import onnx
+
+    types = set(cfg.op_types or (STATIC_DEFAULT_OPS if cfg.mode == "static" else DYNAMIC_COMPUTE_OPS))
+    graph = onnx.load(str(source), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    float_attention = _attention_matmuls(cfg) == "float"
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type in types
+        and n.name not in excluded
+        and not (float_attention and n.op_type == "MatMul" and n.input[1] not in weights)
+    ]
 
 
 def _int8_kernels(
@@ -186,8 +199,12 @@ def _dynamic(excluded: list[str], out: Path, *, source: Path, cfg: QuantizeStage
         weight_type=QuantType[QTYPES[types["weight_type"]]],
         op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None,
         nodes_to_exclude=list(excluded),
-        # Custom-domain ops (fused Attention...) defeat ONNX's shape inference; their outputs are float.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        extra_options={
+            # Custom-domain ops (fused Attention...) defeat ONNX's shape inference; their outputs are float.
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+            # quantize_dynamic's default (True) leaves MatMuls of two activations (unfused attention) in float.
+            "MatMulConstBOnly": _attention_matmuls(cfg) == "float",
+        },
     )
 
 
@@ -236,64 +253,6 @@ def _calibrate(typed: Path, cfg: QuantizeStage, ctx: Context, artifact: Artifact
     return result
 
 
-def _accuracy_aware(
-    source: Path,
-    *,
-    cfg: QuantizeStage,
-    ctx: Context,
-    artifact: Artifact,
-    quantize: quantize_search.Quantizer,
-    excluded: list[str],
-    settings: dict[str, Any],
-    out: Path,
-) -> dict[str, Any]:
-    assert cfg.goal is not None
-    import onnx
-
-    texts = feeds.evaluation_texts(ctx)[: cfg.goal.samples]
-    encode = feeds.encoder(artifact)
-    length, size = artifact.usable_length(ctx.data.max_length), ctx.data.batch_size
-    batches = [encode(texts[i : i + size], length, None) for i in range(0, len(texts), size)]
-
-    def outputs(model: Path, extra: dict[str, Any]) -> np.ndarray:
-        sess = session(model, threads=2, settings=extra)
-        return pad_outputs([sess.run(None, b)[0] for b in batches])
-
-    if ctx.task == "embedding":
-        score, name = quantize_search.embedding_metric(outputs(source, {})), "cosine to fp32"
-    else:  # the task metric (accuracy; per word for a tagger) on the goal's evaluation examples
-        scoring = task_scoring(ctx, artifact, length)
-        name = scoring.metric
-
-        def score(out: np.ndarray) -> float:
-            return float(scoring.score(out, len(out))[scoring.metric])
-
-    def evaluate(model: Path) -> float:
-        return score(outputs(model, settings if model != source else {}))
-
-    # The ops the quantizer quantizes are the candidates; data movement (Transpose) is never sensitive.
-    types = set(cfg.op_types or (STATIC_DEFAULT_OPS if cfg.mode == "static" else DYNAMIC_COMPUTE_OPS))
-    graph = onnx.load(str(source), load_external_data=False).graph
-    candidates = [n.name for n in graph.node if n.op_type in types and n.name not in excluded]
-    ctx.log(f"accuracy-aware: goal on {len(texts)} evaluation texts, {len(candidates)} candidate nodes")
-    work = ctx.out_dir / "search"
-    work.mkdir(parents=True, exist_ok=True)
-    result = quantize_search.search(
-        candidates=candidates,
-        fixed_float=excluded,
-        quantize=quantize,
-        evaluate=evaluate,
-        fp32_model=source,
-        goal=cfg.goal,
-        budget_s=cfg.time_budget,
-        metric_name=name,
-        work_dir=work,
-        out=out,
-        log=ctx.log,
-    )
-    return result.to_dict()
-
-
 def _with_shapes(source: Path, ctx: Context) -> Path:
     """A copy of the model with symbolic shape inference run (it knows ONNX Runtime's fused ops).
 
@@ -325,6 +284,14 @@ def _excluded_nodes(model: Path, patterns: tuple[str, ...]) -> list[str]:
             raise UserError(f"stages: quantize.exclude_nodes: {pattern!r} matches no node of the model")
         chosen += [h for h in hits if h not in chosen]
     return chosen
+
+
+def calibration_ranges(cache: Path) -> dict[str, tuple[float, float]]:
+    """The calibrated (min, max) of each activation tensor, from ONNX Runtime's calibration cache."""
+    from onnxruntime.quantization import load_tensors_data
+
+    data = load_tensors_data(cache).data
+    return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1]))) for name, t in data.items()}
 
 
 def _calibration_batches(ctx: Context, artifact: Artifact, samples: int) -> Iterator[dict[str, np.ndarray]]:

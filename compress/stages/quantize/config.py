@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -26,6 +26,12 @@ class QuantizeGoal(Strict):
     samples: int | None = Field(
         None, ge=1, le=10**8, description="Measure the goal on at most this many evaluation texts (faster trials)."
     )
+
+
+DEFAULT_FLOOR = 0.99
+DEFAULT_SENSITIVITY_SAMPLES = 16
+# A node count, or a policy; strict: `true` is not 1.
+KeepSensitive = Literal["auto", "none"] | Annotated[int, Field(ge=0, le=10**6, strict=True)]
 
 
 class QuantizeStage(Strict):
@@ -76,18 +82,56 @@ class QuantizeStage(Strict):
     exclude_nodes: tuple[str, ...] = Field(
         (), description="Regular expressions on node names; matching nodes stay in float."
     )
+    keep_sensitive: KeepSensitive = Field(
+        "auto",
+        description=(
+            "Nodes kept in float, most sensitive first, ranked by a one-pass measure of each node's int8 error on "
+            "the sensitivity texts (README: Quantization). auto: as few as keep the mean cosine of the outputs to "
+            "fp32 on those texts >= fidelity_floor; none: every candidate node in int8; a number N: the N most "
+            "sensitive. With goal, the goal decides (leave it auto)."
+        ),
+    )
+    fidelity_floor: float = Field(
+        DEFAULT_FLOOR,
+        gt=0,
+        le=1,
+        description=(
+            "keep_sensitive: auto: the least mean cosine of the int8 model's outputs to the fp32 model's on the "
+            "sensitivity texts."
+        ),
+    )
+    sensitivity_samples: int = Field(
+        DEFAULT_SENSITIVITY_SAMPLES,
+        ge=1,
+        le=10**5,
+        description=(
+            "Texts that rank the nodes and check fidelity_floor: the first N of data.calibration (of "
+            "data.evaluation when the recipe has none), run one at a time, as deployed."
+        ),
+    )
+    attention_matmuls: Literal["int8", "float"] | None = Field(
+        None,
+        description=(
+            "Dynamic only: MatMuls of two activations (unfused attention: Q·Kᵀ and probabilities·V) in int8, "
+            "ranked like every other candidate, or in float (ONNX Runtime's default). Default: int8."
+        ),
+    )
     goal: QuantizeGoal | None = Field(
         None,
         description=(
-            "Accuracy-aware: measure each quantized node's sensitivity, then keep nodes in float, most sensitive "
-            "first, until the drop is within goal.max_drop. Every trial is in the report."
+            "Accuracy-aware: keep the nodes ranked most sensitive in float, as few as bring the drop within "
+            "goal.max_drop (predicted from the sensitivities, checked, refined by bisection). Every trial is in the "
+            "report."
         ),
     )
     time_budget: float = Field(
         900,
         gt=0,
         le=7 * 86400,
-        description="Seconds the accuracy-aware search may take; it fails when the goal is not met in time.",
+        description=(
+            "Seconds the search for the nodes kept in float (keep_sensitive: auto, or goal) may take; it fails when "
+            "its target is not met in time."
+        ),
     )
 
     @model_validator(mode="after")
@@ -96,9 +140,23 @@ class QuantizeStage(Strict):
             raise ValueError("calibration applies to mode: static only (dynamic quantization is not calibrated)")
         if self.mode == "dynamic" and self.activation_type is not None:
             raise ValueError("activation_type applies to mode: static only (dynamic activations are always uint8)")
+        self._keep_sensitive_fields()
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"exclude_nodes: {pattern!r} is not a regular expression ({exc})") from None
         return self
+
+    def _keep_sensitive_fields(self) -> None:
+        # Compared with the defaults, not with the fields given: a resolved recipe (every default written out)
+        # must parse again.
+        ranked_by_floor = self.goal is None and self.keep_sensitive == "auto"
+        if self.goal is not None and self.keep_sensitive != "auto":
+            raise ValueError("keep_sensitive: with goal, the goal decides which nodes stay float; leave it auto")
+        if self.fidelity_floor != DEFAULT_FLOOR and not ranked_by_floor:
+            raise ValueError("fidelity_floor applies to keep_sensitive: auto without goal (the goal sets its own)")
+        if self.sensitivity_samples != DEFAULT_SENSITIVITY_SAMPLES and self.keep_sensitive == "none" and not self.goal:
+            raise ValueError("sensitivity_samples: keep_sensitive: none ranks no node")
+        if self.attention_matmuls is not None and self.mode == "static":
+            raise ValueError("attention_matmuls applies to mode: dynamic (static quantizes every MatMul of op_types)")
