@@ -198,7 +198,7 @@ def test_search_keeps_most_sensitive_nodes_in_float_until_goal(tmp_path: Path) -
     assert result.ranking == ["b", "d", "a", "c"]
     chosen = result.trials[result.chosen]
     assert chosen.in_float == ["b", "d"] and chosen.met  # drop 0.0015 <= 0.002; top-1 alone was not enough
-    assert [t.phase for t in result.trials] == ["full", "predicted", "bisect"]  # predicted 2, confirmed by 1
+    assert [t.phase for t in result.trials] == ["full", "predicted", "shrink"]  # predicted 2, confirmed by 1
     assert json.loads((tmp_path / "out.json").read_text()) == ["b", "d"]
     saved = json.loads((tmp_path / "search.json").read_text())
     assert len(saved["trials"]) == len(result.trials) and saved["chosen"] == result.chosen

@@ -129,8 +129,8 @@ def _quantize(
 
 
 def _attention_matmuls(cfg: QuantizeStage) -> str | None:
-    """Dynamic: whether MatMuls of two activations are quantized (int8 unless the recipe says float)."""
-    return None if cfg.mode == "static" else (cfg.attention_matmuls or "int8")
+    """Dynamic: whether MatMuls of two activations are quantized (float unless the recipe says int8)."""
+    return None if cfg.mode == "static" else (cfg.attention_matmuls or "float")
 
 
 def _candidates(source: Path, cfg: QuantizeStage, excluded: list[str]) -> list[str]:

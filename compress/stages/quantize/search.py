@@ -4,10 +4,10 @@ The candidates come ranked by the one-pass sensitivity (sensitivity.py); trial k
 but the k top-ranked. Trial 0 is all int8: if it meets the target, that is the answer. Otherwise the
 sensitivities predict k: quantization noise from different nodes adds up in power, so the drop with the k
 top-ranked in float is about drop(0) · (Σ_{i≥k} s_i²) / (Σ_i s_i²). (On all-mpnet-base-v2 this predicted
-the measured drops at k = 2, 4, 5, 6, 8 within 10%.) The predicted k is tried, then its neighbour below;
-a miss grows k by steps of 1, 2, 4, ... until a trial meets the target, and bisection between the last
-miss and the first hit finds the smallest k that does. A good prediction costs 3 trials, a bad one
-O(log n). It relies on more float never being much worse, which holds up to the metric's noise; every
+the measured drops at k = 2, 4, 5, 6, 8 within 10%.) The predicted k is tried. A hit shrinks k by steps
+of 1, 2, 4, ... until a miss; a miss grows it by steps of 1, 2, 4, ... until a hit; bisection between the
+last miss and the first hit then finds the smallest k that meets the target. A good prediction costs 3
+trials, a bad one O(log n). It relies on more float never being much worse, which holds up to the metric's noise; every
 trial is recorded.
 
 The target is the goal's (quantize.goal: a metric on data.evaluation, at most max_drop below fp32) or the
@@ -44,7 +44,7 @@ Evaluator = Callable[[Path], float]  # model path -> metric (higher is better)
 @dataclass
 class Trial:
     index: int
-    phase: str  # full (k = 0) | predicted | grow | bisect
+    phase: str  # full (k = 0) | predicted | grow | shrink | bisect
     in_float: list[str]
     metric: float
     drop: float
@@ -174,23 +174,29 @@ class _Run:
         return spent + per_trial <= self.result.budget_s
 
     def search_from(self, k: int, n: int) -> None:
-        """Try the predicted k; then the smallest k met: its neighbour below, growth, bisection."""
-        missed, hit = 0, None
-        if self.time_for_one_more():
-            if self.trial("predicted", k).met:
-                hit = k
-            else:
-                missed, hit = self.grow(k, n)
-        else:
+        """Try the predicted k; then find the smallest k met: shrink from a hit, or grow from a miss, then bisect."""
+        if not self.time_for_one_more():
             self.result.stopped_by = "time budget"
-        if hit is None:
             return
-        if hit - missed > 1 and self.time_for_one_more():  # a tight prediction is confirmed by one trial
-            if self.trial("bisect", hit - 1).met:
-                hit -= 1
-            else:
-                missed = hit - 1
+        if self.trial("predicted", k).met:
+            missed, hit = self.shrink(k)
+        else:
+            missed, grown = self.grow(k, n)
+            if grown is None:
+                return
+            hit = grown
         self.bisect(missed, hit)
+
+    def shrink(self, hit: int) -> tuple[int, int]:
+        """k = hit - 1, - 2, - 4, ... until a trial misses: (last k missed, last k met). A tight prediction is
+        confirmed by one trial."""
+        missed, step = 0, 1
+        while hit - missed > 1 and self.time_for_one_more():
+            k = max(hit - step, missed + 1)
+            if not self.trial("shrink", k).met:
+                return k, hit
+            hit, step = k, 2 * step
+        return missed, hit
 
     def grow(self, missed: int, n: int) -> tuple[int, int | None]:
         """k = missed + 1, + 2, + 4, ... (at most n) until a trial meets the target: (last k missed, first k met)."""
