@@ -44,8 +44,9 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         ctx.warn(f"quantize: the recipe overrides preset {preset.name}: {', '.join(overrides)}")
 
     settings, calibration, kept, search_report = _quantize(artifact, cfg, ctx, types, excluded)
-    in_float = len(kept["kept_in_float"]["nodes"]) if kept else 0
-    kernels = _int8_kernels(out, settings, cfg, ctx, in_float=len(excluded) + in_float)
+    # Float by the recipe's choice: excluded, kept for fidelity, attention MatMuls (attention_matmuls: float).
+    in_float = len(excluded) + (len(kept["kept_in_float"]["nodes"]) if kept else 0) + len(_float_attention(source, cfg))
+    kernels = _int8_kernels(out, settings, cfg, ctx, in_float=in_float)
 
     fidelity = quick_fidelity(artifact, out, settings, ctx)
     shutil.copytree(artifact.file("tokenizer"), ctx.out_dir / "tokenizer")
@@ -139,15 +140,19 @@ def _candidates(source: Path, cfg: QuantizeStage, excluded: list[str]) -> list[s
 
     types = set(cfg.op_types or (STATIC_DEFAULT_OPS if cfg.mode == "static" else DYNAMIC_COMPUTE_OPS))
     graph = onnx.load(str(source), load_external_data=False).graph
+    skip = set(excluded) | set(_float_attention(source, cfg))
+    return [n.name for n in graph.node if n.op_type in types and n.name not in skip]
+
+
+def _float_attention(source: Path, cfg: QuantizeStage) -> list[str]:
+    """MatMuls of two activations that attention_matmuls: float leaves to float (dynamic mode)."""
+    if _attention_matmuls(cfg) != "float":
+        return []
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
-    float_attention = _attention_matmuls(cfg) == "float"
-    return [
-        n.name
-        for n in graph.node
-        if n.op_type in types
-        and n.name not in excluded
-        and not (float_attention and n.op_type == "MatMul" and n.input[1] not in weights)
-    ]
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
 
 
 def _int8_kernels(
