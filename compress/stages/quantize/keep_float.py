@@ -54,7 +54,9 @@ class Plan:
         return feeds.encoder(artifact)([text], tokens, tokens)
 
 
-def apply(artifact: Artifact, cfg: QuantizeStage, ctx: Context, plan: Plan) -> tuple[dict[str, Any] | None, Any]:
+def apply(
+    artifact: Artifact, cfg: QuantizeStage, ctx: Context, plan: Plan
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Write plan.out with cfg's nodes in float; returns (the kept_in_float report, the goal search report)."""
     if cfg.keep_sensitive == "none" and cfg.goal is None:
         plan.quantize(plan.excluded, plan.out)
@@ -97,8 +99,11 @@ def apply(artifact: Artifact, cfg: QuantizeStage, ctx: Context, plan: Plan) -> t
         "seconds": round(time.perf_counter() - started, 2),
         "speed_cost": _speed_cost(work / "full.onnx", plan, plan.speed_feed(artifact, ctx, texts[0]), kept),
     }
-    _warn_if_many(ctx, kept, ranked)
-    shutil.rmtree(work) if cfg.goal is None else _keep_only_log(work)
+    _warn_if_many(ctx, cfg, kept, ranked)
+    if cfg.goal is None:
+        shutil.rmtree(work)
+    else:
+        _keep_only_log(work)
     return report, goal_report
 
 
@@ -196,11 +201,11 @@ def _goal(
             return float(scoring.score(out, len(out))[scoring.metric])
 
         fp32 = metric(reference)
-    one_eval = time.perf_counter() - t0
-    if time.perf_counter() - started + one_eval >= cfg.time_budget:
+    one_eval, spent = time.perf_counter() - t0, time.perf_counter() - started
+    if spent + one_eval >= cfg.time_budget:
         raise UserError(
-            f"stages: quantize.time_budget {cfg.time_budget:g} s is too small to run one trial: evaluating the fp32 "
-            f"model alone took {one_eval:.1f} s"
+            f"stages: quantize.time_budget {cfg.time_budget:g} s is too small to run one trial: the sensitivity "
+            f"pass and one evaluation of the fp32 model took {spent:.1f} s"
         )
     ctx.log(f"quantize goal: {name} on {len(texts)} evaluation texts, {len(ranking)} ranked candidates")
     target = quantize_search.Target(name, fp32, quantize_search.allowed_drop(cfg.goal, fp32), "quantize.goal")
@@ -252,11 +257,12 @@ def _speed_cost(full: Path, plan: Plan, feed: dict[str, np.ndarray], kept: list[
     }
 
 
-def _warn_if_many(ctx: Context, kept: list[str], ranked: list[str]) -> None:
+def _warn_if_many(ctx: Context, cfg: QuantizeStage, kept: list[str], ranked: list[str]) -> None:
     if len(kept) * 4 > len(ranked):
+        other = "mode: dynamic, a qat stage" if cfg.mode == "static" else "a qat stage"
         ctx.warn(
             f"quantize: {len(kept)} of {len(ranked)} candidate nodes stay in float to keep the target: int8 holds "
-            "poorly on this model (try mode: static, or a qat stage)"
+            f"poorly on this model (try {other}, or keep_sensitive: none to quantize them all)"
         )
 
 
