@@ -1,7 +1,7 @@
 """Which nodes stay in float: ranked once by the one-pass sensitivity, then chosen by a policy.
 
 keep_sensitive: auto   as few of the top-ranked as keep the fidelity floor (cosine to fp32 on the sensitivity
-                       texts), found by doubling and bisection (search.py)
+                       texts), predicted from the sensitivities and refined by trials (search.py)
 keep_sensitive: N      the N top-ranked
 keep_sensitive: none   none (every candidate in int8, no ranking)
 goal                   as few of the top-ranked as bring the goal metric on data.evaluation within max_drop
