@@ -23,6 +23,7 @@ from compress.models.structure import BERT_LAYOUT
 from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
+from compress.stages.prune.config import PruneStage
 from compress.stages.validate.config import ValidateStage
 from compress.tasks.classification import label_map
 
@@ -151,8 +152,14 @@ def _check_layout(recipe: Recipe, source: Artifact) -> None:
         f"stages[{i}] ({stage.type})"
         for i, stage in enumerate(recipe.stages)
         if stage.type == "distill"
-        or (stage.type == "prune" and (stage.method == "structured" or stage.reconstruct is not None))
-        or (stage.type == "prune" and getattr(stage.recovery, "distill", False))
+        or (
+            isinstance(stage, PruneStage)
+            and (
+                stage.method == "structured"
+                or stage.reconstruct is not None
+                or bool(getattr(stage.recovery, "distill", False))
+            )
+        )
     ]
     kind = hf.read_config(source.file("model")).get("model_type")
     if needs and kind not in BERT_LAYOUT:

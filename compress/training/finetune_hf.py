@@ -141,8 +141,10 @@ def task_evaluation(  # noqa: PLR0917
     size = ctx.data.batch_size
     lengths = ids["attention_mask"].sum(1)
     tags = None
-    if ctx.task == "token-classification":
-        tags = [tuple(int(t) for t in row[row != IGNORE]) for row in gold]
+    if ctx.task == "token-classification":  # every word's tag, also of words truncation cut (counted apart)
+        data = ctx.tagged(role)
+        to_head = classification.label_map(data.tag_names, labels, f"data.{role}")
+        tags = [tuple(int(to_head[t]) for t in row) for row in data.tags]
 
     def run(model: Any) -> dict[str, Any]:
         chunks = []
