@@ -19,16 +19,14 @@ For the duration of an export (`exportable_longformer`) two things are replaced 
 - each LongformerSelfAttention (chunked `as_strided` code and a data-dependent `if is_global_attn:`).
 
 Anything this module cannot map exactly is a ValueError, never a silently dense graph;
-`sparse_attention_kind` tells the export stage which Hugging Face configs are not dense at all.
+`exporters.hf_attention.sparse_attention_kind` tells the export stage which configs are not dense.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import re
 import types
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,9 +38,10 @@ from torch import nn
 
 from compress.data.cache import write_atomic
 from compress.models import hf
-from compress.models.architectures import ARCHITECTURES
-from exporters.ops import DOMAIN, attach_functions, register_schemas
-from exporters.ops.torch_ops import register_torch_ops, translation_table
+from exporters.dynamo_export import check_graph, export_program
+from exporters.hf_attention import sparse_attention_kind
+from exporters.ops import attach_functions
+from exporters.ops.torch_ops import register_torch_ops
 
 INPUTS = ("input_ids", "attention_mask", "global_attention_mask", "token_type_ids", "position_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
@@ -61,37 +60,6 @@ _FORWARD_ARGS = (
     "return_dict",
     "kwargs",
 )
-
-
-def sparse_attention_kind(config: dict[str, Any]) -> str | None:
-    """What kind of non-dense attention a Hugging Face config.json asks for; None if it is dense, or if
-    its local attention exports exactly as a band mask on dense scores (ModernBERT's local layers:
-    `window="mask"` in compress.models.architectures; their export is checked like any other).
-
-    "longformer" is the one kind `export_longformer` maps; any other answer names what an exporter of
-    dense graphs would silently lose (the export stage refuses those)."""
-    model_type = str(config.get("model_type", ""))
-    layer_types = config.get("layer_types") or []
-    kind = None
-    masked = ARCHITECTURES.get(model_type)
-    if masked is not None and masked.window == "mask":
-        kind = None
-    elif model_type == "longformer":
-        kind = "longformer"
-    elif config.get("attention_window") is not None:  # LED and other Longformer-style encoders
-        kind = f"{model_type} sliding window (attention_window={config['attention_window']})"
-    elif config.get("attention_type") == "block_sparse":  # BigBird, BigBird-Pegasus
-        kind = f"{model_type} block_sparse attention"
-    # Qwen2-style configs keep a sliding_window value that is off unless use_sliding_window is set.
-    elif config.get("sliding_window") is not None and config.get("use_sliding_window") is not False:
-        kind = f"{model_type} sliding window (sliding_window={config['sliding_window']})"
-    elif any(t != "full_attention" for t in layer_types):  # Gemma-style local/global layers
-        kind = f"{model_type} layer_types {sorted(set(layer_types))}"
-    elif "local" in (config.get("attention_layers") or []):  # GPT-Neo local attention
-        kind = f"{model_type} local attention (window_size={config.get('window_size')})"
-    elif model_type == "reformer":
-        kind = "reformer LSH/local attention"
-    return kind
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -355,7 +323,13 @@ def export_longformer(
     training = module.training
     module.eval()
     try:
-        proto, windows = _export(module, model, example, output_names)
+        proto, windows = export_program(
+            module,
+            wrapped=module is not model,
+            example=example,
+            output_names=output_names,
+            exportable=exportable_longformer,
+        )
     finally:
         module.train(training)
     check_graph(proto, windows)
@@ -363,72 +337,3 @@ def export_longformer(
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(path, proto.SerializeToString())
     return windows
-
-
-def _export(
-    module: nn.Module, model: nn.Module, example: dict[str, np.ndarray], output_names: tuple[str, ...]
-) -> tuple[Any, list[int]]:
-    """torch.export with dynamic batch and sequence axes, then the ONNX translation; (ModelProto, windows)."""
-    names = tuple(example)
-    register_schemas()
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in names)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    axes = tuple({0: batch, 1: seq} for _ in names)
-    dynamic: Any = {"inputs": axes} if module is not model else axes  # the wrapper takes *inputs
-    with warnings.catch_warnings(), torch.no_grad(), exportable_longformer(module) as windows:
-        # The exporter warns about tracing details of HF code that the checks below and the output
-        # comparison cover.
-        warnings.simplefilter("ignore")
-        # torch.export directly, not through torch.onnx.export's fallbacks: a draft export would
-        # silently specialise a length-dependent branch; here it is an error.
-        program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
-        onnx_program = torch.onnx.export(
-            program,
-            input_names=list(names),
-            custom_translation_table=translation_table(),
-            opset_version=18,
-            verbose=False,
-        )
-    if onnx_program is None:  # pragma: no cover - an ExportedProgram always gives a program
-        raise ValueError("export: the dynamo exporter returned no program")
-    _name_outputs(onnx_program.model, output_names)
-    return onnx_program.model_proto, windows
-
-
-def _name_outputs(model: Any, names: tuple[str, ...]) -> None:
-    """Name the graph outputs (an onnx_ir model). The exporter names values after their aten op (e.g.
-    "embedding"); an internal value already holding an output's name is renamed first, or the graph
-    would define the name twice (onnx_export._rename_shadowed_values does the same on a file)."""
-    graph = model.graph
-    if len(graph.outputs) != len(names):
-        raise ValueError(f"export: the model returns {len(graph.outputs)} outputs, named {list(names)}")
-    outputs = {id(value) for value in graph.outputs}
-    for node in graph:
-        for value in node.outputs:
-            if value.name in names and id(value) not in outputs:
-                value.name = f"{value.name}__internal"
-    for value, name in zip(graph.outputs, names, strict=True):
-        value.name = name
-
-
-def check_graph(model: Any, windows: list[int]) -> None:
-    """The exported graph maps every layer and stays banded: one WindowedAttention node per layer with
-    that layer's window, dynamic batch and sequence axes on the inputs, and no value of the main
-    graph with two sequence-long axes (an S x S score or mask matrix). ValueError otherwise."""
-    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "WindowedAttention"]
-    got = [next(a.i for a in n.attribute if a.name == "window") for n in nodes]
-    if got != windows:
-        raise ValueError(f"export: the graph has WindowedAttention windows {got}, expected one per layer {windows}")
-    axes = [value.type.tensor_type.shape.dim[:2] for value in model.graph.input]
-    if any(d.HasField("dim_value") for dims in axes for d in dims):
-        raise ValueError("export: an input has a fixed batch or sequence size (the export specialised on the example)")
-    # The exporter records every intermediate shape; a value it did not describe could hide anything.
-    described = {v.name for v in [*model.graph.value_info, *model.graph.output]}
-    undescribed = [o for n in model.graph.node for o in n.output if o and o not in described]
-    if undescribed:
-        raise ValueError(f"export: no shape recorded for {undescribed[0]}; cannot verify the graph is banded")
-    sequence = re.compile(rf"\b{re.escape(axes[0][1].dim_param)}\b")
-    for value in [*model.graph.value_info, *model.graph.output]:
-        params = [d.dim_param for d in value.type.tensor_type.shape.dim]
-        if sum(bool(sequence.search(p)) for p in params) >= 2:
-            raise ValueError(f"export: {value.name} is {params}: an S x S value, the attention came out dense")

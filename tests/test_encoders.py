@@ -10,6 +10,7 @@ never pinned (QAttention counts differed between machines).
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -26,8 +27,9 @@ from compress.models.spec import HFModel
 from compress.runtime.kernels import count_kernels
 from compress.stages.export.config import ExportStage
 from compress.tasks import embedding
-from exporters import onnx_export, ort_fusion
+from exporters import native, onnx_export, ort_fusion
 from exporters.longformer import export_longformer
+from exporters.modernbert import export_modernbert
 from tests.conftest import TEXTS
 from tests.hf_archs import ARCHS, VOCABS, WINDOW, build
 from tests.test_cli import assert_user_error, cli
@@ -36,7 +38,7 @@ TOLERANCE = ExportStage(type="export").tolerance  # the export stage's default
 LAYERS = 2  # of every tiny model (tests/hf_archs.py)
 MAX_LENGTH = 32
 INT8_MATMULS = ("QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul")
-END_TO_END = ("distilbert", "deberta-v2", "modernbert")  # fused attention; unfused; local layers as a band mask
+END_TO_END = ("distilbert", "deberta-v2", "modernbert")  # fused attention; unfused; local layers as our op
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def test_export_matches_pytorch_fuses_where_it_can_and_runs_int8(
     example, checks = _batches(tokenizer, names)
     raw, fused_path, quantized = tmp_path / "raw.onnx", tmp_path / "model.onnx", tmp_path / "int8.onnx"
     if entry.window == "custom_op":
-        export_longformer(module, raw, example=example, output_names=embedding.OUTPUT_NAMES)
+        exporter = export_longformer if arch == "longformer" else export_modernbert
+        exporter(module, raw, example=example, output_names=embedding.OUTPUT_NAMES)
     else:
         onnx_export.export(
             module, example=example, path=raw, output_names=embedding.OUTPUT_NAMES, exporter=entry.exporter, opset=17
@@ -173,10 +176,35 @@ def test_recipe_runs_end_to_end(
     assert export["exporter"] == ARCHITECTURES[arch].exporter and export["max_abs_diff"] <= TOLERANCE
     assert isinstance(export["fused_ops"], dict) == (ARCHITECTURES[arch].ort_model_type is not None)
     assert sum(quantize["kernels"]["int8"].get(op, 0) for op in INT8_MATMULS) > 0
+    if ARCHITECTURES[arch].window == "custom_op":  # ModernBERT's one local layer (of 2) is our op, in int8 too
+        assert export["custom_ops"] == {"WindowedAttention": 1} and export["attention"] == ["windowed"]
     assert len(report.targets) == 1 and report.passed
     validated = next(iter(report.targets.values()))
     assert validated["artifact"]["task"]["pairs"] > 0
+    if ARCHITECTURES[arch].window == "custom_op":  # the report says which implementation of our op ran
+        assert validated["setup"]["custom_op_kernel"].startswith("native" if native.available() else "f")
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_modernbert_dense_attention_is_a_choice_and_a_window_over_every_position_is_refused(
+    tiny: Callable[[str], Path], recipe_for: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`dense_attention: true` exports the local layers with transformers' band mask (standard ops only),
+    said in the metrics; a window that spans every position is refused by `check`, naming that setting."""
+    stages = [
+        {"type": "export", "dense_attention": True},
+        {"type": "validate", "runs": 10, "warmup": 1, "sequence_length": 32},
+    ]
+    report = compress.run_recipe(recipe_for(name="dense", model={"hf": str(tiny("modernbert"))}, stages=stages))
+    export = report.stages[0]["metrics"]
+    assert export["attention"] == "dense (dense_attention: true)" and "custom_ops" not in export
+    assert export["exporter"] == "torchscript" and export["max_abs_diff"] <= TOLERANCE
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny("modernbert"), wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(config | {"local_attention": config["max_position_embeddings"]}))
+    proc = cli("check", str(recipe_for(name="wide", model={"hf": str(wide)})))
+    assert_user_error(proc, "stages[0] (export): model: ModernBERT local_attention", "dense_attention: true")
 
 
 def _unsupported(model_type: str, folder: Path, tokenizer_from: Path) -> Path:

@@ -43,9 +43,9 @@ class Architecture:
     ort_model_type: str | None  # onnxruntime.transformers.optimizer's model_type; None: left unfused
     unfused_because: str = ""  # why ort_model_type is None (the export's warning says it)
     exporter: Exporter = "torchscript"
-    # Local attention: "custom_op" exports it as our WindowedAttention op; "mask" keeps transformers'
-    # band mask on dense scores (exact, and checked like any graph; not faster than global attention).
-    window: Literal["custom_op", "mask"] | None = None
+    # Local attention: "custom_op" exports it as our WindowedAttention op (ModernBERT's band mask on
+    # dense scores only when the export stage says `dense_attention: true`).
+    window: Literal["custom_op"] | None = None
     # The config.json keys of the head count and width (ONNX Runtime's Attention fusion is told them).
     heads_key: str = "num_attention_heads"
     hidden_key: str = "hidden_size"
@@ -93,7 +93,8 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
                     "ONNX Runtime's encoder attention fusion does not match ModernBERT's rotary position "
                     "embeddings and fused, bias-free QKV projection"
                 ),
-                window="mask",
+                exporter="dynamo",
+                window="custom_op",
             ),
             Architecture(
                 "longformer",

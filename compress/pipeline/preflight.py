@@ -23,6 +23,8 @@ from compress.models.structure import BERT_LAYOUT
 from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
+from compress.stages.export.config import ExportStage
+from compress.stages.export.windowed import windowed_kind
 from compress.stages.prune.config import PruneStage
 from compress.stages.validate.config import ValidateStage
 from compress.tasks.classification import label_map
@@ -39,6 +41,7 @@ def preflight(recipe: Recipe, deep: bool = False) -> Artifact:
             raise UserError(f"data.{role}.path: {spec.path} does not exist")
     _check_lengths(recipe, _positions(recipe, source))
     _check_layout(recipe, source)
+    _check_attention(recipe, source)
     for where, teacher in teachers(recipe):
         _check_teacher(recipe, where, teacher)
         _check_teacher_labels(recipe, where, teacher, source)
@@ -141,6 +144,20 @@ def _positions(recipe: Recipe, source: Artifact) -> int | None:
     if isinstance(model, NewModel):
         return ZooConfig.from_dict({"format": ZOO_FORMAT, "version": ZOO_VERSION, **model.architecture}).max_len
     return usable_positions(hf.read_config(source.file("model")))
+
+
+def _check_attention(recipe: Recipe, source: Artifact) -> None:
+    """An export of attention our ops cannot keep (or would lose) is refused before any work, as the
+    export stage would refuse it."""
+    if source.kind != "hf":
+        return
+    config = hf.read_config(source.file("model"))
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, ExportStage):
+            try:
+                windowed_kind(config, stage)
+            except UserError as exc:
+                raise UserError(f"stages[{i}] (export): {exc}") from None
 
 
 def _check_layout(recipe: Recipe, source: Artifact) -> None:

@@ -14,13 +14,13 @@ from onnx import TensorProto, helper
 from transformers import LongformerConfig, LongformerModel
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+from exporters.dynamo_export import check_graph
+from exporters.hf_attention import sparse_attention_kind
 from exporters.longformer import (
     ExportLongformerSelfAttention,
-    check_graph,
     export_longformer,
     exportable_longformer,
     load_longformer,
-    sparse_attention_kind,
 )
 from exporters.ops import DOMAIN
 

@@ -20,6 +20,14 @@ class ExportStage(Strict):
             "fuses less; zoo models need it (windowed and block-sparse attention become custom ops)."
         ),
     )
+    dense_attention: bool = Field(
+        False,
+        description=(
+            "Export a ModernBERT's sliding-window layers as dense scores under a band mask (standard ONNX ops "
+            "only, quadratic in the length), for a runtime that cannot load our attention ops. Default: they "
+            "become ai.edgecompress::WindowedAttention (linear in the length)."
+        ),
+    )
     opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graph.")
     optimize: bool = Field(
         True, description="Run ONNX Runtime's transformers optimizer (operator fusion) on the exported graph."
