@@ -139,7 +139,8 @@ def test_export_matches_pytorch_fuses_where_it_can_and_runs_int8(
     else:
         assert isinstance(fused, dict)
     attention = _ops(fused_path)["Attention"] + _ops(fused_path)["MultiHeadAttention"]
-    assert attention == (LAYERS if entry.ort_model_type else 0), fused
+    ours = 1 if arch == "modernbert" else 0  # ModernBERT's global layer exports as MultiHeadAttention itself
+    assert attention - ours == (LAYERS if entry.ort_model_type else 0), fused
     agreement = onnx_export.check_against_torch(module, fused_path, checks, TOLERANCE)
     assert 0 <= agreement.max_abs_diff <= TOLERANCE
 

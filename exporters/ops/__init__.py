@@ -35,7 +35,38 @@ def register_schemas() -> None:
         schema.set_type_and_shape_inference_function(_infer_like_q)
         if not defs.has(module.NAME, VERSION, DOMAIN):
             defs.register_schema(schema)
+    if not defs.has("MultiHeadAttention", 1, "com.microsoft"):
+        defs.register_schema(_multihead_schema())
     _registered = True
+
+
+def _multihead_schema() -> Any:
+    """The part of ONNX Runtime's com.microsoft::MultiHeadAttention (contrib op, version 1) our exports
+    use: query, key, value (B, S, heads * D), no mask, bias or cache; Y like the query. onnx ships no
+    schema for ONNX Runtime's contrib ops; the exporter and onnx.checker need one."""
+    from onnx import defs, helper
+
+    from exporters.ops.schema import formal
+
+    schema = defs.OpSchema(
+        "MultiHeadAttention",
+        "com.microsoft",
+        1,
+        doc="ONNX Runtime's multi-head attention; here always without a mask (its tiled CPU kernel).",
+        inputs=[formal(n, "T", f"{n} (B, S, heads * D)") for n in ("query", "key", "value")],
+        outputs=[formal("output", "T", "(B, S, heads * D)")],
+        type_constraints=[("T", ["tensor(float)"], "float32")],
+        attributes=[
+            defs.OpSchema.Attribute("num_heads", defs.OpSchema.AttrType.INT, "number of heads"),
+            defs.OpSchema.Attribute("scale", helper.make_attribute("scale", 0.0), "score scale; 0: 1/sqrt(D)"),
+        ],
+    )
+    schema.set_type_and_shape_inference_function(_infer_like_first)
+    return schema
+
+
+def _infer_like_first(ctx: Any) -> None:
+    ctx.set_output_type(0, ctx.get_input_type(0))
 
 
 def _infer_like_q(ctx: Any) -> None:

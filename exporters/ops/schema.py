@@ -9,6 +9,9 @@ import onnxscript
 DOMAIN = "ai.edgecompress"
 VERSION = 1
 EC = onnxscript.values.Opset(DOMAIN, VERSION)
+# ONNX Runtime's contrib ops: MultiHeadAttention runs full attention as a tiled (flash) kernel on CPU,
+# O(S) memory, when it is given no mask.
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
 NEG = -1e9  # a masked score (finite, as in the PyTorch reference)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.models import attention as zoo
-from exporters.ops.schema import EC
+from exporters.ops.schema import EC, MSFT
 
 # Attention modules whose PyTorch code exports as standard ops with the same meaning.
 STANDARD = (zoo.DenseAttention, zoo.LinformerAttention, zoo.KernelizedAttention)
@@ -41,6 +41,32 @@ def windowed_reference(
 
 def _fake(q: torch.Tensor, *_: Any) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+def multihead_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Full (global) attention without a mask, ONNX Runtime's com.microsoft::MultiHeadAttention: q, k, v
+    and the output (B, S, heads * D). A caller masks keys through the inputs (see exporters.modernbert)."""
+    b, s, e = q.shape
+    qh, kh, vh = (t.view(b, t.shape[1], heads, e // heads).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(weights, vh).transpose(1, 2).reshape(b, s, e)
+
+
+def _fake_multihead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty_like(q)
+
+
+def _multihead_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: ARG001 (the API)
+    q, k, v, heads, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.attrs = (heads, scale)
+
+
+def _multihead_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    with torch.enable_grad():
+        qkv = tuple(t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+        dq, dk, dv = torch.autograd.grad(multihead_reference(*qkv, *ctx.attrs), qkv, grad)
+    return dq, dk, dv, None, None
 
 
 def block_sparse_reference(
@@ -85,10 +111,11 @@ def _block_sparse_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor |
 
 @dataclass(frozen=True)
 class TorchOps:
-    """The two torch custom ops (callable; also torch.ops.edgecompress.<name> once registered)."""
+    """The torch custom ops (callable; also torch.ops.edgecompress.<name> once registered)."""
 
     windowed_attention: Any
     block_sparse_attention: Any
+    multihead_attention: Any  # exported as ONNX Runtime's com.microsoft::MultiHeadAttention (no mask)
 
 
 _REGISTERED: list[TorchOps] = []
@@ -106,7 +133,10 @@ def register_torch_ops() -> TorchOps:
     for op, backward in ((windowed, _windowed_backward), (block_sparse, _block_sparse_backward)):
         op.register_fake(_fake)
         op.register_autograd(backward, setup_context=_save_inputs)
-    _REGISTERED.append(TorchOps(windowed, block_sparse))
+    multihead = torch.library.custom_op("edgecompress::multihead_attention", multihead_reference, mutates_args=())
+    multihead.register_fake(_fake_multihead)
+    multihead.register_autograd(_multihead_backward, setup_context=_multihead_context)
+    _REGISTERED.append(TorchOps(windowed, block_sparse, multihead))
     return _REGISTERED[0]
 
 
@@ -118,12 +148,17 @@ def _block_sparse_onnx(q: Any, k: Any, v: Any, key_mask: Any, layout: Any, block
     return EC.BlockSparseAttention(q, k, v, key_mask, layout, block_size=block, global_blocks=global_blocks)
 
 
+def _multihead_onnx(q: Any, k: Any, v: Any, heads: int, scale: float) -> Any:
+    return MSFT.MultiHeadAttention(q, k, v, num_heads=heads, scale=scale)
+
+
 def translation_table() -> dict[Any, Any]:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
     register_torch_ops()
     return {
         torch.ops.edgecompress.windowed_attention.default: _windowed_onnx,
         torch.ops.edgecompress.block_sparse_attention.default: _block_sparse_onnx,
+        torch.ops.edgecompress.multihead_attention.default: _multihead_onnx,
     }
 
 

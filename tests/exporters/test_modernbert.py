@@ -18,7 +18,12 @@ from transformers.models.modernbert.modeling_modernbert import ModernBertAttenti
 from exporters import native
 from exporters.dynamo_export import check_graph
 from exporters.hf_attention import check_modernbert, modernbert_layer_types, sparse_attention_kind
-from exporters.modernbert import ExportModernBertLocalAttention, export_modernbert, exportable_modernbert
+from exporters.modernbert import (
+    ExportModernBertAttention,
+    check_global_layers,
+    export_modernbert,
+    exportable_modernbert,
+)
 from exporters.ops import DOMAIN
 
 VOCAB, PAD = 60, 0
@@ -146,7 +151,7 @@ def test_swapped_model_matches_in_pytorch(reference: ModernBertModel) -> None:
             kinds = [type(layer.attn) for layer in reference.layers]
             got = reference(**feeds).last_hidden_state
     assert windows == [LOCAL_ATTENTION // 2] * 2
-    assert kinds == [ModernBertAttention, ExportModernBertLocalAttention, ExportModernBertLocalAttention]
+    assert kinds == [ExportModernBertAttention] * 3
     real = feeds["attention_mask"] > 0
     assert float((got - want).abs()[real].max()) < 1e-5
     assert all(type(layer.attn) is ModernBertAttention for layer in reference.layers)
@@ -154,29 +159,31 @@ def test_swapped_model_matches_in_pytorch(reference: ModernBertModel) -> None:
 
 
 def test_graph_is_mapped_and_banded(exported: tuple[Path, list[int]]) -> None:
+    """Local layers: our op; the global layer: ONNX Runtime's MultiHeadAttention with no mask input (its
+    O(S)-memory kernel); no S x S value anywhere."""
     path, windows = exported
     model = onnx.load(str(path))
     ops = [n for n in model.graph.node if n.domain == DOMAIN]
     assert [n.op_type for n in ops] == ["WindowedAttention"] * 2  # the two local layers, nothing else custom
     assert [next(a.i for a in n.attribute if a.name == "window") for n in ops] == windows == [8, 8]
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, "WindowedAttention")]
-    check_graph(model, windows, dense_layers=1)  # only the global layer's scores are S x S
-    with pytest.raises(ValueError, match="an S x S value"):
-        check_graph(model, windows, dense_layers=0)
+    check_graph(model, windows)  # dynamic (B, S) inputs, no value with two S axes
+    check_global_layers(model, 1)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 0  # no attention left as standard ops
+    with pytest.raises(ValueError, match="expected 2 unmasked"):
+        check_global_layers(model, 2)
     traces = " ".join(p.value for n in model.graph.node for p in n.metadata_props)
-    assert "create_bidirectional_sliding_window_mask" not in traces  # no S x S band mask was built
+    assert "create_bidirectional" not in traces  # no S x S mask was built
 
 
-def test_check_graph_counts_dense_softmaxes() -> None:
-    """A local layer that came out dense adds a softmax over S x S scores: refused."""
+def test_a_masked_multihead_node_is_refused() -> None:
+    """A mask input would switch ONNX Runtime's MultiHeadAttention to its O(S^2) path."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", "seq"])
-    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch", "seq", "seq"])
-    nodes = [helper.make_node("MatMul", ["x", "xt"], ["s"]), helper.make_node("Softmax", ["s"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [x], [y], value_info=[s])
-    check_graph(helper.make_model(graph), [], dense_layers=1)
-    with pytest.raises(ValueError, match="expected 2"):
-        check_graph(helper.make_model(graph), [], dense_layers=2)
+    m = helper.make_tensor_value_info("m", TensorProto.INT32, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    node = helper.make_node("MultiHeadAttention", ["x", "x", "x", "", "m"], ["y"], domain="com.microsoft")
+    with pytest.raises(ValueError, match="1 with a mask"):
+        check_global_layers(helper.make_model(helper.make_graph([node], "g", [x, m], [y])), 1)
 
 
 def test_refuses_what_it_cannot_map(reference: ModernBertModel, tmp_path: Path) -> None:
