@@ -110,9 +110,32 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
 )
 
 
+# Encoders with efficient attention that we refuse, and why (tests/exporters/test_bigbird.py checks
+# the BigBird reason against transformers).
+BIGBIRD_SPARSE = (
+    "BigBird's block_sparse attention cannot be exported exactly: in eval, transformers 5.23 replaces its "
+    "random blocks with block 0, so block 0's keys count 1 + num_random_blocks times in the softmax of every "
+    "query block but the first and last, a weighting our BlockSparseAttention op's boolean layout cannot express"
+)
+BIGBIRD_FULL = "BigBird with original_full attention is a dense encoder not yet in the table"
+
+
+def refused_because(config: Mapping[str, Any]) -> str | None:
+    """Why an encoder with efficient attention that transformers knows is refused (None: not one of them)."""
+    kind = config.get("model_type")
+    if kind == "big_bird":
+        return BIGBIRD_SPARSE if config.get("attention_type", "block_sparse") == "block_sparse" else BIGBIRD_FULL
+    if kind == "reformer":
+        return "Reformer's LSH attention is not mapped onto our ops yet (it would be exported dense or not at all)"
+    return None
+
+
 def check_supported(config: Mapping[str, Any], where: str = "model") -> None:
     """Refuse, in one line, a config.json whose model_type is not in the table."""
     kind = config.get("model_type")
+    reason = refused_because(config)
+    if reason is not None:
+        raise UserError(f"{where}: model_type {kind!r}: {reason}")
     if not isinstance(kind, str) or kind not in ARCHITECTURES:
         raise UserError(
             f"{where}: model_type {str(kind)[:60]!r} is not a supported encoder architecture "
