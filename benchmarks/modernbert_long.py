@@ -16,7 +16,9 @@ is what a run needs), interleaved medians:
   native kernels (the 8 global layers stay dense, as the model is);
 - outputs compared (max |ours - dense| over the sequence), and against PyTorch at the shortest length;
 - peak memory of one run in a fresh process: the resident-set peak during the run (reset after loading
-  through /proc/self/clear_refs) over the resident set before it.
+  through /proc/self/clear_refs) over the resident set before it, with glibc told to map large blocks
+  on their own (freed memory leaves the resident set) and to return what loading freed (malloc_trim).
+  `--part memory` reruns this part alone; each part's figures are kept in modernbert_long.json.
 
 Writes benchmarks/results/modernbert_long.md.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "modernbert_long.md"
+STORE = RESULTS.with_suffix(".json")  # each part's figures, so that one part can be rerun alone
 LENGTHS = (2048, 4096, 8192)
 VOCAB = 50368
 TARGET_SPEEDUP = 2.5
@@ -61,7 +65,7 @@ SHAPE = {
 }
 
 _PEAK = """
-import json, sys, numpy as np, onnxruntime as ort
+import ctypes, json, sys, numpy as np, onnxruntime as ort
 sys.path.insert(0, sys.argv[4])
 from exporters import native
 def status(key):
@@ -76,6 +80,7 @@ if with_native:
 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 ids = np.random.default_rng(s).integers(5, 50000, (1, s)).astype(np.int64)
 feeds = {"input_ids": ids, "attention_mask": np.ones((1, s), np.int64)}
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while loading goes back to the system
 base = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # the peak so far (loading the model) is forgotten
 sess.run(None, feeds)
@@ -178,7 +183,9 @@ def peak_memory(paths: dict[str, Path], lengths: list[int]) -> dict[int, dict[st
         peaks[s] = {}
         for name, path in paths.items():
             args = [sys.executable, "-c", _PEAK, str(path), str(s), "1" if name == "ours" else "0", str(ROOT)]
-            done = subprocess.run(args, capture_output=True, text=True, check=True)
+            # Large blocks are mmap'd and unmapped when freed, so the resident set follows what is live.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            done = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
             peaks[s][name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
         _log(f"S={s} peak MiB: " + ", ".join(f"{n} {p:.0f}" for n, p in peaks[s].items()))
     return peaks
@@ -191,16 +198,20 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write(results: dict[int, dict[str, float]], peaks: dict[int, dict[str, float]], runs: int) -> str:
+def write(store: dict[str, Any]) -> str:
+    """The markdown table from both parts' figures (JSON keys are strings)."""
+    results = {int(k): v for k, v in store["latency"]["results"].items()}
+    peaks = {int(k): v for k, v in store["memory"]["results"].items()}
     lengths = sorted(results)
     longest = lengths[-1]
+    lat, mem = store["latency"], store["memory"]
     lines = [
         "# ModernBERT-base shape at long lengths: our export vs the dense masked export (issue 23)",
         "",
-        f"`.venv/bin/python benchmarks/modernbert_long.py --runs {runs}` on {_cpu()}, "
-        f"{datetime.now(UTC):%Y-%m-%d}. Random-init ModernBERT-base shape (22 layers, 768 wide, 12 heads, "
-        "local_attention 128, every third layer global: 14 local + 8 global), batch 1, all tokens real, "
-        "2 threads, no spinning, no memory arena; medians of interleaved rounds.",
+        f"Latency: `.venv/bin/python benchmarks/modernbert_long.py {lat['command']}` on {lat['cpu']}, {lat['date']}; "
+        f"peak memory: `... {mem['command']}` on {mem['cpu']}, {mem['date']}. Random-init ModernBERT-base shape "
+        "(22 layers, 768 wide, 12 heads, local_attention 128, every third layer global: 14 local + 8 global), "
+        "batch 1, all tokens real, 2 threads, no spinning, no memory arena; medians of interleaved rounds.",
         "",
         "| S | dense masked ms | ours ms | speedup | max abs diff ours vs dense | peak MiB dense | peak MiB ours |",
         "|---|---|---|---|---|---|---|",
@@ -213,19 +224,16 @@ def write(results: dict[int, dict[str, float]], peaks: dict[int, dict[str, float
         )
     speedup = results[longest]["dense masked"] / results[longest]["ours"]
     met = "met" if speedup >= TARGET_SPEEDUP else "**not met**"
-    lines += [
-        "",
-        "## Targets",
-        "",
-        f"- ours vs dense masked at S={longest} >= {TARGET_SPEEDUP}x: **{speedup:.2f}x** ({met})",
-    ]
+    target = f"- ours vs dense masked at S={longest} >= {TARGET_SPEEDUP}x: **{speedup:.2f}x** ({met})"
+    lines += ["", "## Targets", "", target]
     if "max_diff_torch" in results[lengths[0]]:
         lines.append(f"- ours vs PyTorch at S={lengths[0]}: max abs diff {results[lengths[0]]['max_diff_torch']:.1e}")
-    if len(lengths) > 1 and peaks:
+    pairs = [(a, b) for a, b in itertools.pairwise(lengths) if a in peaks and b in peaks]
+    if pairs:
         ratios = ", ".join(
             f"{b}/{a}: {peaks[b]['ours'] / peaks[a]['ours']:.2f} "
             f"(dense {peaks[b]['dense masked'] / peaks[a]['dense masked']:.2f})"
-            for a, b in itertools.pairwise(lengths)
+            for a, b in pairs
         )
         lines.append(f"- peak memory growth per doubling of S, ours (dense): {ratios}; 2.0 is linear, 4.0 quadratic")
     return "\n".join(lines) + "\n"
@@ -235,12 +243,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--part", choices=("all", "latency", "memory"), default="all")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edge-compress" / "bench-modernbert")
     args = parser.parse_args()
+    lengths = sorted(args.lengths)
     paths, module = export_both(args.work)
-    results = latency(paths, module, sorted(args.lengths), args.runs)
-    peaks = peak_memory(paths, sorted(args.lengths))
-    text = write(results, peaks, args.runs)
+    store = json.loads(STORE.read_text()) if STORE.is_file() else {}
+    stamp = {"cpu": _cpu(), "date": f"{datetime.now(UTC):%Y-%m-%d}", "command": " ".join(sys.argv[1:])}
+    if args.part in ("all", "latency"):
+        store["latency"] = {**stamp, "runs": args.runs, "results": latency(paths, module, lengths, args.runs)}
+    if args.part in ("all", "memory"):
+        store["memory"] = {**stamp, "results": peak_memory(paths, lengths)}
+    STORE.write_text(json.dumps(store, indent=1))
+    if "latency" not in store or "memory" not in store:
+        raise SystemExit(f"{STORE} holds one part; run the other (--part) to write the table")
+    text = write(store)
     RESULTS.write_text(text)
     print(text)
 

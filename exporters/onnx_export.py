@@ -155,6 +155,14 @@ def custom_ops(path: Path) -> dict[str, int]:
     return counts
 
 
+def count_ops(path: Path, domain: str, op_type: str) -> int:
+    """How many `domain`::`op_type` nodes the model at `path` has (main graph)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(node.domain == domain and node.op_type == op_type for node in graph.node)
+
+
 @dataclass(frozen=True)
 class Agreement:
     max_abs_diff: float

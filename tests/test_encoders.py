@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 import compress
 from compress.models import hf
@@ -178,7 +179,8 @@ def test_recipe_runs_end_to_end(
     assert isinstance(export["fused_ops"], dict) == (ARCHITECTURES[arch].ort_model_type is not None)
     assert sum(quantize["kernels"]["int8"].get(op, 0) for op in INT8_MATMULS) > 0
     if ARCHITECTURES[arch].window == "custom_op":  # ModernBERT's one local layer (of 2) is our op, in int8 too
-        assert export["custom_ops"] == {"WindowedAttention": 1} and export["attention"] == ["windowed"]
+        assert export["custom_ops"] == {"WindowedAttention": 1} and export["attention"] == ["windowed", "global"]
+        assert export["global_attention"].startswith("com.microsoft::MultiHeadAttention x1, no mask input")
     assert len(report.targets) == 1 and report.passed
     validated = next(iter(report.targets.values()))
     assert validated["artifact"]["task"]["pairs"] > 0
@@ -206,6 +208,13 @@ def test_modernbert_dense_attention_is_a_choice_and_a_window_over_every_position
     (wide / "config.json").write_text(json.dumps(config | {"local_attention": config["max_position_embeddings"]}))
     proc = cli("check", str(recipe_for(name="wide", model={"hf": str(wide)})))
     assert_user_error(proc, "stages[0] (export): model: ModernBERT local_attention", "dense_attention: true")
+    qat = [{"type": "export"}, {"type": "qat", "epochs": 1}]  # QAT traces transformers' dense attention
+    with pytest.raises(compress.UserError, match=r"stages\[1\] \(qat\): a modernbert exports its attention as our ops"):
+        recipe = yaml.safe_load(recipe_for(name="qat", model={"hf": str(tiny("modernbert"))}, stages=qat).read_text())
+        recipe["data"]["train"] = recipe["data"]["calibration"]
+        (tmp_path / "qat.yaml").write_text(yaml.safe_dump(recipe))
+        compress.run_recipe(tmp_path / "qat.yaml")
+    assert not (tmp_path / "runs" / "qat").exists()  # refused before any work
 
 
 def _unsupported(model_type: str, folder: Path, tokenizer_from: Path) -> Path:

@@ -152,12 +152,18 @@ def _check_attention(recipe: Recipe, source: Artifact) -> None:
     if source.kind != "hf":
         return
     config = hf.read_config(source.file("model"))
+    windowed = None
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, ExportStage):
             try:
-                windowed_kind(config, stage)
+                windowed = windowed_kind(config, stage)
             except UserError as exc:
                 raise UserError(f"stages[{i}] (export): {exc}") from None
+        if stage.type == "qat" and windowed:
+            raise UserError(
+                f"stages[{i}] (qat): a {windowed} exports its attention as our ops, which quantization-aware "
+                "training does not keep yet; use a quantize stage"
+            )
 
 
 def _check_layout(recipe: Recipe, source: Artifact) -> None:

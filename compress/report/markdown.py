@@ -210,8 +210,9 @@ def _export_note(m: dict[str, Any]) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in m["custom_ops"].items()) or "none (standard ops only)"
         return (
             f"{m['exporter']} opset {m['opset']}; attention {'/'.join(sorted(set(m['attention'])))}; "
-            f"custom ops: {ops}, ran {m['custom_op_kernel']}; max abs diff vs PyTorch {m['max_abs_diff']:.1e} "
-            f"over {len(m['shapes_checked'])} shapes"
+            f"custom ops: {ops}, ran {m['custom_op_kernel']}; "
+            + (f"global layers: {m['global_attention']}; " if m.get("global_attention") else "")
+            + f"max abs diff vs PyTorch {m['max_abs_diff']:.1e} over {len(m['shapes_checked'])} shapes"
         )
     fused = m["fused_ops"]
     fused_txt = ", ".join(f"{k} x{v}" for k, v in fused.items()) if isinstance(fused, dict) else fused

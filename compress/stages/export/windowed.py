@@ -113,8 +113,15 @@ def custom_op_checks(
             "export: no native kernel library for this machine; ONNX Runtime runs the attention ops' "
             "function bodies (portable, slower): run `edge-compress build-ops`"
         )
-    windowed = ["windowed"] * ops.get("WindowedAttention", 0)
-    return agreement, {"attention": windowed, "custom_ops": ops, "custom_op_kernel": kernel}
+    attention = ["windowed"] * ops.get("WindowedAttention", 0)
+    extra: dict[str, Any] = {"attention": attention, "custom_ops": ops, "custom_op_kernel": kernel}
+    full = onnx_export.count_ops(path, "com.microsoft", "MultiHeadAttention")
+    if full:  # ModernBERT's global layers
+        attention += ["global"] * full
+        extra["global_attention"] = (
+            f"com.microsoft::MultiHeadAttention x{full}, no mask input (ONNX Runtime's O(S) kernel)"
+        )
+    return agreement, extra
 
 
 def check_lengths(window: int, max_length: int) -> list[int]:

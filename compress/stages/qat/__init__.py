@@ -99,6 +99,13 @@ def _task_model(ctx: Context) -> bool:
 
 
 def _setup(artifact: Artifact, cfg: QatStage, ctx: Context, preset: presets.Preset) -> Setup:
+    if (ctx.task == "embedding" or _task_model(ctx)) and artifact.meta.get("custom_ops"):
+        # An HF model whose export holds our attention ops (Longformer, ModernBERT): QAT traces the
+        # transformers model itself, which would come out dense. Refused, not silently made dense.
+        raise UserError(
+            "stages: qat: this Hugging Face model's attention exports as our ops (Longformer, ModernBERT), "
+            "which quantization-aware training does not keep yet; use a quantize stage"
+        )
     if ctx.task == "embedding":
         return _embedding(artifact, cfg, ctx, preset)
     if _task_model(ctx):
