@@ -26,7 +26,7 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ def _plan(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, nn.M
     before anything is changed: ValueError for what this export cannot reproduce exactly."""
     from transformers.models.modernbert.modeling_modernbert import ModernBertAttention, ModernBertModel
 
-    roots = [m for m in model.modules() if isinstance(m, ModernBertModel)]
+    roots: list[nn.Module] = [m for m in model.modules() if isinstance(m, ModernBertModel)]
     if not roots:
         raise ValueError(f"export: {type(model).__name__} holds no transformers ModernBertModel")
     layers: list[tuple[nn.Module, nn.Module, int | None]] = []
@@ -153,9 +153,10 @@ def _plan(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, nn.M
                 f"load it with attn_implementation in {ATTENTION}"
             )
         window = config.sliding_window
-        for index, layer in enumerate(root.layers):  # type: ignore[arg-type]
+        for index, layer in enumerate(cast(nn.ModuleList, root.layers)):
             _check_layer(layer, index, window)
-            layers.append((layer, layer.attn, int(window) if layer.attention_type == LOCAL else None))
+            attn = cast(nn.Module, layer.attn)
+            layers.append((layer, attn, int(window) if layer.attention_type == LOCAL else None))
         if not any(type(m) is ModernBertAttention for m in root.modules()):  # pragma: no cover - defensive
             raise ValueError("export: the ModernBertModel has no attention layers")
     return roots, layers
