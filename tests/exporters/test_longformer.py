@@ -23,6 +23,7 @@ from exporters.longformer import (
     load_longformer,
 )
 from exporters.ops import DOMAIN
+from tests.exporters.hf_windowed import max_real_diff, token_batch
 
 VOCAB, PAD = 60, 1
 # Two-sided windows per layer (one side 4 and 2): lengths below, at, at multiples of and above both.
@@ -64,13 +65,8 @@ def reference(folder: Path) -> LongformerModel:
 
 
 def _inputs(rng: np.random.Generator, b: int, s: int, pad: int = 0) -> dict[str, np.ndarray]:
-    ids = rng.integers(3, VOCAB, (b, s)).astype(np.int64)
-    mask = np.ones((b, s), np.int64)
-    if pad:
-        keep = max(1, s - pad)
-        mask[-1, keep:] = 0
-        ids[-1, keep:] = PAD
-    return {"input_ids": ids, "attention_mask": mask, "global_attention_mask": np.zeros((b, s), np.int64)}
+    feeds = token_batch(rng, b, s, vocab=VOCAB, pad_id=PAD, pad=pad)
+    return {**feeds, "global_attention_mask": np.zeros((b, s), np.int64)}
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +99,10 @@ def _variants(s: int) -> dict[str, dict[str, np.ndarray]]:
     return {"plain": plain, "padded": padded, "mask2+pad": mask2, "global_mask": gmask}
 
 
-def _max_diff(session: ort.InferenceSession, model: LongformerModel, feeds: dict[str, np.ndarray]) -> float:
-    with torch.no_grad():
-        want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    got = session.run(None, feeds)[0]
-    assert got.shape == want.shape
-    real = feeds["attention_mask"] > 0  # padding positions carry no meaning
-    return float(np.abs(got - want)[real].max())
-
-
 @pytest.mark.parametrize("length", LENGTHS)
 def test_onnx_matches_transformers(length: int, session: ort.InferenceSession, reference: LongformerModel) -> None:
     """Below, equal to, a multiple of and above the window; with padding and global tokens."""
-    diffs = {name: _max_diff(session, reference, feeds) for name, feeds in _variants(length).items()}
+    diffs = {name: max_real_diff(session, reference, feeds) for name, feeds in _variants(length).items()}
     assert max(diffs.values()) < TOLERANCE, diffs
 
 

@@ -25,6 +25,7 @@ from exporters.modernbert import (
     exportable_modernbert,
 )
 from exporters.ops import DOMAIN
+from tests.exporters.hf_windowed import max_real_diff, token_batch
 
 VOCAB, PAD = 60, 0
 LOCAL_ATTENTION = 16  # one-sided window 8
@@ -74,13 +75,7 @@ def reference() -> ModernBertModel:
 
 
 def _inputs(rng: np.random.Generator, b: int, s: int, pad: int = 0) -> dict[str, np.ndarray]:
-    ids = rng.integers(3, VOCAB, (b, s)).astype(np.int64)
-    mask = np.ones((b, s), np.int64)
-    if pad:
-        keep = max(1, s - pad)
-        mask[-1, keep:] = 0
-        ids[-1, keep:] = PAD
-    return {"input_ids": ids, "attention_mask": mask}
+    return token_batch(rng, b, s, vocab=VOCAB, pad_id=PAD, pad=pad)
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +93,6 @@ def _session(path: Path, with_native: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _max_diff(session: ort.InferenceSession, model: ModernBertModel, feeds: dict[str, np.ndarray]) -> float:
-    with torch.no_grad():
-        want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    got = session.run(None, feeds)[0]
-    assert got.shape == want.shape
-    real = feeds["attention_mask"] > 0  # padding positions carry no meaning
-    return float(np.abs(got - want)[real].max())
-
-
 KERNELS = ["function body", pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no ops"))]
 
 
@@ -119,7 +105,7 @@ def test_onnx_matches_transformers(
     session = _session(exported[0], kernel == "native")
     rng = np.random.default_rng(length)
     variants = {"plain": _inputs(rng, 2, length), "padded": _inputs(rng, 2, length, pad=max(1, length // 3))}
-    diffs = {name: _max_diff(session, reference, feeds) for name, feeds in variants.items()}
+    diffs = {name: max_real_diff(session, reference, feeds) for name, feeds in variants.items()}
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
@@ -127,7 +113,7 @@ def test_onnx_matches_transformers_at_8192_tokens(exported: tuple[Path, list[int
     """The longest input, one sequence with a padded tail, with the fastest kernels this machine has."""
     feeds = _inputs(np.random.default_rng(8), 1, LONG)
     feeds["attention_mask"][0, LONG - 100 :] = 0
-    assert _max_diff(_session(exported[0], native.available()), reference, feeds) < TOLERANCE
+    assert max_real_diff(_session(exported[0], native.available()), reference, feeds) < TOLERANCE
 
 
 def test_the_window_matters(reference: ModernBertModel) -> None:
