@@ -29,6 +29,7 @@ from compress.runtime.feeds import encoder, word_starts
 from compress.serving import model_inputs, server
 from compress.serving.bundle import write_bundle
 from compress.serving.bundle_check import BundleError, load_metadata
+from exporters import native
 from tests.conftest import TEXTS
 from tests.hf_archs import ARCHS, build
 from tests.test_serving import Client, free_port, start_server
@@ -316,3 +317,32 @@ def test_the_server_tokenizes_pairs_and_words_as_the_pipeline_for_every_architec
             np.testing.assert_array_equal(got.feeds[name], expected[name], err_msg=f"{arch} {kind} {name}")
         if kind == "words":
             assert got.starts == hf.word_starts(tokenizer, examples, MAX_LENGTH), arch
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built here")
+def test_a_modernbert_pair_classifier_with_our_windowed_op_is_packaged_and_served(tmp_path: Path) -> None:
+    """ModernBERT's local layers (our WindowedAttention) and global layer (ONNX Runtime's
+    MultiHeadAttention) go through export, int8, validate and package, and the server answers as the
+    pipeline's session does."""
+    model = build("modernbert", tmp_path / "mb", head="sequence", labels=NLI)
+    rows = [{"premise": TEXTS[i], "hypothesis": TEXTS[(i * 5 + 1) % 12], "label": NLI[i % 3]} for i in range(12)]
+    (tmp_path / "nli.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluation = {"path": str(tmp_path / "nli.jsonl"), "text_field": "premise", "text_pair_field": "hypothesis"}
+    run_dir, bundle = _packaged(
+        tmp_path, _recipe(tmp_path, "mb", "classification", model, {**evaluation, "label_field": "label"})
+    )
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["custom_ops"] == ["WindowedAttention"] and meta["input_kind"] == "pair"
+    artifact, session = _session(run_dir)
+    pairs = [(TEXTS[0], TEXTS[1]), (LONG, TEXTS[5])]  # the second longer than the window (8 tokens)
+    feeds = encoder(artifact)(pairs, MAX_LENGTH, None)
+    expected = _softmax(session.run(None, feeds)[0])
+    port = free_port()
+    proc = start_server(bundle, port, "--threads", "1", "--ops-library", str(native.library_path()))
+    try:
+        status, answer = Client(port).predict({"pairs": [list(p) for p in pairs], "truncate": True})
+    finally:
+        proc.terminate()
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["scores"], expected, atol=1e-5)
+    assert proc.wait(timeout=10) == 0

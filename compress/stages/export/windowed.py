@@ -19,6 +19,7 @@ from exporters.modernbert import export_modernbert
 
 WINDOWED = ("longformer", "modernbert")
 LONGFORMER_WINDOW = 512  # LongformerConfig's default attention_window (two-sided)
+PAIR_SHORTEST = 8  # the shortest pair length a window check uses
 
 
 def windowed_kind(config: dict[str, Any], cfg: ExportStage) -> str | None:
@@ -87,7 +88,9 @@ def window_checks(  # noqa: PLR0917
     else:
         one_side = modernbert_window(config)
     checks = []
-    for length in check_lengths(one_side, max_length):
+    # A pair needs room for both texts and three special tokens: shorter checks are not pairs any more.
+    shortest = PAIR_SHORTEST if input_kind == "pair" else 2
+    for length in (n for n in check_lengths(one_side, max_length) if n >= shortest):
         checks.append(hf.encode(tokenizer, texts[:2], length, names, pad_to=length, kind=input_kind))
         checks.append(hf.encode(tokenizer, texts[:3], length, names, kind=input_kind))
     if kind == "longformer":
