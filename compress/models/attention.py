@@ -5,7 +5,8 @@
 
 Each kind is a PyTorch reference implementation whose memory follows the method, never a dense S x S
 matrix (except `dense`): windowed O(S·w) (Beltagy et al. 2020), block-sparse O(S·b·blocks) (Zaheer et
-al. 2020), Linformer O(S·k) (Wang et al. 2020), Performer FAVOR+ O(S·m) (Choromanski et al. 2021).
+al. 2020), Linformer O(S·k) (Wang et al. 2020), Performer FAVOR+ O(S·m) (Choromanski et al. 2021), and (in
+compress/models/lsh.py) Reformer's LSH attention O(n_hashes·S·chunk) (Kitaev et al. 2020).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionKind = Literal["dense", "windowed", "block_sparse", "linformer", "kernelized"]
-KINDS: tuple[str, ...] = ("dense", "windowed", "block_sparse", "linformer", "kernelized")
+AttentionKind = Literal["dense", "windowed", "block_sparse", "linformer", "kernelized", "lsh"]
+KINDS: tuple[str, ...] = ("dense", "windowed", "block_sparse", "linformer", "kernelized", "lsh")
 _GROUP_ELEMENTS = 1 << 20  # scores per chunk group in banded attention (4 MB of float32)
 NEG = -1e9  # masked score: finite, so a row with nothing to attend to gives zeros-weights, not NaN
 
@@ -38,7 +39,10 @@ class AttentionConfig:
     proj_len: int = 0  # linformer: k, the projected sequence length
     max_len: int = 0  # linformer: longest sequence the projections cover
     features: int = 0  # kernelized: m random features
-    seed: int = 0  # block_sparse random blocks, kernelized features
+    chunk: int = 0  # lsh: positions per chunk of the sorted order; each chunk also sees the one before
+    n_hashes: int = 0  # lsh: hashing rounds
+    buckets: int = 0  # lsh: buckets per round (even: argmax over [xR, -xR])
+    seed: int = 0  # block_sparse random blocks, kernelized features, lsh rotations
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,6 +65,16 @@ class AttentionConfig:
                 raise ValueError("attention: linformer mixes all positions and cannot be causal (Wang et al. 2020)")
         if self.kind == "kernelized" and self.features <= 0:
             raise ValueError(f"attention.features must be > 0 for kernelized attention, got {self.features}")
+        if self.kind == "lsh":
+            self._check_lsh()
+
+    def _check_lsh(self) -> None:
+        if self.chunk <= 0 or self.n_hashes <= 0:
+            raise ValueError("attention.chunk and attention.n_hashes must be > 0 for lsh attention")
+        if self.buckets < 2 or self.buckets % 2:
+            raise ValueError(f"attention.buckets must be even and >= 2 for lsh attention, got {self.buckets}")
+        if self.global_tokens:
+            raise ValueError("attention.global_tokens: lsh attention has no global tokens")
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -430,16 +444,3 @@ def orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
     w = torch.cat(blocks)[:m]  # (m, d), rows orthonormal within each block
     norms = torch.randn(m, d, generator=gen).norm(dim=1, keepdim=True)
     return w * norms
-
-
-def build_attention(cfg: AttentionConfig, head_dim: int) -> Attention:
-    """The attention module for `cfg`. This dict is the only registry of kinds."""
-    makers = {
-        "dense": lambda: DenseAttention(cfg),
-        "windowed": lambda: WindowedAttention(cfg),
-        "block_sparse": lambda: BlockSparseAttention(cfg),
-        "linformer": lambda: LinformerAttention(cfg),
-        "kernelized": lambda: KernelizedAttention(cfg, head_dim),
-    }
-    module: Attention = makers[cfg.kind]()
-    return module

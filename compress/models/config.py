@@ -71,12 +71,24 @@ class ZooConfig:
             raise ValueError("a causal LM needs attention.causal: true")
         if self.task == "classification" and self.num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
+        self._check_attention()
+        if self.reversible and self.hourglass is not None:
+            raise ValueError("reversible blocks and hourglass are separate choices here; pick one")
+
+    def _check_attention(self) -> None:
+        """The attention kind's parameters against the model's lengths."""
         if self.attention.kind == "block_sparse" and self.max_len % self.attention.block:
             raise ValueError(f"attention.block {self.attention.block} does not divide max_len {self.max_len}")
         if self.attention.kind == "linformer" and self.attention.max_len < self.max_len:
             raise ValueError("attention.max_len must be >= max_len for linformer attention")
-        if self.reversible and self.hourglass is not None:
-            raise ValueError("reversible blocks and hourglass are separate choices here; pick one")
+        if self.attention.kind != "lsh":
+            return
+        if self.max_len % self.attention.chunk:
+            raise ValueError(f"attention.chunk {self.attention.chunk} does not divide max_len {self.max_len}")
+        if self.hourglass is not None:
+            raise ValueError(
+                "lsh attention inside an hourglass is not supported (its shortened lengths need whole chunks)"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -38,8 +38,9 @@ class Backbone(nn.Module):
         if s > self.cfg.max_len:
             raise ValueError(f"sequence length {s} exceeds the model's max_len {self.cfg.max_len}")
         key_mask = attention_mask.bool()  # (B, S)
-        if self.cfg.attention.kind == "block_sparse":  # needs whole blocks: pad, then drop the padding again
-            pad = -s % self.cfg.attention.block  # unconditional: an exported graph must pad every length
+        whole = {"block_sparse": self.cfg.attention.block, "lsh": self.cfg.attention.chunk}.get(self.cfg.attention.kind)
+        if whole:  # needs whole blocks / chunks: pad, then drop the padding again
+            pad = -s % whole  # unconditional: an exported graph must pad every length
             input_ids = F.pad(input_ids, (0, pad), value=self.cfg.pad_id)
             key_mask = F.pad(key_mask, (0, pad), value=False)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)

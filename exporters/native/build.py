@@ -34,7 +34,14 @@ ISAS = {
     "x86_64": (("sse2", "x86-64"), ("avx2", "x86-64-v3"), ("avx512", "x86-64-v4")),
     "aarch64": (("neon", "armv8-a"),),
 }
-GLUE = ("ort_glue.cc", "windowed_attention.cc", "block_sparse_attention.cc", "dispatch.cc", "register.cc")
+GLUE = (
+    "ort_glue.cc",
+    "windowed_attention.cc",
+    "block_sparse_attention.cc",
+    "lsh_attention.cc",
+    "dispatch.cc",
+    "register.cc",
+)
 CXXFLAGS = (
     "-std=c++17",
     "-O3",

@@ -1,4 +1,5 @@
-"""Our custom ONNX ops (domain ai.edgecompress, version 1): WindowedAttention and BlockSparseAttention.
+"""Our custom ONNX ops (domain ai.edgecompress, version 1): WindowedAttention, BlockSparseAttention and
+LSHAttention.
 
 Each op has a PyTorch reference (shared with the zoo), a registered ONNX OpSchema with shape
 inference, a torch custom op that the dynamo exporter translates into the op's node, and an ONNX
@@ -10,17 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporters.ops import block_sparse_attention, windowed_attention
+from exporters.ops import block_sparse_attention, lsh_attention, windowed_attention
 from exporters.ops.schema import DOMAIN, VERSION
 
 __all__ = ["DOMAIN", "OP_NAMES", "VERSION", "attach_functions", "register_schemas"]
 
-OP_NAMES = ("WindowedAttention", "BlockSparseAttention")
+OP_NAMES = ("WindowedAttention", "BlockSparseAttention", "LSHAttention")
 _registered = False
 
 
 def _modules() -> list[Any]:
-    return [windowed_attention, block_sparse_attention]
+    return [windowed_attention, block_sparse_attention, lsh_attention]
 
 
 def register_schemas() -> None:
@@ -70,7 +71,7 @@ def _infer_like_first(ctx: Any) -> None:
 
 
 def _infer_like_q(ctx: Any) -> None:
-    """Y has Q's type and shape; the masks must be (B, S) where both are known."""
+    """Y has Q's type and shape; the masks (rank-2 bool inputs) must be (B, S) where both are known."""
     from onnx import TensorProto
 
     q = ctx.get_input_type(0)
@@ -78,8 +79,8 @@ def _infer_like_q(ctx: Any) -> None:
     dims = list(shape.dim) if q.tensor_type.HasField("shape") else []
     if dims and len(dims) != 4:
         raise ValueError(f"Q must be (B, H, S, D), got rank {len(dims)}")
-    for i in (3, 4):
-        if i >= ctx.get_num_inputs() or not ctx.has_input(i):
+    for i in range(1, ctx.get_num_inputs()):
+        if not ctx.has_input(i):
             continue
         t = ctx.get_input_type(i)
         if t is None or not t.tensor_type.HasField("shape") or not dims:
@@ -117,7 +118,11 @@ def attach_functions(model: Any) -> list[str]:
 
 
 # Optional mask inputs per op: input index -> the value an absent mask means (all real / none global).
-_OPTIONAL_MASKS = {"WindowedAttention": {3: True, 4: False}, "BlockSparseAttention": {3: True}}
+_OPTIONAL_MASKS = {
+    "WindowedAttention": {3: True, 4: False},
+    "BlockSparseAttention": {3: True},
+    "LSHAttention": {2: True},
+}
 
 
 def _fill_absent_masks(model: Any) -> int:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from compress.models import attention as zoo
+from compress.models import lsh
 from exporters.ops.schema import EC, MSFT
 
 # Attention modules whose PyTorch code exports as standard ops with the same meaning.
@@ -69,6 +70,28 @@ def _multihead_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | No
     return dq, dk, dv, None, None
 
 
+def lsh_reference(
+    qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, rotations: torch.Tensor, chunk: int, causal: bool
+) -> torch.Tensor:
+    return lsh.lsh_attention(qk, v, key_mask, rotations, chunk=chunk, causal=causal)
+
+
+def _lsh_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: ARG001 (the API)
+    qk, v, mask, rotations, *attrs = inputs
+    ctx.save_for_backward(qk, v, mask, rotations)
+    ctx.attrs = attrs
+
+
+def _lsh_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    qk, v, mask, rotations = ctx.saved_tensors
+    with torch.enable_grad():
+        leaf_qk, leaf_v = (t.detach().requires_grad_(True) for t in (qk, v))
+        chunk, causal = ctx.attrs
+        out = lsh_reference(leaf_qk, leaf_v, mask, rotations, chunk, causal)
+        dqk, dv = torch.autograd.grad(out, (leaf_qk, leaf_v), grad)
+    return dqk, dv, None, None, None, None
+
+
 def block_sparse_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,6 +139,7 @@ class TorchOps:
     windowed_attention: Any
     block_sparse_attention: Any
     multihead_attention: Any  # exported as ONNX Runtime's com.microsoft::MultiHeadAttention (no mask)
+    lsh_attention: Any
 
 
 _REGISTERED: list[TorchOps] = []
@@ -136,7 +160,10 @@ def register_torch_ops() -> TorchOps:
     multihead = torch.library.custom_op("edgecompress::multihead_attention", multihead_reference, mutates_args=())
     multihead.register_fake(_fake_multihead)
     multihead.register_autograd(_multihead_backward, setup_context=_multihead_context)
-    _REGISTERED.append(TorchOps(windowed, block_sparse, multihead))
+    lsh_op = torch.library.custom_op("edgecompress::lsh_attention", lsh_reference, mutates_args=())
+    lsh_op.register_fake(_fake)
+    lsh_op.register_autograd(_lsh_backward, setup_context=_lsh_context)
+    _REGISTERED.append(TorchOps(windowed, block_sparse, multihead, lsh_op))
     return _REGISTERED[0]
 
 
@@ -152,6 +179,10 @@ def _multihead_onnx(q: Any, k: Any, v: Any, heads: int, scale: float) -> Any:
     return MSFT.MultiHeadAttention(q, k, v, num_heads=heads, scale=scale)
 
 
+def _lsh_onnx(qk: Any, v: Any, key_mask: Any, rotations: Any, chunk: int, causal: bool) -> Any:
+    return EC.LSHAttention(qk, v, key_mask, rotations, chunk=chunk, causal=int(causal))
+
+
 def translation_table() -> dict[Any, Any]:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
     register_torch_ops()
@@ -159,6 +190,7 @@ def translation_table() -> dict[Any, Any]:
         torch.ops.edgecompress.windowed_attention.default: _windowed_onnx,
         torch.ops.edgecompress.block_sparse_attention.default: _block_sparse_onnx,
         torch.ops.edgecompress.multihead_attention.default: _multihead_onnx,
+        torch.ops.edgecompress.lsh_attention.default: _lsh_onnx,
     }
 
 
@@ -217,6 +249,29 @@ class ExportBlockSparse(nn.Module):
         )
 
 
+class ExportLSH(nn.Module):
+    """LSH attention as one ai.edgecompress::LSHAttention node; its saved rotations become a constant."""
+
+    rotations: torch.Tensor
+
+    def __init__(self, source: lsh.LSHAttention) -> None:
+        super().__init__()
+        self.cfg = source.cfg
+        self.register_buffer("rotations", source.rotations.detach().clone(), persistent=False)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,  # noqa: ARG002 (the same tensor as q: queries and keys are shared)
+        v: torch.Tensor,
+        key_mask: torch.Tensor,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if global_mask is not None:
+            raise ValueError("LSH attention has no global tokens")
+        return torch.ops.edgecompress.lsh_attention(q, v, key_mask, self.rotations, self.cfg.chunk, self.cfg.causal)
+
+
 def _replacement(module: nn.Module, max_len: int) -> nn.Module | None:
     """The export form of an attention module; None to keep it (standard ops); an error if unknown."""
     kind = type(module)  # exact types: a subclass may compute something else
@@ -224,6 +279,8 @@ def _replacement(module: nn.Module, max_len: int) -> nn.Module | None:
         return ExportWindowed(cast(zoo.WindowedAttention, module).cfg)
     if kind is zoo.BlockSparseAttention:
         return ExportBlockSparse(module, max_len)  # type: ignore[arg-type]
+    if kind is lsh.LSHAttention:
+        return ExportLSH(cast(lsh.LSHAttention, module))
     if kind in STANDARD:
         return None
     raise ValueError(

@@ -46,6 +46,7 @@ def _with_stages(path: Path, stages: list[dict[str, Any]], **data: Any) -> Path:
         ({"kind": "windowed", "window": 8, "global_tokens": 1}, "WindowedAttention"),
         ({"kind": "block_sparse", "block": 8, "random_blocks": 1, "global_tokens": 1}, "BlockSparseAttention"),
         ({"kind": "linformer", "proj_len": 8, "max_len": 128}, None),
+        ({"kind": "lsh", "chunk": 8, "n_hashes": 2, "buckets": 4}, "LSHAttention"),
     ],
 )
 def test_zoo_export_uses_the_custom_op(
@@ -65,12 +66,20 @@ def test_zoo_export_uses_the_custom_op(
     assert (run_dir / "02_export" / "tokenizer" / "edge_tokenizer.json").is_file()
 
 
-def test_lm_export_compares_real_tokens(zoo_recipe: Callable[..., Path]) -> None:
-    path = _with_stages(zoo_recipe("lm", train={"epochs": 1}), [{"type": "export"}])
+@pytest.mark.parametrize(
+    ("attention", "op"),
+    [
+        ({"kind": "windowed", "window": 8, "causal": True}, "WindowedAttention"),
+        ({"kind": "lsh", "chunk": 8, "n_hashes": 2, "buckets": 4, "causal": True}, "LSHAttention"),
+    ],
+)
+def test_lm_export_compares_real_tokens(zoo_recipe: Callable[..., Path], attention: dict[str, Any], op: str) -> None:
+    path = _with_stages(zoo_recipe("lm", train={"epochs": 1}, attention=attention), [{"type": "export"}])
     run_dir = _run(path)
     metrics = json.loads((run_dir / "02_export" / "metrics.json").read_text())
-    assert metrics["custom_ops"] == {"WindowedAttention": 1}
+    assert metrics["custom_ops"] == {op: 1}
     assert metrics["max_abs_diff"] < 1e-4
+    assert metrics["custom_op_kernel"] == ("native" if native.available() else "function body")
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import torch
 from compress.models.attention import (
     AttentionConfig,
     BlockSparseAttention,
-    build_attention,
     causal_linear_attention,
     dense_attention,
 )
+from compress.models.blocks import build_attention
 
 B, H, D = 2, 3, 8
 

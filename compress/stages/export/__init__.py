@@ -163,7 +163,7 @@ def _run_zoo(artifact: Artifact, cfg: ExportStage, ctx: Context) -> tuple[Artifa
     example = tokenizer.encode(texts[:2], max_length)
     checks = [tokenizer.encode(texts, max_length), tokenizer.encode(texts[:1], max_length)]
     att = zcfg.attention
-    for length in check_lengths(att.window or att.block or att.proj_len or 64, max_length):
+    for length in check_lengths(att.window or att.block or att.chunk or att.proj_len or 64, max_length):
         checks.append(tokenizer.encode(texts[:2], length, pad_to=length))
         checks.append(tokenizer.encode(texts[:3], length))  # padded to the longest of three
     model_path = ctx.out_dir / "model.onnx"

@@ -90,11 +90,11 @@ def prune_zoo(model: Any, heads: float, ffn: float, p: int) -> tuple[Any, dict[s
     size = cfg.head_dim
     for block in blocks:
         attn = block.f.attn
-        rows = [getattr(attn, n).weight.detach().reshape(cfg.n_heads, size, -1) for n in ("q", "k", "v")]
+        rows = [getattr(attn, n).weight.detach().reshape(cfg.n_heads, size, -1) for n in attn.projections]
         out = attn.out.weight.detach().reshape(-1, cfg.n_heads, size).transpose(0, 1)
         top = torch.topk(_norm([*rows, out], p), keep_h).indices.sort().values
         idx = (top[:, None] * size + torch.arange(size)).flatten()
-        for name in ("q", "k", "v"):
+        for name in attn.projections:
             setattr(attn, name, keep_rows(getattr(attn, name), idx))
         attn.out = keep_cols(attn.out, idx)
         ff = block.g

@@ -171,13 +171,15 @@ void block_sparse_item(const BlockSparse& w, int64_t item) {
   block.store(h, rows, nullptr);
 }
 
+#include "lsh_kernel.h"
+
 void transpose(const float* k, int64_t s, int64_t d, float* kt) { transpose_keys(k, s, d, kt, transposed_stride(s)); }
 
 }  // namespace
 
 #define EC_STRINGIFY2(x) #x
 #define EC_STRINGIFY(x) EC_STRINGIFY2(x)
-extern const Kernels table = {EC_STRINGIFY(EC_ISA), transpose, windowed_item, block_sparse_item};
+extern const Kernels table = {EC_STRINGIFY(EC_ISA), transpose, windowed_item, block_sparse_item, lsh_item};
 
 }  // namespace EC_ISA
 }  // namespace ec

@@ -60,11 +60,28 @@ struct BlockSparse {
   float* kt = nullptr;  // (B, H, D, ldk): K transposed, in kt_storage, 64-byte aligned (see aligned_floats)
 };
 
+// LSHAttention, one call. Items: one per (batch, head), every round.
+struct Lsh {
+  const float* qk;
+  const float* v;
+  float* y;
+  const float* rot;  // (rounds, D, half): half = buckets / 2
+  const uint8_t* real;  // (B, S), or nullptr: every token real
+  int64_t heads, s, d, rounds, half, chunk;
+  bool causal;
+  int32_t* ints;  // scratch: lsh_ints(job) per item
+  float* floats;  // scratch: lsh_floats(job) per item
+};
+
+inline int64_t lsh_ints(const Lsh& job) { return 2 * job.s + 2 * job.half + 2; }
+inline int64_t lsh_floats(const Lsh& job) { return job.half + 2 * job.s + 3 * job.s * job.d + 2 * job.chunk + job.d; }
+
 struct Kernels {
   const char* isa;
   void (*transpose)(const float* k, int64_t s, int64_t d, float* kt);  // one head: (S, D) -> (D, ldk)
   void (*windowed)(const Windowed& job, int64_t item);
   void (*block_sparse)(const BlockSparse& job, int64_t item);
+  void (*lsh)(const Lsh& job, int64_t item);
 };
 
 // The kernels for this CPU (chosen once): the best set it runs, or the one $EDGE_COMPRESS_KERNELS names.

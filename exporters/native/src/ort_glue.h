@@ -108,5 +108,6 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, size_t n, const Fn& fn) {
 
 const OrtCustomOp* windowed_attention_op();
 const OrtCustomOp* block_sparse_attention_op();
+const OrtCustomOp* lsh_attention_op();
 
 }  // namespace ec

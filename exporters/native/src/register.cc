@@ -46,6 +46,9 @@ EC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, 
     status = api->CustomOpDomain_Add(domain, ec::block_sparse_attention_op());
   }
   if (status == nullptr) {
+    status = api->CustomOpDomain_Add(domain, ec::lsh_attention_op());
+  }
+  if (status == nullptr) {
     status = api->AddCustomOpDomain(options, domain);
   }
   if (status != nullptr) {
