@@ -196,7 +196,7 @@ def compare(root: Path, cpu: str = "neoverse-n1") -> dict[str, Any]:
 
 
 def _cases() -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
-    """Small single-node models covering both ops: padding, global tokens, causal, a random layout."""
+    """Small single-node models covering the ops: padding, global tokens, causal, a random layout, LSH."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(7)
@@ -223,6 +223,18 @@ def _cases() -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
     node = helper.make_node("BlockSparseAttention", [*feeds, "layout"], ["Y"], domain="ai.edgecompress", block_size=bs)
     init = [numpy_helper.from_array(layout, "layout")]
     cases["block_sparse"] = (_model(node, feeds, init, opsets), feeds)
+    for causal in (0, 1):
+        s = 48
+        feeds = {n: rng.standard_normal((b, h, s, d), dtype=np.float32) for n in ("QK", "V")}
+        feeds["key_padding_mask"] = np.arange(s)[None, :] < np.array([[s], [s - 13]])
+        rotations = rng.standard_normal((2, d, 3), dtype=np.float32)
+        node = helper.make_node(
+            "LSHAttention", [*feeds, "rotations"], ["Y"], domain="ai.edgecompress", chunk=8, causal=causal
+        )
+        cases[f"lsh_causal{causal}"] = (
+            _model(node, feeds, [numpy_helper.from_array(rotations, "rotations")], opsets),
+            feeds,
+        )
     return cases
 
 
@@ -231,7 +243,8 @@ def _model(node: Any, feeds: dict[str, np.ndarray], init: list[Any], opsets: lis
     from onnx.helper import np_dtype_to_tensor_dtype
 
     inputs = [helper.make_tensor_value_info(n, np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()]
-    output = helper.make_tensor_value_info("Y", np_dtype_to_tensor_dtype(np.dtype(np.float32)), feeds["Q"].shape)
+    first = next(iter(feeds.values()))  # Q (or QK): the output has its shape
+    output = helper.make_tensor_value_info("Y", np_dtype_to_tensor_dtype(np.dtype(np.float32)), first.shape)
     graph = helper.make_graph([node], node.op_type, inputs, [output], initializer=init)
     return helper.make_model(graph, opset_imports=opsets)
 
