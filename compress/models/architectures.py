@@ -118,6 +118,12 @@ BIGBIRD_SPARSE = (
     "query block but the first and last, a weighting our BlockSparseAttention op's boolean layout cannot express"
 )
 BIGBIRD_FULL = "BigBird with original_full attention is a dense encoder not yet in the table"
+REFORMER = (
+    "Reformer is not mapped onto our LSHAttention op: unless config.hash_seed is set, transformers draws new "
+    "random rotations at every forward pass (its outputs change from call to call, which no fixed graph "
+    "matches); its rotations differ per head, its chunks look back cyclically across hashing rounds, and its "
+    "'local' layers are chunked attention of another kind. Train a zoo model with attention.kind: lsh instead"
+)
 
 
 def refused_because(config: Mapping[str, Any]) -> str | None:
@@ -126,7 +132,7 @@ def refused_because(config: Mapping[str, Any]) -> str | None:
     if kind == "big_bird":
         return BIGBIRD_SPARSE if config.get("attention_type", "block_sparse") == "block_sparse" else BIGBIRD_FULL
     if kind == "reformer":
-        return "Reformer's LSH attention is not mapped onto our ops yet (it would be exported dense or not at all)"
+        return REFORMER
     return None
 
 

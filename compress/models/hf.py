@@ -32,6 +32,10 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
         raise UserError(f"{where}: {folder} is not a folder (a Hugging Face checkpoint folder is expected)")
     if not (folder / "config.json").is_file():
         raise UserError(f"{where}: {folder} has no config.json")
+    # The architecture first: a model we refuse is told so, not asked for files it would not need.
+    config = read_config(folder)
+    _refuse_code(folder, config)
+    check_supported(config, where=str(folder / "config.json"))  # one of the encoders models/architectures.py lists
     has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     if not has_weights:
         pickled = [p.name for p in folder.glob("*.bin")]
@@ -39,9 +43,6 @@ def model_folder(spec: HFModel | PackageModel) -> Path:
         raise UserError(f"{where}: {folder} holds no model.safetensors weights{hint}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{where}: {folder} has no tokenizer (tokenizer.json or vocab.txt)")
-    config = read_config(folder)
-    _refuse_code(folder, config)
-    check_supported(config, where=str(folder / "config.json"))  # one of the encoders models/architectures.py lists
     return folder
 
 
