@@ -63,9 +63,12 @@ def lsh_attention(
         raise ValueError(f"LSH attention: sequence length {s} is not a multiple of attention.chunk {chunk}")
     rounds, n = rot.shape[0], s // chunk
     order = sort_order(hash_buckets(qk, rot, key_mask))  # (B, H, R, S)
-    idx = order[..., None].expand(b, h, rounds, s, d)
-    q_sorted = torch.gather(qk[:, :, None].expand(b, h, rounds, s, d), 3, idx)  # (B, H, R, S, D)
-    v_sorted = torch.gather(v[:, :, None].expand(b, h, rounds, s, d), 3, idx)
+    # Rows moved by flat index_select / index_copy: their backwards are index_add / index_select, several
+    # times cheaper in training than gather's scatter_add over expanded 5-d tensors.
+    heads = torch.arange(b * h, device=qk.device).view(b, h, 1, 1)
+    rows = (order + heads * s).reshape(-1)  # row of (B·H·S, D) behind each sorted slot
+    q_sorted = qk.reshape(b * h * s, d).index_select(0, rows).view(b, h, rounds, s, d)
+    v_sorted = v.reshape(b * h * s, d).index_select(0, rows).view(b, h, rounds, s, d)
     keys = q_sorted / q_sorted.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     pos = order.view(b, h, rounds, n, chunk)  # original position of each sorted slot
     real = torch.gather(key_mask[:, None, None, :].expand(b, h, rounds, s), 3, order).view(b, h, rounds, n, chunk)
@@ -85,16 +88,21 @@ def lsh_attention(
     allowed = kreal[..., None, :].expand_as(scores)
     if causal:
         allowed = allowed & (kpos[..., None, :] <= qpos)
-    scores = scores.masked_fill(kpos[..., None, :] == qpos, SELF).masked_fill(~allowed, NEG)
-    # softmax, not exp(scores - lse): near the self score (-1e5) float32 steps are 0.008 apart, and a
-    # max-subtracted softmax keeps a query alone with itself at weight exactly 1.
-    out = torch.softmax(scores, dim=-1) @ vc  # (B, H, R, n, c, D)
-    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, H, R, n, c, 1)
+    # One replacement: a hidden key scores NEG, the query's own position SELF (when it may see itself).
+    replace = (kpos[..., None, :] == qpos) | ~allowed
+    scores = torch.where(replace, torch.where(allowed, SELF, NEG), scores)
+    # Max-subtracted, one exp for both the weights and the log-sum-exp: near the self score (-1e5) float32
+    # steps are 0.008 apart, and subtracting the maximum keeps a query alone with itself at weight 1.
+    top = scores.amax(dim=-1, keepdim=True).detach()
+    weights_in = torch.exp(scores - top)
+    total = weights_in.sum(dim=-1, keepdim=True)  # (B, H, R, n, c, 1)
+    out = (weights_in @ vc) / total  # (B, H, R, n, c, D)
+    lse = top + total.log()
 
     # Back to the original order, then the rounds weighed by how much each one's keys scored.
-    inverse = order.argsort(dim=-1)  # (B, H, R, S)
-    out = torch.gather(out.reshape(b, h, rounds, s, d), 3, inverse[..., None].expand(b, h, rounds, s, d))
-    lse = torch.gather(lse.reshape(b, h, rounds, s), 3, inverse)
+    slots = (order + (heads * rounds + torch.arange(rounds, device=qk.device).view(1, 1, rounds, 1)) * s).reshape(-1)
+    out = out.new_zeros(b * h * rounds * s, d).index_copy(0, slots, out.reshape(-1, d)).view(b, h, rounds, s, d)
+    lse = lse.new_zeros(b * h * rounds * s).index_copy(0, slots, lse.reshape(-1)).view(b, h, rounds, s)
     weights = torch.softmax(lse, dim=2)[..., None]  # (B, H, R, S, 1)
     return (weights * out).sum(dim=2)  # (B, H, S, D)
 
