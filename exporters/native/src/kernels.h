@@ -74,7 +74,9 @@ struct Lsh {
 };
 
 inline int64_t lsh_ints(const Lsh& job) { return 2 * job.s + 2 * job.half + 2; }
-inline int64_t lsh_floats(const Lsh& job) { return job.half + 2 * job.s + 3 * job.s * job.d + 2 * job.chunk + job.d; }
+inline int64_t lsh_floats(const Lsh& job) {
+  return job.half + 2 * job.s + 3 * job.s * job.d + job.chunk * (2 * job.chunk + job.d + 1);
+}
 
 struct Kernels {
   const char* isa;
