@@ -278,6 +278,10 @@ def test_auto_preset_uses_this_cpu(recipe_for: Callable[..., Path]) -> None:
     ("quantize", "message"),
     [
         ({"mode": "static", "goal": {"max_drop": -0.1}}, "max_drop"),
+        ({"mode": "static", "goal": {"samples": 8}}, "give one of max_drop (the task metric's drop) and min_agreement"),
+        ({"mode": "static", "goal": {"max_drop": 0.01, "min_agreement": 0.99}}, "give one of max_drop"),
+        ({"mode": "static", "goal": {"min_agreement": 0.99, "relative": True}}, "relative applies to max_drop"),
+        ({"mode": "static", "goal": {"min_agreement": 1.5}}, "min_agreement"),
         ({"mode": "static", "preset": "riscv"}, "preset"),
         ({"mode": "static", "time_budget": 0}, "time_budget"),
         ({"mode": "dynamic", "activation_type": "int8"}, "activation_type applies to mode: static only"),

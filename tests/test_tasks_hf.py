@@ -229,3 +229,19 @@ def test_structured_pruning_of_another_layout_is_refused(tmp_path: Path) -> None
     prune = {"type": "prune", "method": "structured", "heads": 0.25}
     path = recipe(tmp_path, model, "classification", data, [prune, *STAGES])
     assert_user_error(cli("check", str(path)), "stages[0] (prune)", "not distilbert")
+
+
+def test_quantize_goal_on_agreement_with_fp32(tmp_path: Path, tiny_bert: Path) -> None:
+    """goal.min_agreement searches on what the validate gate checks: predictions equal to fp32's."""
+    model = head_model(tiny_bert, tmp_path / "m", "sequence", ("sport", "money"))
+    evaluation = {"path": str(write(tmp_path / "ev.jsonl", topic_rows(24, 1))), "label_field": "label"}
+    data = {"evaluation": evaluation, "calibration": evaluation}
+    goal = {"type": "quantize", "mode": "static", "goal": {"min_agreement": 1.0}}
+    report = api.run(recipe(tmp_path, model, "classification", data, [{"type": "export"}, goal]))
+    search = report.stages[1]["metrics"]["accuracy_aware"]
+    assert search["metric_name"] == "agreement with fp32" and search["fp32"] == 1.0
+    assert search["allowed_drop"] == 0.0
+    chosen = search["trials"][search["chosen"]]
+    assert chosen["met"] and chosen["metric"] == 1.0  # every prediction as fp32's
+    # the all-int8 trial is scored the same way: a fraction of the 24 texts
+    assert round(search["trials"][0]["metric"] * 24) == pytest.approx(search["trials"][0]["metric"] * 24)

@@ -12,9 +12,11 @@ from compress.strict import Strict
 
 
 class QuantizeGoal(Strict):
-    """Accuracy-aware quantization: keep the most sensitive nodes in float until the drop is within max_drop."""
+    """Accuracy-aware quantization: keep the most sensitive nodes in float until the drop is within max_drop
+    (or the agreement with fp32 at least min_agreement)."""
 
-    max_drop: float = Field(
+    max_drop: float | None = Field(
+        None,
         ge=0,
         le=1,
         description=(
@@ -22,10 +24,27 @@ class QuantizeGoal(Strict):
             "or 1 - mean cosine of the int8 embeddings to the fp32 ones on data.evaluation (embedding)."
         ),
     )
+    min_agreement: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Instead of max_drop: the least agreement with the fp32 model on data.evaluation, as the validate "
+            "gate measures it (predictions; per word for a tagger; mean cosine for embeddings)."
+        ),
+    )
     relative: bool = Field(False, description="max_drop is a fraction of the fp32 metric instead of an absolute drop.")
     samples: int | None = Field(
         None, ge=1, le=10**8, description="Measure the goal on at most this many evaluation texts (faster trials)."
     )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> QuantizeGoal:
+        if (self.max_drop is None) == (self.min_agreement is None):
+            raise ValueError("quantize.goal: give one of max_drop (the task metric's drop) and min_agreement")
+        if self.relative and self.min_agreement is not None:
+            raise ValueError("quantize.goal: relative applies to max_drop, not min_agreement")
+        return self
 
 
 DEFAULT_FLOOR = 0.99

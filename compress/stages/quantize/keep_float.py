@@ -191,16 +191,7 @@ def _goal(
 
     t0 = time.perf_counter()
     reference = outputs(source)
-    if ctx.task == "embedding":
-        metric, name, fp32 = quantize_search.embedding_metric(reference), "cosine to fp32", 1.0
-    else:  # the task metric (accuracy; per word for a tagger) on the goal's evaluation examples
-        scoring = task_scoring(ctx, artifact, length)
-        name = scoring.metric
-
-        def metric(out: np.ndarray) -> float:
-            return float(scoring.score(out, len(out))[scoring.metric])
-
-        fp32 = metric(reference)
+    metric, name, fp32 = _goal_metric(cfg, ctx, artifact, length, reference)
     one_eval, spent = time.perf_counter() - t0, time.perf_counter() - started
     if spent + one_eval >= cfg.time_budget:
         raise UserError(
@@ -224,7 +215,25 @@ def _goal(
             started=started,
         )
     except StageFailed as exc:
-        raise StageFailed(f"{exc}; raise quantize.time_budget or goal.max_drop") from None
+        raise StageFailed(f"{exc}; raise quantize.time_budget, or goal.max_drop / lower goal.min_agreement") from None
+
+
+def _goal_metric(
+    cfg: QuantizeStage, ctx: Context, artifact: Artifact, length: int, reference: np.ndarray
+) -> tuple[Callable[[np.ndarray], float], str, float]:
+    """The goal's metric of a model's outputs (higher is better), its name, and its fp32 value."""
+    assert cfg.goal is not None
+    if cfg.goal.min_agreement is not None:  # agreement with fp32, as the validate gate measures it
+        agree = task_scoring(ctx, artifact, length).agree
+        return (lambda out: float(agree(out, reference)["value"])), "agreement with fp32", 1.0
+    if ctx.task == "embedding":
+        return quantize_search.embedding_metric(reference), "cosine to fp32", 1.0
+    scoring = task_scoring(ctx, artifact, length)  # the task metric (accuracy; per word for a tagger)
+
+    def metric(out: np.ndarray) -> float:
+        return float(scoring.score(out, len(out))[scoring.metric])
+
+    return metric, scoring.metric, metric(reference)
 
 
 def _fixed(cfg: QuantizeStage, plan: Plan, ranked: list[str], work: Path) -> list[str]:

@@ -71,6 +71,9 @@ class SearchResult:
 
 
 def allowed_drop(goal: QuantizeGoal, fp32: float) -> float:
+    if goal.min_agreement is not None:  # the metric is the agreement itself, 1.0 for the fp32 model
+        return 1.0 - goal.min_agreement
+    assert goal.max_drop is not None
     return goal.max_drop * abs(fp32) if goal.relative else goal.max_drop
 
 
