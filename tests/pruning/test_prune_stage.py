@@ -198,6 +198,7 @@ ZOO_VARIANTS = {
     "block_sparse": {"attention": {"kind": "block_sparse", "block": 4}},
     "linformer": {"attention": {"kind": "linformer", "proj_len": 8, "max_len": 32}},
     "kernelized": {"attention": {"kind": "kernelized", "features": 16}},
+    "lsh": {"attention": {"kind": "lsh", "chunk": 8, "n_hashes": 2, "buckets": 4}},  # shared QK: no k
     "reversible": {"attention": {"kind": "dense"}, "reversible": True},
     "hourglass-lm": {
         "task": "lm",
@@ -223,7 +224,7 @@ def test_zoo_structured_removal_equals_zeroed_model(variant: str) -> None:
     )
     with torch.no_grad():
         for block in (m for m in model.modules() if isinstance(m, Block)):
-            for name in ("q", "k", "v"):
+            for name in block.f.attn.projections:
                 getattr(block.f.attn, name).weight[:4] = 0
                 getattr(block.f.attn, name).bias[:4] = 0
             block.f.attn.out.weight[:, :4] = 0
