@@ -217,3 +217,45 @@ def test_validate_on_aarch64_runs_the_aarch64_kernels_and_matches_native(zoo_rec
     # the first emulated_samples texts, rounded up to whole batches (batch_size 16), not all 32
     assert arm["setup"]["evaluated_texts"] == 16 < arm["setup"]["evaluation_texts"]
     assert arm["consistency"]["value"] == 1.0 and arm["gate"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("attention", "message"),
+    [
+        ({"kind": "lsh", "chunk": 8, "n_hashes": 2, "buckets": 5}, "attention.buckets must be even"),
+        ({"kind": "lsh", "chunk": 24, "n_hashes": 2, "buckets": 4}, "attention.chunk 24 does not divide max_len 128"),
+    ],
+)
+def test_bad_lsh_settings_exit_2_before_any_work(
+    zoo_recipe: Callable[..., Path], attention: dict[str, Any], message: str
+) -> None:
+    import subprocess
+    import sys
+
+    path = zoo_recipe(attention=attention)
+    done = subprocess.run(
+        [sys.executable, "-m", "compress.cli", "run", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (path.parent / "runs").exists()
+
+
+def test_lsh_texts_of_any_length_are_padded_to_whole_chunks(zoo_recipe: Callable[..., Path]) -> None:
+    """A text whose length is not a multiple of the chunk gives the same logits alone as in a padded batch,
+    in PyTorch and in ONNX Runtime: the padding goes to its own bucket and never changes a real token."""
+    attention = {"kind": "lsh", "chunk": 8, "n_hashes": 2, "buckets": 4}
+    run_dir = _run(_with_stages(zoo_recipe(train={"epochs": 1}, attention=attention), [{"type": "export"}]))
+    from compress.models.zoo import load_zoo
+
+    model = load_zoo(run_dir / "01_train" / "model")
+    ids = torch.randint(3, 259, (2, 29))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    with torch.no_grad():
+        batch = model(ids, mask)
+        alone = model(ids[1:, :13], mask[1:, :13])
+    torch.testing.assert_close(batch[1:], alone, atol=1e-5, rtol=1e-5)
+    sess = ort.InferenceSession(str(run_dir / "02_export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert abs(got - batch.numpy()).max() < 1e-4
