@@ -319,6 +319,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per attention variant")
     parser.add_argument("--steps", type=int, default=60, help="training steps of the reversible loss curves")
     parser.add_argument("--no-train", action="store_true", help="models: report finished runs only, train nothing")
+    parser.add_argument("--out", type=Path, help="write here instead of benchmarks/results/zoo[_PART].md")
     args = parser.parse_args()
     os.chdir(ROOT)
     import torch
@@ -343,6 +344,7 @@ def main() -> None:
 
     text = "\n".join(header + sections)
     out = RESULTS if args.part == "all" else RESULTS.with_name(f"zoo_{args.part}.md")
+    out = (ROOT / args.out) if args.out else out
     write_atomic(out, text.encode())
     print(text)
     _log(f"written: {out.relative_to(ROOT)}")
