@@ -265,7 +265,15 @@ def _quantize_note(m: dict[str, Any]) -> str:
             f"; goal: {search['metric_name']} drop {best['drop']:.4f} ≤ {search['allowed_drop']:g} with "
             f"{len(best['in_float'])} nodes in float after {len(search['trials'])} trials"
         )
-    return note
+    return note + _tuning_note(m.get("graph_tuning"))
+
+
+def _tuning_note(tuned: dict[str, Any] | None) -> str:
+    """The graph tuning's choice and the medians it was made on (older reports have none)."""
+    if not tuned or not tuned.get("variants"):
+        return ""
+    timed = ", ".join(f"{name} {v['p50_ms']:.2f} ms" for name, v in tuned["variants"].items() if "p50_ms" in v)
+    return f"; graph tuned on {tuned['cpu']}: kept {tuned['chosen']} ({timed})"
 
 
 def _qat_note(m: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from compress.errors import StageFailed, UserError
 from compress.runtime import feeds, presets
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
 from compress.runtime.kernels import count_kernels
-from compress.stages.quantize import calibration, keep_float
+from compress.stages.quantize import calibration, keep_float, tuning
 from compress.stages.quantize.config import QuantizeStage
 from compress.stages.quantize.sensitivity import Int8Spec
 
@@ -45,6 +45,9 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
 
     settings, calibration, kept, search_report = _quantize(artifact, cfg, ctx, types, excluded)
     # Float by the recipe's choice: excluded, kept for fidelity, attention MatMuls (attention_matmuls: float).
+    tuned: dict[str, Any] = {"chosen": "fused", "why": "tune.enabled is false"}
+    if cfg.tune.enabled:
+        settings, tuned = tuning.tune(out, settings, artifact, cfg.tune, ctx)
     in_float = len(excluded) + (len(kept["kept_in_float"]["nodes"]) if kept else 0) + len(_float_attention(source, cfg))
     kernels = _int8_kernels(out, settings, cfg, ctx, in_float=in_float)
 
@@ -66,6 +69,7 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         "size_ratio": out.stat().st_size / source.stat().st_size,
         "fidelity_check": fidelity,
         "accuracy_aware": search_report,
+        "graph_tuning": tuned,
     }
     meta = {**artifact.meta, "precision": "int8", "session": settings, "preset": preset.name, "int8_types": types}
     files = {**artifact.files, "model": out, "tokenizer": ctx.out_dir / "tokenizer"}

@@ -47,6 +47,23 @@ class QuantizeGoal(Strict):
         return self
 
 
+class GraphTuning(Strict):
+    """Graph choices that depend on the CPU, timed on the CPU that builds the artifact (README: Quantization)."""
+
+    enabled: bool = Field(True, description="Time the variants and keep the fastest; false keeps the graph as fused.")
+    splits: tuple[Literal["skip_layer_norm", "bias_gelu"], ...] = Field(
+        ("skip_layer_norm", "bias_gelu"),
+        description=(
+            "ONNX Runtime fusions tried undone: SkipLayerNormalization -> Add + LayerNormalization, BiasGelu -> "
+            "Add + Gelu; each alone and all together against the fused graph."
+        ),
+    )
+    batch_size: int = Field(1, ge=1, le=1024, description="Examples per timed run.")
+    sequence_length: int = Field(128, ge=1, le=1 << 20, description="Tokens per example in a timed run.")
+    threads: int = Field(2, ge=1, le=1024, description="ONNX Runtime intra-op threads while timing.")
+    runs: int = Field(40, ge=3, le=100_000, description="Timed rounds (variants interleaved); medians are compared.")
+
+
 DEFAULT_FLOOR = 0.99
 DEFAULT_SENSITIVITY_SAMPLES = 16
 # A node count, or a policy; strict: `true` is not 1.
@@ -142,6 +159,13 @@ class QuantizeStage(Strict):
             "Accuracy-aware: keep the nodes ranked most sensitive in float, as few as bring the drop within "
             "goal.max_drop (predicted from the sensitivities, checked, refined by bisection). Every trial is in the "
             "report."
+        ),
+    )
+    tune: GraphTuning = Field(
+        GraphTuning(),
+        description=(
+            "Fused or split SkipLayerNormalization / BiasGelu, timed on this CPU after quantizing; the fastest "
+            "variant whose outputs match is kept, with the timings in the report."
         ),
     )
     time_budget: float = Field(
