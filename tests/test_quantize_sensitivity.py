@@ -183,6 +183,9 @@ def _recipe(recipe_for: Callable[..., Path], folder: Path) -> Path:
 
 
 def _quantize(recipe: Path, work: Path, **settings: Any) -> dict[str, Any]:
+    """Quantize the recipe's export; smoothing off unless asked for (it would cure the damaged channel, and
+    these tests are about the nodes kept in float)."""
+    settings.setdefault("smoothing", {"enabled": False})
     export = compress.run_recipe(recipe)
     fp32 = Artifact.from_json((export.run_dir / "01_export" / "artifact.json").read_text(), export.run_dir)
     _, metrics = compress.run_stage(QuantizeStage(type="quantize", **settings), fp32, recipe=recipe, work_dir=work)
@@ -214,6 +217,21 @@ def test_auto_keeps_the_damaged_node_in_float_and_names_it(
     assert none["fidelity_check"]["cosine_mean"] < metrics["fidelity_check"]["cosine_mean"]
     two = _quantize(recipe, tmp_path / "two", keep_sensitive=2)
     assert [n["rank"] for n in two["kept_in_float"]["nodes"]] == [1, 2] and two["kept_in_float"]["evaluations"] == 0
+
+
+def test_smoothing_cures_the_damaged_channel_without_float_nodes(
+    recipe_for: Callable[..., Path], damaged_bert: Path, tmp_path: Path
+) -> None:
+    recipe = _recipe(recipe_for, damaged_bert)
+    plain = _quantize(recipe, tmp_path / "plain", keep_sensitive="none")
+    smoothed = _quantize(recipe, tmp_path / "smoothed", keep_sensitive="none", smoothing={"enabled": True})
+    node = smoothed["smoothing"]["nodes"][DAMAGED]
+    assert node["alpha"] is not None and node["error_after"] < 0.5 * node["error_before"]
+    assert smoothed["fidelity_check"]["cosine_mean"] > plain["fidelity_check"]["cosine_mean"]
+    assert smoothed["fidelity_check"]["cosine_min"] > 0.99 > plain["fidelity_check"]["cosine_min"]
+    # With the default (auto), the smoothed all-int8 graph meets the floor: no node has to stay float.
+    auto = _quantize(recipe, tmp_path / "auto", smoothing={"enabled": True})
+    assert auto["kept_in_float"]["nodes"] == [] and auto["kernels"]["float_total"] == 0
 
 
 def test_goal_keeps_the_damaged_node_in_few_evaluations(

@@ -22,7 +22,8 @@ from compress.errors import StageFailed, UserError
 from compress.runtime import feeds, presets
 from compress.runtime.fidelity import QDQ_SESSION, quick_fidelity
 from compress.runtime.kernels import count_kernels
-from compress.stages.quantize import calibration, keep_float, tuning
+from compress.runtime.session import session
+from compress.stages.quantize import calibration, keep_float, smoothing, tuning
 from compress.stages.quantize.config import QuantizeStage
 from compress.stages.quantize.sensitivity import Int8Spec
 
@@ -43,7 +44,12 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
     if overrides:
         ctx.warn(f"quantize: the recipe overrides preset {preset.name}: {', '.join(overrides)}")
 
-    settings, calibration, kept, search_report = _quantize(artifact, cfg, ctx, types, excluded)
+    smoothed, smoothing_report = _smooth(artifact, cfg, ctx, types, excluded)
+    try:
+        settings, calibration, kept, search_report = _quantize(smoothed, cfg, ctx, types, excluded)
+    finally:
+        if smoothed is not artifact:
+            smoothed.file("model").unlink(missing_ok=True)
     # Float by the recipe's choice: excluded, kept for fidelity, attention MatMuls (attention_matmuls: float).
     tuned: dict[str, Any] = {"chosen": "fused", "why": "tune.enabled is false"}
     if cfg.tune.enabled:
@@ -69,6 +75,7 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
         "size_ratio": out.stat().st_size / source.stat().st_size,
         "fidelity_check": fidelity,
         "accuracy_aware": search_report,
+        "smoothing": smoothing_report,
         "graph_tuning": tuned,
     }
     meta = {**artifact.meta, "precision": "int8", "session": settings, "preset": preset.name, "int8_types": types}
@@ -131,6 +138,36 @@ def _quantize(
         finally:
             if typed is not None:
                 typed.unlink(missing_ok=True)
+
+
+def _smooth(
+    artifact: Artifact, cfg: QuantizeStage, ctx: Context, types: dict[str, Any], excluded: list[str]
+) -> tuple[Artifact, dict[str, Any]]:
+    """The artifact to quantize: its fp32 graph with outlier channels smoothed (or as it is), and the report."""
+    if not cfg.smoothing.enabled:
+        return artifact, {"enabled": False}
+    sm = cfg.smoothing
+    texts = list(ctx.calibration_examples if ctx.data.calibration is not None else feeds.evaluation_texts(ctx))
+    if not texts:
+        ctx.warn("quantize: smoothing skipped: no data.calibration or data.evaluation text to measure channels on")
+        return artifact, {"enabled": True, "skipped": "no calibration or evaluation text"}
+    target = ctx.out_dir / "smoothed.onnx"
+    ctx.log(f"smoothing outlier channels on {min(sm.samples, len(texts))} texts (alpha {sm.alpha})")
+    report = smoothing.smooth(
+        artifact.file("model"),
+        target,
+        _batches(ctx, artifact, texts[: sm.samples]),
+        {
+            "alpha": None if sm.alpha == "auto" else sm.alpha,
+            "excluded": excluded,
+            "reduce_range": types["reduce_range"],
+            "rows_per_text": sm.rows_per_text,
+            "sample_texts": sm.search_texts,
+        },
+        lambda path: session(path, threads=2),
+    )
+    ctx.log(f"smoothed {report['smoothed']} of {report['candidates']} MatMuls in {report['seconds']} s")
+    return Artifact(artifact.kind, {**artifact.files, "model": target}, artifact.meta), {"enabled": True, **report}
 
 
 def _attention_matmuls(cfg: QuantizeStage) -> str | None:
@@ -304,13 +341,16 @@ def calibration_ranges(cache: Path) -> dict[str, tuple[float, float]]:
 
 
 def _calibration_batches(ctx: Context, artifact: Artifact, samples: int) -> Iterator[dict[str, np.ndarray]]:
-    """Calibration texts in batches of data.batch_size, encoded as they are needed.
+    return _batches(ctx, artifact, ctx.calibration_examples[:samples])
+
+
+def _batches(ctx: Context, artifact: Artifact, texts: list[Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Texts in batches of data.batch_size, encoded as they are needed.
 
     Every batch has one shape, (batch_size, max_length): ONNX Runtime's histogram calibrators (entropy,
     percentile) stack the batches of a chunk and fail on ragged ones. A last partial batch is dropped.
     """
     encode = feeds.encoder(artifact)
-    texts = ctx.calibration_examples[:samples]
     size = min(ctx.data.batch_size, len(texts))
     length = artifact.usable_length(ctx.data.max_length)
     for start in range(0, len(texts) - size + 1, size):

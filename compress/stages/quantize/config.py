@@ -64,6 +64,24 @@ class GraphTuning(Strict):
     runs: int = Field(40, ge=3, le=100_000, description="Timed rounds (variants interleaved); medians are compared.")
 
 
+class Smoothing(Strict):
+    """SmoothQuant-style outlier smoothing of the fp32 graph before int8 (README: Quantization)."""
+
+    enabled: bool = Field(True, description="Smooth the MatMul inputs whose simulated int8 error it at least halves.")
+    alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Migration strength in [0, 1]: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha). auto: searched per node "
+            "(0.3 ... 0.9) on calibration text; a number: that alpha for every node."
+        ),
+    )
+    samples: int = Field(
+        128, ge=1, le=10**6, description="Texts (data.calibration, else data.evaluation) whose channel maxima set s."
+    )
+    search_texts: int = Field(32, ge=1, le=10**4, description="Of those, texts whose token rows judge each alpha.")
+    rows_per_text: int = Field(16, ge=1, le=4096, description="Token rows kept per text for that judgement.")
+
+
 DEFAULT_FLOOR = 0.99
 DEFAULT_SENSITIVITY_SAMPLES = 16
 # A node count, or a policy; strict: `true` is not 1.
@@ -159,6 +177,13 @@ class QuantizeStage(Strict):
             "Accuracy-aware: keep the nodes ranked most sensitive in float, as few as bring the drop within "
             "goal.max_drop (predicted from the sensitivities, checked, refined by bisection). Every trial is in the "
             "report."
+        ),
+    )
+    smoothing: Smoothing = Field(
+        Smoothing(),
+        description=(
+            "Before quantizing: divide outlier input channels of each MatMul by s and multiply the weight rows by s "
+            "(the same product; the outliers move into the per-channel weight scales)."
         ),
     )
     tune: GraphTuning = Field(
