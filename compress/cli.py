@@ -178,7 +178,25 @@ def targets_setup(names: tuple[str, ...]) -> None:
     help="Image architecture (default: this machine's); all: NAME:TAG-amd64 and NAME:TAG-arm64.",
 )
 @click.option("--allow-unvalidated", is_flag=True, help="Package a run whose validation gate failed or is missing.")
-def package(run_dir: Path, out: Path | None, image: str | None, arch: str | None, allow_unvalidated: bool) -> None:
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help=(
+        "Another run of the same model, quantized and validated for another CPU family: the bundle holds one int8 "
+        "model per family (model_qint8_avx512_vnni.onnx, model_qint8_avx2.onnx, model_qint8_arm64.onnx) and the "
+        "server picks the one of its CPU. Repeat for each family."
+    ),
+)
+def package(  # noqa: PLR0917 (click passes every option as an argument)
+    run_dir: Path,
+    out: Path | None,
+    image: str | None,
+    arch: str | None,
+    allow_unvalidated: bool,
+    variants: tuple[Path, ...],
+) -> None:
     """Write RUN_DIR's deployable bundle (model.onnx, tokenizer/, metadata.json) and, with --image, its image.
 
     The bundle is what the runtime image serves: mount it read-only at /model
@@ -191,10 +209,19 @@ def package(run_dir: Path, out: Path | None, image: str | None, arch: str | None
     if arch is not None and image is None:
         raise UserError("--arch needs --image (the bundle itself is the same for every architecture)")
     bundle = out or run_dir / "package"
-    meta = write_bundle(run_dir, bundle, allow_unvalidated=allow_unvalidated)
-    click.echo(f"bundle: {bundle} ({meta['task']}, {meta['precision']}, sha256 {meta['model_sha256'][:12]})")
-    if not meta["validated"]["passed"]:
-        _err.print(f"[bold yellow]warning:[/] not validated: {meta['validated']['why']}", highlight=False)
+    if variants:
+        from compress.serving.variants import write_variant_bundle
+
+        if allow_unvalidated:
+            raise UserError("--variant packages validated runs only: every variant's family must have passed its gate")
+        meta = write_variant_bundle([run_dir, *variants], bundle)
+        families = ", ".join(f"{f} ({v['file']})" for f, v in meta["variants"].items())
+        click.echo(f"bundle: {bundle} ({meta['task']}, int8 variants: {families})")
+    else:
+        meta = write_bundle(run_dir, bundle, allow_unvalidated=allow_unvalidated)
+        click.echo(f"bundle: {bundle} ({meta['task']}, {meta['precision']}, sha256 {meta['model_sha256'][:12]})")
+        if not meta["validated"]["passed"]:
+            _err.print(f"[bold yellow]warning:[/] not validated: {meta['validated']['why']}", highlight=False)
     if image is None:
         return
     env = images.engine_env()
@@ -211,13 +238,20 @@ def package(run_dir: Path, out: Path | None, image: str | None, arch: str | None
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core).")
-def serve(bundle: Path, host: str, port: int, threads: int | None) -> None:
+@click.option(
+    "--cpu-family",
+    type=click.Choice(["aarch64", "x86_64-avx2", "x86_64-vnni"]),
+    default=None,
+    help="A bundle of variants: serve this CPU family's int8 model (default: this CPU's, from its flags).",
+)
+def serve(bundle: Path, host: str, port: int, threads: int | None, cpu_family: str | None) -> None:
     """Serve BUNDLE (from `edge-compress package`) on this machine: the runtime images' server, natively."""
     from compress.serving import server
     from exporters.native import available, library_path
 
     args = ["--model", str(bundle), "--host", host, "--port", str(port)]
     args += ["--threads", str(threads)] if threads else []
+    args += ["--cpu-family", cpu_family] if cpu_family else []
     args += ["--ops-library", str(library_path())] if available() else []
     code = server.main(args)  # a bundle it cannot serve: one "error: ..." line on stderr, exit 2
     if code:

@@ -26,7 +26,7 @@ from compress.data.marker import MARKER
 from compress.errors import UserError
 from compress.pipeline.run_dir import stage_index
 from compress.report import read_report
-from compress.serving.bundle_check import FORMAT, INPUT_KINDS, OLDEST, TASKS, VERSION, sha256_of
+from compress.serving.bundle_check import FORMAT, INPUT_KINDS, OLDEST, PAIRS_VERSION, TASKS, sha256_of
 
 # An absolute path (or ~/...) after a start, a blank, a quote, "=", "(", "[", "," or a scheme such as hf: or
 # file: (not //, which is a URL's host). Inside a longer text a path ends at a blank.
@@ -49,6 +49,13 @@ def final_stage(run_dir: Path) -> Path:
 def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> dict[str, Any]:
     """Write the bundle of `run_dir` to `out` (replacing a bundle of ours whole) and return its metadata."""
     run_dir = run_dir.resolve()
+    meta, sources = describe(run_dir, allow_unvalidated)
+    write_files([run_dir], out.resolve(), sources, meta)  # adds "files": the sha256 of every file of the bundle
+    return meta
+
+
+def describe(run_dir: Path, allow_unvalidated: bool = False) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The bundle metadata of `run_dir` (no "files" yet) and the files to copy: bundle name -> source."""
     last = final_stage(run_dir)
     artifact = Artifact.from_json((last / "artifact.json").read_text(), run_dir)
     if artifact.kind != "onnx":
@@ -80,7 +87,7 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     resolved = run_dir / "resolved_recipe.yaml"
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": OLDEST if input_kind == "text" else VERSION,  # the oldest server that reads it right
+        "version": OLDEST if input_kind == "text" else PAIRS_VERSION,  # the oldest server that reads it right
         "name": report.get("name", run_dir.name),
         "task": task,
         "inputs": list(artifact.meta["inputs"]),
@@ -102,14 +109,13 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
         "packaged": datetime.now(UTC).isoformat(timespec="seconds"),
         "edge_compress": _version(),
     }
-    meta = _without_host_paths(meta)
-    _write(run_dir, out.resolve(), sources, meta)  # adds "files": the sha256 of every file of the bundle
-    return meta
+    return _without_host_paths(meta), sources
 
 
-def _write(run_dir: Path, out: Path, sources: dict[str, Path], meta: dict[str, Any]) -> None:
+def write_files(run_dirs: list[Path], out: Path, sources: dict[str, Path], meta: dict[str, Any]) -> None:
     """Copy the files into a temporary folder beside `out`, hash the copies, then rename it into place."""
-    _check_out(out, run_dir)
+    for run_dir in run_dirs:
+        _check_out(out, run_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)
@@ -117,8 +123,12 @@ def _write(run_dir: Path, out: Path, sources: dict[str, Path], meta: dict[str, A
         for name, src in sources.items():
             shutil.copyfile(src, tmp / name)  # a copy, never a hard link: the bundle and the run stay apart
         meta["files"] = {name: sha256_of(tmp / name) for name in sources}
-        if meta["files"]["model.onnx"] != meta["model_sha256"]:
-            raise UserError(f"{sources['model.onnx']}: the file changed while it was being packaged; package again")
+        expected = {v["file"]: v["sha256"] for v in meta.get("variants", {}).values()} or {
+            "model.onnx": meta["model_sha256"]
+        }
+        for name, digest in expected.items():
+            if meta["files"][name] != digest:
+                raise UserError(f"{sources[name]}: the file changed while it was being packaged; package again")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():

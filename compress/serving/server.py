@@ -35,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 if __package__:  # imported: `edge-compress serve`, the packager
-    from compress.serving.bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of
+    from compress.serving.bundle_check import (
+        FORMAT,
+        VARIANT_FILES,
+        BundleError,
+        first_line,
+        host_family,
+        load_metadata,
+        pick_variant,
+        sha256_of,
+    )
     from compress.serving.model_inputs import (
         FIELD,
         WARM_UP,
@@ -48,7 +57,16 @@ if __package__:  # imported: `edge-compress serve`, the packager
         tag_words,
     )
 else:  # run as a script (natively or in the runtime images): bundle_check.py and model_inputs.py sit beside it
-    from bundle_check import FORMAT, BundleError, first_line, load_metadata, sha256_of  # type: ignore[import-not-found,no-redef]
+    from bundle_check import (  # type: ignore[import-not-found,no-redef]
+        FORMAT,
+        VARIANT_FILES,
+        BundleError,
+        first_line,
+        host_family,
+        load_metadata,
+        pick_variant,
+        sha256_of,
+    )
     from model_inputs import (  # type: ignore[import-not-found,no-redef]
         FIELD,
         WARM_UP,
@@ -63,19 +81,32 @@ else:  # run as a script (natively or in the runtime images): bundle_check.py an
 
 __all__ = ["FORMAT", "BundleError", "Model", "main", "sha256_of"]
 LIBRARY_ENV = "EDGE_COMPRESS_OPS_LIBRARY"  # the native kernels of our attention ops, for models that use them
+FAMILY_ENV = "EDGE_COMPRESS_CPU_FAMILY"  # serve this CPU family's variant instead of the one the CPU's flags pick
+
+
+def choose_model(folder: Path, meta: dict[str, Any], family: str | None) -> tuple[Path, dict[str, Any], dict | None]:
+    """(the model file, its session settings, the variant chosen or None) of a bundle; a bundle of variants
+    serves the one of this CPU's family (or of `family`), and refuses a family it holds none of."""
+    if "variants" not in meta:
+        return folder / "model.onnx", meta.get("session", {}), None
+    if family is not None:
+        variant = pick_variant(meta, family, f"asked for with --cpu-family or ${FAMILY_ENV}")
+    else:
+        variant = pick_variant(meta, *host_family())
+    return folder / variant["file"], variant.get("session", {}), variant
 
 
 class Model:
     """The bundle's ONNX model behind its tokenizer: texts (pairs, words) in, task outputs out."""
 
-    def __init__(self, folder: Path, threads: int, library: str | None = None) -> None:
+    def __init__(self, folder: Path, threads: int, library: str | None = None, family: str | None = None) -> None:
         import numpy as np
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)  # warnings such as "Failed to persist telemetry" on a read-only root
         self.np = np
         self.meta: dict[str, Any] = load_metadata(folder)
-        model = folder / "model.onnx"
+        model, settings, self.variant = choose_model(folder, self.meta, family)
         self.task: str = self.meta["task"]
         self.inputs: list[str] = list(self.meta["inputs"])
         self.max_length: int = int(self.meta["max_length"])
@@ -93,7 +124,6 @@ class Model:
         # Intra-op threads spin during a run (fast kernels), and stop when it ends: between two requests the
         # cores belong to the HTTP thread, the tokenizer and the client (measured: benchmarks/serving.py).
         so.add_session_config_entry("session.force_spinning_stop", "1")
-        settings = self.meta.get("session", {})
         for key, value in settings.get("config_entries", {}).items():
             so.add_session_config_entry(key, str(value))
         self.library_isa: str | None = None
@@ -120,7 +150,7 @@ class Model:
         except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph...
             raise BundleError(f"{model}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
-        self.sha256: str = self.meta["model_sha256"]
+        self.sha256: str = self.variant["sha256"] if self.variant else self.meta["model_sha256"]
         self.threads = threads
         self.lock = threading.Lock()
         self.runtime = {
@@ -313,6 +343,8 @@ class Server(ThreadingHTTPServer):
     def metadata(self) -> dict[str, Any]:
         meta = dict(self.model.meta)
         meta["runtime"] = self.model.runtime
+        if self.model.variant is not None:  # which CPU family's int8 model answers, and why that one
+            meta["variant"] = {k: self.model.variant[k] for k in ("family", "file", "sha256", "chosen_by")}
         meta["limits"] = self.limits
         meta["uptime_s"] = round(time.time() - self.started, 1)
         return meta
@@ -340,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ops-library", default=None, help=f"native kernels of our attention ops (default ${LIBRARY_ENV})"
     )
+    parser.add_argument(
+        "--cpu-family",
+        choices=sorted(VARIANT_FILES),
+        default=os.environ.get(FAMILY_ENV) or None,
+        help=f"a bundle of variants: serve this family's (default: this CPU's, from its flags; ${FAMILY_ENV})",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-texts", type=int, default=64)
     parser.add_argument("--access-log", action="store_true")
@@ -348,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.healthcheck:
         return healthcheck(args.port)
     try:
-        model = Model(Path(args.model), max(1, args.threads), args.ops_library)
+        model = Model(Path(args.model), max(1, args.threads), args.ops_library, args.cpu_family)
         model.warm_up()
     except (BundleError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -367,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
     print(
-        f"serving {model.meta.get('name', 'model')} ({model.task}, sha256 {model.sha256[:12]}) "
+        f"serving {model.meta.get('name', 'model')} ({model.task}, sha256 {model.sha256[:12]}"
+        + (f", {model.variant['family']} variant" if model.variant else "")
+        + ") "
         f"on http://{host!s}:{port} (loaded in {model.load_ms:.0f} ms, {model.threads} threads)",
         flush=True,
     )
