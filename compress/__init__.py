@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from compress.errors import StageFailed, UserError
 
 if TYPE_CHECKING:
-    from compress.api import Report, load, run_stage
+    from compress.api import Report, load, load_bundle, run_stage
     from compress.api import run as run_recipe
     from compress.pipeline import run
     from compress.recipe import Recipe, load_recipe
@@ -23,12 +23,13 @@ __all__ = [
     "UserError",
     "__version__",
     "load",
+    "load_bundle",
     "load_recipe",
     "run",
     "run_recipe",
     "run_stage",
 ]
-_API = {"load": "load", "run_recipe": "run", "run_stage": "run_stage", "Report": "Report"}
+_API = {"load": "load", "load_bundle": "load_bundle", "run_recipe": "run", "run_stage": "run_stage", "Report": "Report"}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,7 +41,7 @@ def __getattr__(name: str) -> Any:
         from compress.pipeline import run
 
         return run
-    if name in _API:  # the Python API (compress/api.py): load, run_recipe, run_stage, Report
+    if name in _API:  # the Python API (compress/api.py): load, load_bundle, run_recipe, run_stage, Report
         from compress import api
 
         return getattr(api, _API[name])

@@ -146,6 +146,24 @@ def run(recipe: RecipeLike, *, fresh: bool = False, quiet: bool = True) -> Repor
         return Report.read(pipeline.run(parsed, ctx, fresh=fresh))
 
 
+def load_bundle(
+    folder: str | Path, *, threads: int | None = None, cpu_family: str | None = None, ops_library: str | None = None
+) -> Any:
+    """A packaged bundle, loaded as the server loads it: `.predict(examples)` answers what POST /v1/predict
+    answers. A bundle of CPU-family variants loads the one of this CPU (or `cpu_family`); `.variant` says
+    which. A bundle that cannot be served (bad hash, a family nobody validated, missing kernels) raises
+    UserError with the server's one line."""
+    import os
+
+    from compress.serving.bundle_check import BundleError
+    from compress.serving.server import Model
+
+    try:
+        return Model(Path(folder), threads or len(os.sched_getaffinity(0)), ops_library, cpu_family)
+    except (BundleError, OSError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def run_stage(
     stage_config: StageConfig,
     artifact: Artifact,

@@ -32,6 +32,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "compress.pipeline",
         "compress.recipe",
         "compress.report",
+        "compress.serving.bundle_check",
+        "compress.serving.server",
         "compress.stages",
         *BASE,
     ),

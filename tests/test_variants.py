@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import compress
 from compress.errors import UserError
 from compress.runtime.presets import host_has_vnni
 from compress.serving.bundle_check import VARIANT_FILES, BundleError, host_family, load_metadata
@@ -83,6 +84,14 @@ def test_one_variant_bundle_serves_its_family_and_refuses_others(
     # A CPU family that no run was validated on: the server does not start.
     line = _refused(bundle, "--cpu-family", "aarch64")
     assert "this CPU is aarch64" in line and f"validated on {HOST} only" in line
+    # The Python loader is the server's model: the same pick, the same refusal.
+    loaded = compress.load_bundle(bundle, threads=1)
+    assert loaded.variant["family"] == HOST
+    np.testing.assert_allclose(
+        loaded.predict(["the cat sat on the mat"])["embeddings"], answer["embeddings"], atol=1e-5
+    )
+    with pytest.raises(UserError, match="this CPU is aarch64"):
+        compress.load_bundle(bundle, cpu_family="aarch64")
 
 
 def test_variant_file_with_another_hash_is_refused(recipe_for: Callable[..., Path], tmp_path: Path) -> None:
