@@ -111,3 +111,15 @@ def test_alpha_outside_0_1_exits_2(recipe_for: Callable[..., Path], smoothing_cf
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_static_simulation_uses_one_range_for_every_text() -> None:
+    rng = np.random.default_rng(2)
+    stats = smoothing._Stats()
+    for scale in (1.0, 50.0):  # a quiet text and a loud one: one calibrated range must cover both
+        rows = (rng.normal(size=(20, 6)) * scale).astype(np.float32)
+        stats.see(rows[None])
+        stats.add(rows, keep=20, sample_texts=4, rng=rng)
+    w = rng.normal(size=(6, 3)).astype(np.float32)
+    # measured: 1.0e-4 against 5.9e-5 (the error is relative to the loud text's signal, which dominates)
+    assert smoothing.error(stats, w, None, 127, static=True) > 1.3 * smoothing.error(stats, w, None, 127)

@@ -161,6 +161,7 @@ def _smooth(
             "alpha": None if sm.alpha == "auto" else sm.alpha,
             "excluded": excluded,
             "reduce_range": types["reduce_range"],
+            "static": cfg.mode == "static",
             "rows_per_text": sm.rows_per_text,
             "sample_texts": sm.search_texts,
         },

@@ -128,14 +128,19 @@ def _quant_rows(rows: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip(np.round(rows / scale) + zero, 0, 255) - zero) * scale
 
 
-def error(stats: _Stats, w: np.ndarray, s: np.ndarray | None, levels: int) -> float:
-    """Relative error of the simulated int8 product on the sampled rows (s: the smoothing, None: without)."""
+def error(stats: _Stats, w: np.ndarray, s: np.ndarray | None, levels: int, static: bool = False) -> float:
+    """Relative error of the simulated int8 product on the sampled rows (s: the smoothing, None: without).
+
+    Activations get one range per text (dynamic: ranges are computed per run), or one range for every text
+    (static: the calibrated range)."""
     s = np.ones(w.shape[0], np.float32) if s is None else s
     wq = _quant_weights(w * s[:, None], levels)
+    ranges = [(float(np.min(lo / s)), float(np.max(hi / s))) for lo, hi, _ in stats.texts]
+    if static and ranges:
+        ranges = [(min(r[0] for r in ranges), max(r[1] for r in ranges))] * len(ranges)
     noise = signal = 0.0
-    for lo, hi, rows in stats.texts:
+    for (lo_s, hi_s), (_, _, rows) in zip(ranges, stats.texts, strict=True):
         exact = rows @ w
-        lo_s, hi_s = float(np.min(lo / s)), float(np.max(hi / s))
         got = _quant_rows(rows / s, lo_s, hi_s) @ wq
         noise += float(((got - exact) ** 2).sum())
         signal += float((exact**2).sum())
@@ -148,13 +153,15 @@ def scales(absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *SCALE_BOUNDS).astype(np.float32)
 
 
-def choose(stats: _Stats, w: np.ndarray, alpha: float | None, levels: int) -> tuple[float | None, float, float]:
+def choose(
+    stats: _Stats, w: np.ndarray, alpha: float | None, levels: int, static: bool = False
+) -> tuple[float | None, float, float]:
     """(alpha kept or None, error without smoothing, error with it)."""
-    base = error(stats, w, None, levels)
+    base = error(stats, w, None, levels, static)
     if stats.absmax is None:
         return None, base, base
     tried = [alpha] if alpha is not None else list(ALPHAS)
-    errors = {a: error(stats, w, scales(stats.absmax, w, a), levels) for a in tried}
+    errors = {a: error(stats, w, scales(stats.absmax, w, a), levels, static) for a in tried}
     best = min(errors, key=lambda a: errors[a])
     if alpha is None and errors[best] > GAIN * base:
         return None, base, base
@@ -184,7 +191,8 @@ def smooth(
     session_for: Any,
 ) -> dict[str, Any]:
     """Write the smoothed fp32 graph of `source` to `target`; settings: alpha (None: searched), excluded,
-    reduce_range, rows_per_text, sample_texts. Returns the report (per node: alpha, simulated errors)."""
+    reduce_range, static (calibrated ranges, not per-run ones), rows_per_text, sample_texts. Returns the
+    report (per node: alpha, simulated errors)."""
     import onnx
 
     start = time.perf_counter()
@@ -203,7 +211,7 @@ def smooth(
     per_node: dict[str, Any] = {}
     for name, (activation, weight) in nodes.items():
         w = onnx.numpy_helper.to_array(weights[weight]).astype(np.float32)
-        alpha, before, after = choose(stats[activation], w, settings["alpha"], levels)
+        alpha, before, after = choose(stats[activation], w, settings["alpha"], levels, settings.get("static", False))
         per_node[name] = {"alpha": alpha, "error_before": before, "error_after": after}
         absmax = stats[activation].absmax
         if alpha is not None and absmax is not None:
