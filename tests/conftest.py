@@ -156,3 +156,31 @@ def zoo_recipe(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def two_matmuls(path: Path, x_shape: tuple[str | int, ...] = ("B", 8), mask: bool = False) -> None:
+    """x -> MatMul w1 (8 x 16) -> Relu -> MatMul w2 (16 x 4) -> y, seeded weights; mask adds an unused
+    attention_mask input (B, T) as a text model's feeds have."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, list(x_shape[:2])))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+        ],
+        "two",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], 4])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))

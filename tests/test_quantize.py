@@ -10,9 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from compress.context import Context
@@ -23,6 +21,7 @@ from compress.runtime import presets
 from compress.stages.quantize import calibration
 from compress.stages.quantize import search as quantize_search
 from compress.stages.quantize.config import QuantizeGoal
+from tests.conftest import two_matmuls
 
 
 def _run(path: Path) -> Path:
@@ -31,26 +30,6 @@ def _run(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ calibration
-def _two_matmuls(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
-        ],
-        "two",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
-        [w1, w2],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-
-
 def _batches(n: int, seed: int = 1, outlier: bool = True) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = [{"x": rng.normal(size=(64, 8)).astype(np.float32)} for _ in range(n)]
@@ -68,7 +47,7 @@ def _ranges(cache: Path) -> dict[str, tuple[float, float]]:
 
 def test_chunked_minmax_calibration_equals_one_pass(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
-    _two_matmuls(model)
+    two_matmuls(model)
     batches = _batches(9)
     one = calibration.calibrate(
         model, batches, method="minmax", op_types=["MatMul"], chunk_batches=100, work_dir=tmp_path / "a"
@@ -85,7 +64,7 @@ def test_chunked_minmax_calibration_equals_one_pass(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_chunked_histogram_calibration_sees_every_chunk(tmp_path: Path, method: str) -> None:
     model = tmp_path / "m.onnx"
-    _two_matmuls(model)
+    two_matmuls(model)
     batches = _batches(8, outlier=False)
     for b in batches[1:]:  # later batches are wider: ranges from the first chunk alone would be too narrow
         b["x"] *= 4.0
@@ -104,7 +83,7 @@ def test_chunked_histogram_calibration_sees_every_chunk(tmp_path: Path, method: 
 
 def test_calibration_without_batches_is_an_error(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
-    _two_matmuls(model)
+    two_matmuls(model)
     with pytest.raises(ValueError, match="no calibration batch"):
         calibration.calibrate(model, [], method="minmax", op_types=None, chunk_batches=2, work_dir=tmp_path)
 

@@ -10,36 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from compress.runtime.session import session
 from compress.stages.quantize import smoothing
+from tests.conftest import two_matmuls
 
 SETTINGS = {"alpha": None, "excluded": [], "reduce_range": False, "rows_per_text": 16, "sample_texts": 8}
-
-
-def _graph(path: Path) -> None:
-    """x (B, T, 8) -> MatMul w1 -> Relu -> MatMul w2 -> y; w2 also feeds nothing else."""
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
-        ],
-        "two",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 8]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 4])],
-        [w1, w2],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
 
 
 def _batches(n: int = 4, outlier: float = 60.0) -> list[dict[str, np.ndarray]]:
@@ -56,7 +32,7 @@ def _batches(n: int = 4, outlier: float = 60.0) -> list[dict[str, np.ndarray]]:
 
 def _smooth(tmp_path: Path, **settings: object) -> tuple[Path, Path, dict]:
     source, target = tmp_path / "fp32.onnx", tmp_path / "smoothed.onnx"
-    _graph(source)
+    two_matmuls(source, ("B", "T", 8), mask=True)
     report = smoothing.smooth(source, target, _batches(), {**SETTINGS, **settings}, lambda p: session(p, threads=1))
     return source, target, report
 
