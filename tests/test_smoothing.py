@@ -99,3 +99,12 @@ def test_static_simulation_uses_one_range_for_every_text() -> None:
     w = rng.normal(size=(6, 3)).astype(np.float32)
     # measured: 1.0e-4 against 5.9e-5 (the error is relative to the loud text's signal, which dominates)
     assert smoothing.error(stats, w, None, 127, static=True) > 1.3 * smoothing.error(stats, w, None, 127)
+
+
+def test_a_model_with_external_data_is_recognised(tmp_path: Path) -> None:
+    from compress.stages import quantize
+
+    inline, external = tmp_path / "inline.onnx", tmp_path / "external.onnx"
+    two_matmuls(inline)
+    onnx.save_model(onnx.load(str(inline)), str(external), save_as_external_data=True, size_threshold=0)
+    assert not quantize._external_data(inline) and quantize._external_data(external)

@@ -151,6 +151,9 @@ def _smooth(
     if not texts:
         ctx.warn("quantize: smoothing skipped: no data.calibration or data.evaluation text to measure channels on")
         return artifact, {"enabled": True, "skipped": "no calibration or evaluation text"}
+    if _external_data(artifact.file("model")):
+        ctx.warn("quantize: smoothing skipped: the fp32 model keeps its weights in external data files (over 2 GB)")
+        return artifact, {"enabled": True, "skipped": "weights in external data files"}
     target = ctx.out_dir / "smoothed.onnx"
     ctx.log(f"smoothing outlier channels on {min(sm.samples, len(texts))} texts (alpha {sm.alpha})")
     report = smoothing.smooth(
@@ -169,6 +172,13 @@ def _smooth(
     )
     ctx.log(f"smoothed {report['smoothed']} of {report['candidates']} MatMuls in {report['seconds']} s")
     return Artifact(artifact.kind, {**artifact.files, "model": target}, artifact.meta), {"enabled": True, **report}
+
+
+def _external_data(model: Path) -> bool:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in onnx.load(str(model), load_external_data=False).graph.initializer)
 
 
 def _attention_matmuls(cfg: QuantizeStage) -> str | None:
