@@ -44,3 +44,17 @@ def test_variant_table_and_targets(tmp_path: Path, tiny_bert: Path, task: str) -
     text = "\n".join(tasks.render(c))
     assert text.count("| ") > 6 and "left out (--no-optimum)" in text
     assert len([line for line in text.splitlines() if line.startswith(("- **pass**", "- **MISS**"))]) == 4
+
+
+def test_benchmark_scores_the_test_split(tiny_bert: Path) -> None:
+    base = {"name": "n", "model": {"hf": str(tiny_bert)}, "task": "classification", "stages": [{"type": "export"}]}
+    on_validation = api.load(
+        {**base, "data": {"evaluation": {"reference": "snli", "split": "validation", "limit": 50}}}
+    )
+    moved = tasks.on_test_split(on_validation).data.evaluation
+    assert moved.split == "test" and moved.limit is None and moved.reference == "snli"  # the whole test set
+    named = {
+        "evaluation": {"reference": "bbc-news", "split": "validation"},
+        "test": {"reference": "snli", "split": "test"},
+    }
+    assert tasks.on_test_split(api.load({**base, "data": named})).data.evaluation.reference == "snli"
