@@ -10,7 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from compress.context import Context
@@ -293,3 +295,37 @@ def test_auto_preset_for_a_docker_target_follows_this_cpu(monkeypatch: pytest.Mo
     for vnni, expected in ((True, "x86_64-vnni"), (False, "x86_64-avx2")):
         monkeypatch.setattr(docker, "host_has_vnni", lambda v=vnni: v)
         assert presets.choose("auto", [docker.DockerTarget("some/image:tag")])[0].name == expected
+
+
+def test_failed_shape_inference_writes_nothing_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime saves its half-inferred model (and a uuid-named data file) into the current directory
+    when symbolic shape inference fails; the stage must keep that inside its own folder."""
+    from compress.stages import quantize
+
+    model = tmp_path / "custom.onnx"
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mystery", ["x"], ["h"], name="m", domain="example.custom"),
+            helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
+        [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
+    proto.ir_version = 8
+    onnx.save(proto, str(model))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    warnings: list[str] = []
+    ctx = SimpleNamespace(out_dir=tmp_path / "stage", warn=warnings.append)
+    (tmp_path / "stage").mkdir()
+    typed = quantize._with_shapes(model, ctx)  # type: ignore[arg-type]
+    assert typed.is_file() and warnings and "symbolic shape inference failed" in warnings[0]
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in (tmp_path / "stage").iterdir()) == [typed.name]

@@ -6,6 +6,7 @@ The stage fails unless ONNX Runtime's optimized graph of the result really holds
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -318,13 +319,29 @@ def _with_shapes(source: Path, ctx: Context) -> Path:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    typed = ctx.out_dir / "shape_inferred.onnx"
+    typed = (ctx.out_dir / "shape_inferred.onnx").resolve()
     try:
-        quant_pre_process(str(source), str(typed), skip_optimization=True)
+        with _working_folder(ctx.out_dir.resolve() / "shape_inference"):
+            quant_pre_process(str(source.resolve()), str(typed), skip_optimization=True)
     except Exception as exc:  # ONNX Runtime raises bare Exception for incomplete inference
         ctx.warn(f"quantize: symbolic shape inference failed ({exc}); calibrating without tensor types")
         shutil.copy2(source, typed)
     return typed
+
+
+@contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """Run in `folder` (removed after): when symbolic shape inference fails, ONNX Runtime 1.32 saves
+    "sym_shape_infer_temp.onnx" and a uuid-named external-data file of the whole model's size into the current
+    directory (onnxruntime/tools/symbolic_shape_infer.py), which is the user's, not ours."""
+    previous = Path.cwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _excluded_nodes(model: Path, patterns: tuple[str, ...]) -> list[str]:
