@@ -31,9 +31,13 @@ def _batches(n: int = 4, outlier: float = 60.0) -> list[dict[str, np.ndarray]]:
 
 
 def _smooth(tmp_path: Path, **settings: object) -> tuple[Path, Path, dict]:
-    source, target = tmp_path / "fp32.onnx", tmp_path / "smoothed.onnx"
+    source, target = tmp_path / "fp32.onnx", tmp_path / "stage" / "smoothed.onnx"
+    target.parent.mkdir()
     two_matmuls(source, ("B", "T", 8), mask=True)
     report = smoothing.smooth(source, target, _batches(), {**SETTINGS, **settings}, lambda p: session(p, threads=1))
+    # Nothing is written beside the input (another stage's folder), and the stage's folder keeps only the result.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "stage"]
+    assert [p.name for p in target.parent.iterdir()] == ["smoothed.onnx"]
     return source, target, report
 
 

@@ -74,10 +74,12 @@ def collect(
     batches: Iterable[dict[str, np.ndarray]],
     session_for: Any,
     *,
+    augmented: Path,
     rows_per_text: int,
     sample_texts: int,
 ) -> dict[str, _Stats]:
-    """Per activation tensor: per-channel |max| over every row, and real-token rows of a few texts."""
+    """Per activation tensor: per-channel |max| over every row, and real-token rows of a few texts.
+    `augmented`: where the graph with those tensors as outputs is written (in the caller's folder) and removed."""
     import onnx
 
     proto = onnx.load(str(model))
@@ -86,7 +88,6 @@ def collect(
     proto.graph.output.extend(
         onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in wanted if n not in have
     )
-    augmented = model.with_name("smoothing_augmented.onnx")
     onnx.save(proto, str(augmented))
     try:
         sess = session_for(augmented)
@@ -203,6 +204,7 @@ def smooth(
         {n: a for n, (a, _) in nodes.items()},
         batches,
         session_for,
+        augmented=target.with_name("smoothing_augmented.onnx"),  # the stage's folder, not the input's
         rows_per_text=settings["rows_per_text"],
         sample_texts=settings["sample_texts"],
     )
