@@ -148,7 +148,7 @@ def _smooth(
     if not cfg.smoothing.enabled:
         return artifact, {"enabled": False}
     sm = cfg.smoothing
-    texts = list(ctx.calibration_examples if ctx.data.calibration is not None else feeds.evaluation_texts(ctx))
+    texts, _ = keep_float.sensitivity_texts(ctx, sm.samples)
     if not texts:
         ctx.warn("quantize: smoothing skipped: no data.calibration or data.evaluation text to measure channels on")
         return artifact, {"enabled": True, "skipped": "no calibration or evaluation text"}
@@ -156,11 +156,11 @@ def _smooth(
         ctx.warn("quantize: smoothing skipped: the fp32 model keeps its weights in external data files (over 2 GB)")
         return artifact, {"enabled": True, "skipped": "weights in external data files"}
     target = ctx.out_dir / "smoothed.onnx"
-    ctx.log(f"smoothing outlier channels on {min(sm.samples, len(texts))} texts (alpha {sm.alpha})")
+    ctx.log(f"smoothing outlier channels on {len(texts)} texts (alpha {sm.alpha})")
     report = smoothing.smooth(
         artifact.file("model"),
         target,
-        _batches(ctx, artifact, texts[: sm.samples]),
+        _batches(ctx, artifact, texts),
         {
             "alpha": None if sm.alpha == "auto" else sm.alpha,
             "excluded": excluded,

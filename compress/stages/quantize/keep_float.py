@@ -64,7 +64,7 @@ def apply(
     work = ctx.out_dir / "search"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    texts, source = _sensitivity_texts(ctx, cfg.sensitivity_samples)
+    texts, source = sensitivity_texts(ctx, cfg.sensitivity_samples)
     batches = _one_text_batches(artifact, ctx, texts)
     ctx.log(f"sensitivity: {len(plan.candidates)} candidate nodes on {len(texts)} texts of {source}")
     measured = sensitivity.measure(artifact.file("model"), plan.candidates, batches, plan.spec, work)
@@ -111,7 +111,7 @@ def _top(ranking: Sequence[sensitivity.NodeScore], n: int = 3) -> str:
     return ", ".join(f"{s.node} ({s.score:.3f})" for s in ranking[:n] if s.score is not None) or "none measured"
 
 
-def _sensitivity_texts(ctx: Context, samples: int) -> tuple[list[Any], str]:
+def sensitivity_texts(ctx: Context, samples: int) -> tuple[list[Any], str]:
     """The first `samples` calibration examples (texts, pairs or words), or evaluation ones without a
     calibration set."""
     if ctx.data.calibration is not None:

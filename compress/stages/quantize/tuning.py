@@ -27,6 +27,7 @@ from compress.runtime.latency import interleaved
 from compress.runtime.session import session
 from compress.stages.quantize.config import GraphTuning
 from compress.targets.native import cpu_model
+from compress.tasks.metrics import cosine_fidelity
 from exporters import unfuse
 
 FUSED = "fused"
@@ -111,7 +112,12 @@ def _checks(artifact: Artifact, ctx: Context) -> list[tuple[dict[str, np.ndarray
 def _fidelity(s: Any, checks: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> float:
     names = {i.name for i in s.get_inputs()}
     return float(
-        np.mean([_cosine(s.run(None, {k: v for k, v in x.items() if k in names})[0], ref) for x, ref in checks])
+        np.mean(
+            [
+                cosine_fidelity(s.run(None, {k: v for k, v in x.items() if k in names})[0], ref)["cosine_min"]
+                for x, ref in checks
+            ]
+        )
     )
 
 
@@ -152,13 +158,3 @@ def pick(medians: dict[str, float]) -> str:
     """The variant to keep: the fastest, when it beats the fused graph by more than MARGIN; else the fused one."""
     best = min(medians, key=lambda n: medians[n])
     return best if medians[best] < medians[FUSED] * (1 - MARGIN) else FUSED
-
-
-def _cosine(got: np.ndarray, ref: np.ndarray) -> float:
-    """The least cosine over examples of two outputs (each example's values flattened; padded tokens count:
-    an example runs alone, unpadded)."""
-    a = got.reshape(got.shape[0], -1).astype(np.float64)
-    b = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
-    return float(cos.min())
