@@ -40,6 +40,7 @@ from compress.data.cache import write_atomic  # noqa: E402
 from compress.data.reference import lee  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
+from compress.serving import model_inputs  # noqa: E402
 from compress.serving.bundle import write_bundle  # noqa: E402
 from compress.serving.server import Model  # noqa: E402
 from compress.targets.docker import run_flags  # noqa: E402
@@ -132,7 +133,10 @@ def throughput(folder: Path, texts: list[str], tag: str, env: dict[str, str], ar
     so = ort.SessionOptions()  # what a user would write: defaults, the thread count fixed
     so.intra_op_num_threads = THREADS
     plain = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    feeds = [model.encode([t], truncate=True)[0] for t in texts]
+    feeds = [
+        model_inputs.pad(model.tokenize(model_inputs.Request([t], True, "texts")), model.inputs, model.encoder.pad_id)
+        for t in texts
+    ]
     for f in feeds[:5]:
         plain.run(None, f)
     native_port, docker_port = free_port(), free_port()

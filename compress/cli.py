@@ -233,8 +233,9 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
         click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("server_options", nargs=-1, type=click.UNPROCESSED)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: every core).")
@@ -244,8 +245,13 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
     default=None,
     help="A bundle of variants: serve this CPU family's int8 model (default: this CPU's, from its flags).",
 )
-def serve(bundle: Path, host: str, port: int, threads: int | None, cpu_family: str | None) -> None:
-    """Serve BUNDLE (from `edge-compress package`) on this machine: the runtime images' server, natively."""
+def serve(
+    bundle: Path, server_options: tuple[str, ...], host: str, port: int, threads: int | None, cpu_family: str | None
+) -> None:
+    """Serve BUNDLE (from `edge-compress package`) on this machine: the runtime images' server, natively.
+
+    Other options go to the server as they are: limits, batching, --api-key-file, --rerank-label,
+    --no-access-log (`python compress/serving/server.py --help` lists them)."""
     from compress.serving import server
     from exporters.native import available, library_path
 
@@ -253,7 +259,7 @@ def serve(bundle: Path, host: str, port: int, threads: int | None, cpu_family: s
     args += ["--threads", str(threads)] if threads else []
     args += ["--cpu-family", cpu_family] if cpu_family else []
     args += ["--ops-library", str(library_path())] if available() else []
-    code = server.main(args)  # a bundle it cannot serve: one "error: ..." line on stderr, exit 2
+    code = server.main([*args, *server_options])  # a bundle it cannot serve: one "error: ..." line on stderr, exit 2
     if code:
         sys.exit(code)
 

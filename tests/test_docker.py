@@ -152,6 +152,8 @@ def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
             assert info["runtime"]["machine"] == {"amd64": "x86_64", "arm64": "aarch64"}[arch]
             assert client.predict({"texts": []})[0] == 422  # a bad request, and the container keeps serving
             assert client.request("GET", "/healthz")[0] == 200
+            if arch == "amd64":
+                _clients_get_the_in_process_embeddings(port, tmp_path / "b", texts, str(meta["name"]))
         finally:
             stop(engine, cid)
     amd, arm = (np.asarray(answers[a]["embeddings"], dtype=np.float32) for a in ("amd64", "arm64"))
@@ -165,6 +167,27 @@ def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
     assert answers["amd64"]["tokens"] == answers["arm64"]["tokens"]
     cosine = (amd * arm).sum(axis=1) / (np.linalg.norm(amd, axis=1) * np.linalg.norm(arm, axis=1))
     assert cosine.min() >= 0.99, cosine  # ARM's int8 kernels, not a different model
+
+
+def _clients_get_the_in_process_embeddings(port: int, bundle: Path, texts: list[str], name: str) -> None:
+    """OpenAI's client and a KServe v2 request built by hand, pointed at the container, get the in-process
+    model's embeddings (one text per request: dynamic int8 ranges are per run)."""
+    from openai import OpenAI
+
+    from compress.serving import server
+
+    model = server.Model(bundle, 2)
+    alone = [np.asarray(model.predict([t])["embeddings"][0]) for t in texts]
+    openai = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    kserve = Client(port)
+    for text, expected in zip(texts, alone, strict=True):
+        got = np.asarray(openai.embeddings.create(model=name, input=text, encoding_format="float").data[0].embedding)
+        assert got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected)) >= 0.9999
+        request = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        body = json.dumps(request).encode()
+        status, answer = kserve.request("POST", f"/v2/models/{name}/infer", body, {"Content-Type": "application/json"})
+        got = np.asarray(answer["outputs"][0]["data"])
+        assert status == 200 and got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected)) >= 0.9999
 
 
 @pytest.mark.docker

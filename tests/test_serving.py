@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,15 +70,20 @@ class Client:
 
 
 def start_server(bundle: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(port), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """The server in a process of its own; its stderr (the JSON access log) goes to a file, `proc.log`, so that
+    a chatty server never blocks on a full pipe."""
+    log = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVER), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(port), *extra],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+        )
+    proc.log = log  # type: ignore[attr-defined]
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the server prints one line once it listens
-    assert line.startswith("serving "), (line, proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+    assert line.startswith("serving "), (line, log.read_text() if proc.poll() is not None else "")
     return proc
 
 
@@ -473,7 +479,7 @@ BAD_BUNDLES: list[tuple[str, Callable[[Path], None], str]] = [
 
 
 def _serves_nothing(*_: Any, **__: Any) -> None:
-    """Server.serve_forever and signal.signal in-process: a bundle that loads after all ends the test, not hangs it."""
+    """server.serve in-process: a bundle that loads after all ends the test, not hangs it."""
 
 
 def test_server_refuses_bad_bundles_with_one_line(
@@ -486,8 +492,7 @@ def test_server_refuses_bad_bundles_with_one_line(
     escaped = _edit_meta(files={**files, "../outside.txt": "0" * 64})
     cases = [*BAD_BUNDLES, ("an unlisted config", unlisted, "no sha256 of tokenizer/tokenizer_config.json")]
     cases.append(("a path outside", escaped, "outside the bundle"))
-    monkeypatch.setattr(server.Server, "serve_forever", _serves_nothing)
-    monkeypatch.setattr(server.signal, "signal", _serves_nothing)
+    monkeypatch.setattr(server, "serve", _serves_nothing)
     for label, spoil, needle in cases:
         bundle = tmp_path / label.replace(" ", "_")
         shutil.copytree(good, bundle)

@@ -41,10 +41,18 @@ PLATFORMS = {
     "amd64": ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"),
     "arm64": ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"),
 }
-RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers")
+RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "uvicorn", "h11", "click", "prometheus_client")
 USER = "edge:x:10001:10001:edge-compress server:/nonexistent:/usr/sbin/nologin"
 EMULATED_CPU = "neoverse-n1"
-SERVER_FILES = ("server.py", "bundle_check.py", "model_inputs.py")  # compress/serving/ -> /opt/edge-compress/
+SERVER_FILES = (
+    "server.py",
+    "bundle_check.py",
+    "model_inputs.py",
+    "batcher.py",
+    "http_app.py",
+    "protocols.py",
+    "transport.py",
+)  # compress/serving/ -> /opt/edge-compress/
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # from qemu-user-static
 

@@ -95,30 +95,34 @@ def parse_request(request: Any, kind: str, max_items: int) -> Request:
         return Request([_pair(item, i) for i, item in enumerate(items)], truncate, field)
     if field == "words":
         return Request([_words(item, i) for i, item in enumerate(items)], truncate, field)
-    texts = [_string(item, f"texts[{i}]") for i, item in enumerate(items)]
+    texts = [check_text(item, f"texts[{i}]") for i, item in enumerate(items)]
     if kind == "words":
         return Request([tuple(t.split()) for t in texts], truncate, field, split=True)
     return Request(texts, truncate, field)
 
 
-def _string(value: Any, where: str) -> str:
+def check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _unprocessable(f"{where} is {type(value).__name__}, not a string")
     if not value.strip():
         raise _unprocessable(f"{where} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"): no text, and no tokenizer takes it
+        raise _unprocessable(f"{where} is not valid Unicode (a lone surrogate)") from None
     return value
 
 
 def _pair(item: Any, i: int) -> tuple[str, str]:
     if not isinstance(item, list) or len(item) != 2:
         raise _unprocessable(f'pairs[{i}] must be a list of two strings: ["first text", "second text"]')
-    return _string(item[0], f"pairs[{i}][0]"), _string(item[1], f"pairs[{i}][1]")
+    return check_text(item[0], f"pairs[{i}][0]"), check_text(item[1], f"pairs[{i}][1]")
 
 
 def _words(item: Any, i: int) -> tuple[str, ...]:
     if not isinstance(item, list) or not item:
         raise _unprocessable(f'words[{i}] must be a non-empty list of strings: ["The", "cat", ...]')
-    return tuple(_string(word, f"words[{i}][{j}]") for j, word in enumerate(item))
+    return tuple(check_text(word, f"words[{i}][{j}]") for j, word in enumerate(item))
 
 
 class ByteEncoder:
@@ -189,16 +193,8 @@ class Encoded:
     starts: list[list[int]] | None
 
 
-def encode(
-    encoder: ByteEncoder | TokenizerEncoder,
-    request: Request,
-    kind: str,
-    inputs: list[str],
-    max_length: int,
-) -> Encoded:
-    """Tokenize a request's examples for the model; an over-long one is a 413 unless the request allows cutting."""
-    import numpy as np
-
+def tokenize(encoder: ByteEncoder | TokenizerEncoder, request: Request, kind: str, max_length: int) -> list[Row]:
+    """Each example's tokens; an over-long one is a 413 unless the request allows cutting."""
     rows = encoder.rows(request.examples, kind)
     long = [i for i, (ids, _, _) in enumerate(rows) if len(ids) > max_length]
     if long and not request.truncate:
@@ -209,9 +205,16 @@ def encode(
         )
     for i, row in zip(long, encoder.cut([request.examples[i] for i in long], kind, max_length), strict=True):
         rows[i] = row
+    return rows
+
+
+def pad(rows: list[Row], inputs: list[str], pad_id: int) -> dict[str, Any]:
+    """The model's input arrays for these rows, padded on the right to the longest."""
+    import numpy as np
+
     width = max(len(ids) for ids, _, _ in rows)
     batch = {
-        "input_ids": np.full((len(rows), width), encoder.pad_id, dtype=np.int64),  # (B, S)
+        "input_ids": np.full((len(rows), width), pad_id, dtype=np.int64),  # (B, S)
         "attention_mask": np.zeros((len(rows), width), dtype=np.int64),  # (B, S)
         "token_type_ids": np.zeros((len(rows), width), dtype=np.int64),  # (B, S)
     }
@@ -219,10 +222,25 @@ def encode(
         batch["input_ids"][i, : len(ids)] = ids
         batch["attention_mask"][i, : len(ids)] = 1
         batch["token_type_ids"][i, : len(types)] = types
-    starts = None
-    if kind == "words":
-        starts = [_first_tokens(words, len(ex)) for (_, _, words), ex in zip(rows, request.examples, strict=True)]
-    return Encoded({name: batch[name] for name in inputs}, [len(ids) for ids, _, _ in rows], starts)
+    return {name: batch[name] for name in inputs}
+
+
+def word_starts(rows: list[Row], request: Request) -> list[list[int]]:
+    """Per example, each word's first token position (a tagger reads the word there)."""
+    return [_first_tokens(words, len(ex)) for (_, _, words), ex in zip(rows, request.examples, strict=True)]
+
+
+def encode(
+    encoder: ByteEncoder | TokenizerEncoder,
+    request: Request,
+    kind: str,
+    inputs: list[str],
+    max_length: int,
+) -> Encoded:
+    """Tokenize a request's examples for the model, as one padded batch."""
+    rows = tokenize(encoder, request, kind, max_length)
+    starts = word_starts(rows, request) if kind == "words" else None
+    return Encoded(pad(rows, inputs, encoder.pad_id), [len(ids) for ids, _, _ in rows], starts)
 
 
 def _first_tokens(word_ids: list[int | None] | None, n_words: int) -> list[int]:

@@ -1,36 +1,37 @@
-"""The inference server of a packaged model: this file alone, with numpy, onnxruntime and tokenizers.
+"""The inference server of a packaged model: server.py and the modules beside it, with numpy, onnxruntime,
+tokenizers, uvicorn (h11) and prometheus_client.
 
     python server.py --model BUNDLE [--host 0.0.0.0] [--port 8080] [--threads N]
 
-BUNDLE is what `edge-compress package` writes: model.onnx, tokenizer/ and metadata.json. The same file
-runs in the runtime images (no edge-compress, no PyTorch) and natively (`edge-compress serve`). Before
-loading, metadata.json's fields are checked and every file it lists must have its packaged sha256; a
-bundle that fails is one "error: ..." line on stderr and exit code 2.
+BUNDLE is what `edge-compress package` writes: model.onnx, tokenizer/ and metadata.json. The same files run in
+the runtime images (no edge-compress, no PyTorch) and natively (`edge-compress serve`). Before loading,
+metadata.json's fields are checked and every file it lists must have its packaged sha256; a bundle that fails
+is one "error: ..." line on stderr and exit code 2.
 
-    POST /v1/predict   {"texts": ["...", ...], "truncate": false}  (or {"text": "..."})
-                       -> {"embeddings": [[...]]} or {"labels": [...], "scores": [[...]]}, and "tokens"
-                       a pair classifier: {"pairs": [["first", "second"], ...]} -> labels and scores per pair
-                       a tagger: {"words": [["The", "cat", ...], ...]} (or "texts", split on whitespace)
-                       -> {"tags": [[...]], "scores": [[[...]]], "words_cut": [...]}: one per word, null if cut
-    GET  /healthz      -> {"status": "ok"}: the model is loaded and answers
-    GET  /metadata     -> model hash, recipe, validation metrics, runtime versions
+Routes (protocols.py; each answers the model's task, or 404 with the route that does):
 
-Bad requests get a 4xx with a one-line JSON {"error": ...} and the server keeps serving. One inference
-runs at a time, with every core: on a small device, two requests sharing the cores are each slower.
+    POST /v1/predict            our own: {"texts": [...]} (pairs, words) -> embeddings, labels and scores, tags
+    POST /v1/embeddings         OpenAI's embeddings API (embedding models)
+    POST /embed /predict /rerank  text-embeddings-inference's (embeddings; text or pair classifiers; pairs)
+    /v2/...                     Open Inference Protocol v2 (KServe, Triton): health, model metadata, infer
+    GET  /healthz /metadata /metrics   liveness, what is served (model hash, recipe, metrics), Prometheus
+
+Concurrent requests are batched (batcher.py): their texts run together, sorted by length, in bounded batches,
+on one inference thread with every core. Limits, API keys, the access log: http_app.py; header deadlines
+and malformed HTTP: transport.py. SIGTERM stops accepting, answers what was accepted and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,14 @@ if __package__:  # imported: `edge-compress serve`, the packager
     from compress.serving.model_inputs import (
         FIELD,
         WARM_UP,
-        BadRequest,
         ByteEncoder,
         Request,
+        Row,
         TokenizerEncoder,
-        encode,
-        parse_request,
+        pad,
         tag_words,
+        tokenize,
+        word_starts,
     )
 else:  # run as a script (natively or in the runtime images): bundle_check.py and model_inputs.py sit beside it
     from bundle_check import (  # type: ignore[import-not-found,no-redef]
@@ -70,13 +72,14 @@ else:  # run as a script (natively or in the runtime images): bundle_check.py an
     from model_inputs import (  # type: ignore[import-not-found,no-redef]
         FIELD,
         WARM_UP,
-        BadRequest,
         ByteEncoder,
         Request,
+        Row,
         TokenizerEncoder,
-        encode,
-        parse_request,
+        pad,
         tag_words,
+        tokenize,
+        word_starts,
     )
 
 __all__ = ["FORMAT", "BundleError", "Model", "main", "sha256_of"]
@@ -152,6 +155,7 @@ class Model:
         self.load_ms = (time.perf_counter() - start) * 1000.0
         self.sha256: str = self.variant["sha256"] if self.variant else self.meta["model_sha256"]
         self.threads = threads
+        self.width = 0  # an output's last dimension: set by warm_up
         self.lock = threading.Lock()
         self.runtime = {
             "onnxruntime": ort.__version__,
@@ -165,47 +169,76 @@ class Model:
     def warm_up(self) -> None:
         """The first answer should not pay for lazy initialisation; a model that cannot answer is not served."""
         try:
-            feeds, _ = self.encode([WARM_UP[self.input_kind]], truncate=True)
-            with self.lock:
-                out = self.session.run(None, feeds)[0]
+            out = self.np.stack(self.run_batch(self.tokenize(Request([WARM_UP[self.input_kind]], True, "texts"))))
         except Exception as exc:
             raise BundleError(f"the model fails on a first request: {type(exc).__name__}: {first_line(exc)}") from None
+        self.width = int(out.shape[-1])
         if self.labels and self.task != "embedding" and out.shape[-1] != len(self.labels):
             raise BundleError(
                 f"metadata.json names {len(self.labels)} labels but the model scores {out.shape[-1]}; "
                 "re-package the run"
             )
 
-    def encode(self, examples: list[Any], truncate: bool) -> tuple[dict[str, Any], list[int]]:
-        """The model's input arrays for these examples (texts, pairs or tuples of words) and their token counts."""
-        request = Request(list(examples), truncate, FIELD[self.input_kind])
-        encoded = encode(self.encoder, request, self.input_kind, self.inputs, self.max_length)
-        return encoded.feeds, encoded.tokens
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or "model")
+
+    @property
+    def dimensions(self) -> int:
+        """An embedding's width (from the warm-up run)."""
+        return self.width
+
+    def tokenize(self, request: Request) -> list[Row]:
+        """Each example's tokens (a 413 BadRequest for one too long, unless the request allows cutting)."""
+        return tokenize(self.encoder, request, self.input_kind, self.max_length)
+
+    def run_batch(self, rows: list[Row]) -> list[Any]:
+        """One ONNX Runtime run over these rows, padded to the longest: each row's raw output (an embedding,
+        a classifier's logits, a tagger's logits per token of the row)."""
+        feeds = pad(rows, self.inputs, self.encoder.pad_id)
+        with self.lock:
+            out = self.session.run(None, feeds)[0]
+        if out.ndim == 3:
+            return [out[i, : len(ids)] for i, (ids, _, _) in enumerate(rows)]
+        return list(out)
+
+    def probabilities(self, logits: Any) -> Any:
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return self.np.exp(shifted) / self.np.exp(shifted).sum(axis=-1, keepdims=True)
+
+    def result(self, request: Request, rows: list[Row], outputs: list[Any]) -> dict[str, Any]:
+        """The /v1/predict answer from each row's raw output."""
+        result: dict[str, Any] = {"tokens": [len(ids) for ids, _, _ in rows]}
+        if self.task == "embedding":
+            result["embeddings"] = self.np.stack(outputs).astype(float).tolist()
+            return result
+        if self.input_kind == "words":
+            scores = [self.probabilities(row) for row in outputs]  # (S, L) per sentence
+            result.update(tag_words(scores, word_starts(rows, request), self.labels))
+            if request.split:  # the words the tags belong to, as the texts were split
+                result["words"] = [list(words) for words in request.examples]
+            return result
+        scores = self.probabilities(self.np.stack(outputs))
+        picks = scores.argmax(axis=-1).tolist()
+        result["labels"] = [self.labels[p] if self.labels else p for p in picks]
+        result["scores"] = scores.astype(float).tolist()
+        return result
 
     def predict(self, examples: list[Any], truncate: bool = False) -> dict[str, Any]:
         """The task's answer for examples of the model's input kind (texts, (first, second) pairs, word tuples)."""
         return self.answer(Request(list(examples), truncate, FIELD[self.input_kind]))
 
     def answer(self, request: Request) -> dict[str, Any]:
-        np = self.np
-        encoded = encode(self.encoder, request, self.input_kind, self.inputs, self.max_length)
-        with self.lock:
-            out = self.session.run(None, encoded.feeds)[0]
-        result: dict[str, Any] = {"tokens": encoded.tokens}
-        if self.task == "embedding":
-            result["embeddings"] = out.astype(float).tolist()
-            return result
-        shifted = out - out.max(axis=-1, keepdims=True)
-        scores = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)  # (B, L), a tagger's (B, S, L)
-        if encoded.starts is not None:
-            result.update(tag_words(scores, encoded.starts, self.labels))
-            if request.split:  # the words the tags belong to, as the texts were split
-                result["words"] = [list(words) for words in request.examples]
-            return result
-        picks = scores.argmax(axis=-1).tolist()
-        result["labels"] = [self.labels[p] if self.labels else p for p in picks]
-        result["scores"] = scores.astype(float).tolist()
-        return result
+        rows = self.tokenize(request)
+        return self.result(request, rows, self.run_batch(rows))
+
+    def metadata(self) -> dict[str, Any]:
+        """What GET /metadata shows: the bundle's metadata, the runtime and the variant that answers."""
+        meta = dict(self.meta)
+        meta["runtime"] = self.runtime
+        if self.variant is not None:  # which CPU family's int8 model answers, and why that one
+            meta["variant"] = {k: self.variant[k] for k in ("family", "file", "sha256", "chosen_by")}
+        return meta
 
 
 def library_isa(path: str) -> str | None:
@@ -219,137 +252,6 @@ def library_isa(path: str) -> str | None:
         return None
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a client's next request reuses the connection
-    disable_nagle_algorithm = True  # TCP_NODELAY: Nagle + delayed ACK would add 40 ms to small answers
-    server: Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.access_log:
-            sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-    def _send(self, status: HTTPStatus, body: dict[str, Any], close: bool = False) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-        self._consumed = False  # the next request on this connection has its own body
-
-    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
-        """A 4xx/5xx with a one-line JSON error. A body left unread would be parsed as the next request:
-        such a connection is closed after the answer."""
-        self.server.errors += 1
-        try:
-            pending = not self._consumed and int(self.headers.get("Content-Length") or 0) > 0
-        except ValueError:
-            pending = True
-        self._send(status, {"error": message}, close=close or pending or bool(self.headers.get("Transfer-Encoding")))
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:  # noqa: ARG002
-        """http.server's own errors (bad request line, unknown method, header too long) as JSON too."""
-        self.server.errors += 1
-        self._send(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase}, close=True)
-
-    def do_GET(self) -> None:
-        if self.path == "/healthz":
-            self._send(HTTPStatus.OK, {"status": "ok", "requests": self.server.served, "errors": self.server.errors})
-        elif self.path == "/metadata":
-            self._send(HTTPStatus.OK, self.server.metadata())
-        elif self.path == "/v1/predict":
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST for /v1/predict")
-        else:
-            self._error(
-                HTTPStatus.NOT_FOUND, f"no route {self.path}; try POST /v1/predict, GET /healthz, GET /metadata"
-            )
-
-    def do_POST(self) -> None:
-        if self.path != "/v1/predict":
-            self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}; try POST /v1/predict")
-            return
-        try:
-            result = self.server.model.answer(self._read_request())
-        except BadRequest as exc:
-            # The body was read whole unless it was too big or of unknown length: then close after answering.
-            self._error(exc.status, str(exc))
-            return
-        except Exception as exc:
-            sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
-            self._error(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"inference failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            )
-            return
-        self.server.served += 1
-        self._send(HTTPStatus.OK, result)
-
-    def do_PUT(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET /healthz, GET /metadata and POST /v1/predict")
-
-    do_DELETE = do_PATCH = do_PUT  # noqa: N815
-
-    def _read_request(self) -> Request:
-        limits = self.server.limits
-        if self.headers.get("Transfer-Encoding"):
-            raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (no chunked transfer)")
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
-            raise BadRequest(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
-        try:
-            length = int(length_header)
-        except ValueError:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, f"Content-Length {length_header!r} is not a number") from None
-        if length < 0:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
-        if length > limits["max_body_bytes"]:
-            raise BadRequest(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"body is {length} bytes; the limit is {limits['max_body_bytes']} (--max-body-bytes)",
-            )
-        body = self.rfile.read(length)
-        self._consumed = True
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise BadRequest(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"Content-Type must be application/json, not {content_type or 'none'!r}",
-            )
-        try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, f"malformed JSON: {exc}") from None
-        return parse_request(request, self.server.model.input_kind, limits["max_texts"])
-
-    _consumed = False
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], model: Model, limits: dict[str, int], access_log: bool) -> None:
-        super().__init__(address, Handler)
-        self.model = model
-        self.limits = limits
-        self.access_log = access_log
-        self.served = 0
-        self.errors = 0
-        self.started = time.time()
-
-    def metadata(self) -> dict[str, Any]:
-        meta = dict(self.model.meta)
-        meta["runtime"] = self.model.runtime
-        if self.model.variant is not None:  # which CPU family's int8 model answers, and why that one
-            meta["variant"] = {k: self.model.variant[k] for k in ("family", "file", "sha256", "chosen_by")}
-        meta["limits"] = self.limits
-        meta["uptime_s"] = round(time.time() - self.started, 1)
-        return meta
-
-
 def healthcheck(port: int) -> int:
     """The image's HEALTHCHECK: 0 when the server on this port answers /healthz with 200."""
     import urllib.request
@@ -361,58 +263,158 @@ def healthcheck(port: int) -> int:
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+KEYS_ENV = "EDGE_COMPRESS_API_KEYS"  # API keys, comma-separated (or one per line in --api-key-file)
+KEY_FILE_ENV = "EDGE_COMPRESS_API_KEY_FILE"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve a packaged edge-compress model over HTTP.")
-    parser.add_argument("--model", default=os.environ.get("EDGE_COMPRESS_MODEL", "/model"), help="the bundle folder")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime intra-op threads"
-    )
-    parser.add_argument(
-        "--ops-library", default=None, help=f"native kernels of our attention ops (default ${LIBRARY_ENV})"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", default=os.environ.get("EDGE_COMPRESS_MODEL", "/model"), help="the bundle folder")
+    add("--host", default="0.0.0.0")
+    add("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime intra-op threads")
+    add("--ops-library", default=None, help=f"native kernels of our attention ops (default ${LIBRARY_ENV})")
+    add(
         "--cpu-family",
         choices=sorted(VARIANT_FILES),
         default=os.environ.get(FAMILY_ENV) or None,
         help=f"a bundle of variants: serve this family's (default: this CPU's, from its flags; ${FAMILY_ENV})",
     )
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    parser.add_argument("--max-texts", type=int, default=64)
-    parser.add_argument("--access-log", action="store_true")
-    parser.add_argument("--healthcheck", action="store_true", help="ask a running server's /healthz (exit 0 or 1)")
-    args = parser.parse_args(argv)
+    add("--max-body-bytes", type=int, default=1 << 20, help="a larger body is refused (413)")
+    add("--max-texts", type=int, default=64, help="texts (pairs, sentences) in one request; more: 413")
+    add("--max-concurrent", type=int, default=64, help="model requests in flight; more: 429 with Retry-After")
+    add("--max-connections", type=int, default=512, help="open connections; a request on one more: 503")
+    add("--max-header-bytes", type=int, default=16384, help="request line and headers; more: 431 (or 400)")
+    add("--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive; then 408")
+    add("--request-timeout", type=float, default=30.0, help="seconds for a request's body to arrive; then 408")
+    add("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    add("--batch-wait-ms", type=float, default=0.0, help="how long an idle model waits to batch more requests")
+    add("--max-batch", type=int, default=32, help="examples in one ONNX Runtime run")
+    add("--max-batch-tokens", type=int, default=8192, help="examples x padded tokens in one run")
+    add("--max-queue", type=int, default=1024, help="examples waiting for a run; more: 429")
+    add("--rerank-label", default=None, help="a pair classifier of several labels: /rerank ranks by this one")
+    add("--api-key-file", default=os.environ.get(KEY_FILE_ENV), help=f"API keys, one per line (${KEYS_ENV})")
+    add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one JSON line per request")
+    add("--healthcheck", action="store_true", help="ask a running server's /healthz (exit 0 or 1)")
+    return parser.parse_args(argv)
+
+
+def api_keys(file: str | None) -> tuple[str, ...]:
+    """The API keys from --api-key-file or $EDGE_COMPRESS_API_KEYS (never from the command line: argv is
+    visible to every user of the machine); none: the server is open."""
+    if file:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{file}: the API key file cannot be read ({first_line(exc)})") from None
+        keys = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        if not keys:
+            raise BundleError(f"{file}: the API key file holds no key")
+        return keys
+    return tuple(k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip())
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.healthcheck:
         return healthcheck(args.port)
     try:
+        keys = api_keys(args.api_key_file)
         model = Model(Path(args.model), max(1, args.threads), args.ops_library, args.cpu_family)
         model.warm_up()
+        if args.rerank_label is not None and args.rerank_label not in (model.labels or []):
+            raise BundleError(f"--rerank-label {args.rerank_label!r} is not a label of this model: {model.labels}")
     except (BundleError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    limits = {"max_body_bytes": args.max_body_bytes, "max_texts": args.max_texts}
     try:
-        server = Server((args.host, args.port), model, limits, args.access_log)
+        sock = listen(args.host, args.port)
     except OSError as exc:
         sys.stderr.write(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}\n")
         return 2
+    return serve(model, args, keys, sock)
 
-    def stop(signum: int, frame: Any) -> None:  # noqa: ARG001
-        threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)  # as PID 1 in a container, SIGTERM is ignored unless handled
-    signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
+def _after_shutdown(signum: int, frame: Any) -> None:
+    """uvicorn raises the signal it shut down on again once it is done; by then there is nothing left to do."""
+
+
+def serve(model: Model, args: argparse.Namespace, keys: tuple[str, ...], sock: socket.socket) -> int:
+    """Run the ASGI app on uvicorn until SIGTERM or SIGINT: then stop accepting, answer what was accepted
+    (for up to 30 s), stop the inference thread and return 0."""
+    import logging
+
+    import uvicorn
+
+    if __package__:
+        from compress.serving.batcher import BatchSettings
+        from compress.serving.http_app import App, Limits
+        from compress.serving.protocols import routes
+        from compress.serving.transport import GuardedH11Protocol
+    else:
+        from batcher import BatchSettings  # type: ignore[import-not-found,no-redef]
+        from http_app import App, Limits  # type: ignore[import-not-found,no-redef]
+        from protocols import routes  # type: ignore[import-not-found,no-redef]
+        from transport import GuardedH11Protocol  # type: ignore[import-not-found,no-redef]
+
+    limits = Limits(
+        args.max_body_bytes,
+        args.max_texts,
+        args.max_concurrent,
+        args.request_timeout,
+        keys,
+        args.access_log,
+        args.rerank_label,
+        args.max_header_bytes,
+    )
+    batching = BatchSettings(args.max_batch, args.max_batch_tokens, args.batch_wait_ms, args.max_queue)
+    app = App(model, limits, batching, routes())
+    GuardedH11Protocol.header_timeout_s = args.header_timeout
+    GuardedH11Protocol.max_header_bytes = args.max_header_bytes
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # our access log is one JSON line per request
+        logging.getLogger(name).setLevel(logging.ERROR)
+    config = uvicorn.Config(
+        app,
+        http=GuardedH11Protocol,
+        ws="none",
+        lifespan="on",
+        interface="asgi3",
+        loop="asyncio",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=max(1, round(args.keep_alive)),
+        limit_concurrency=args.max_connections,
+        h11_max_incomplete_event_size=args.max_header_bytes,
+        timeout_graceful_shutdown=30,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _after_shutdown)
+    host, port = sock.getsockname()[:2]
     print(
-        f"serving {model.meta.get('name', 'model')} ({model.task}, sha256 {model.sha256[:12]}"
+        f"serving {model.name} ({model.task}, sha256 {model.sha256[:12]}"
         + (f", {model.variant['family']} variant" if model.variant else "")
-        + ") "
-        f"on http://{host!s}:{port} (loaded in {model.load_ms:.0f} ms, {model.threads} threads)",
+        + f") on http://{host!s}:{port} (loaded in {model.load_ms:.0f} ms, {model.threads} threads"
+        + (f", {len(keys)} API keys" if keys else "")
+        + ")",
         flush=True,
     )
-    server.serve_forever(poll_interval=0.2)
-    server.server_close()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
