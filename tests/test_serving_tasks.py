@@ -173,6 +173,68 @@ def test_pair_bundle_records_its_kind_and_the_server_answers_as_the_pipeline(
     assert status == 413 and refused["error"].startswith("pairs[2] is ") and "at most 32" in refused["error"]
 
 
+def test_pair_classifier_answers_tei_predict_rerank_and_kserve_as_v1_predict(
+    pair_bundle: tuple[Path, Path], pair_port: int
+) -> None:
+    pairs = [[TEXTS[0], TEXTS[1]], [TEXTS[2], "the bank"], [TEXTS[3], TEXTS[4]]]
+    client = Client(pair_port)
+    expected = np.asarray(client.predict({"pairs": pairs})[1]["scores"])  # one run of all three
+
+    def post(path: str, body: Any) -> tuple[int, Any]:
+        return client.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    status, ranked = post("/predict", {"inputs": pairs})  # TEI: per pair, every label, best first
+    assert status == 200 and len(ranked) == 3
+    for row, scores in zip(ranked, expected, strict=True):
+        assert [r["label"] for r in row] == [NLI[k] for k in np.argsort(-scores)]
+        np.testing.assert_allclose(sorted(r["score"] for r in row), sorted(scores), atol=1e-5)
+    status, one = post("/predict", {"inputs": pairs[0]})  # a single pair answers a single list
+    assert status == 200 and {r["label"] for r in one} == set(NLI)
+
+    request = {
+        "inputs": [
+            {"name": "text", "shape": [3], "datatype": "BYTES", "data": [p[0] for p in pairs]},
+            {"name": "text_pair", "shape": [3, 1], "datatype": "BYTES", "data": [[p[1]] for p in pairs]},
+        ]
+    }
+    status, answer = post("/v2/models/nli/infer", request)
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["probabilities"]["shape"] == [3, 3] and outputs["label"]["datatype"] == "BYTES"
+    np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (3, 3)), expected, atol=1e-5)
+
+    status, error = post("/rerank", {"query": TEXTS[0], "texts": [TEXTS[1], TEXTS[2]]})
+    assert status == 422 and "--rerank-label" in error["error"]  # three labels: which one ranks?
+    assert post("/v1/embeddings", {"input": "a"})[0] == 404
+    port = free_port()
+    proc = start_server(pair_bundle[1], port, "--rerank-label", "entailment", "--threads", "1")
+    try:
+        texts = [TEXTS[1], TEXTS[2], TEXTS[5]]
+        status, ranked = Client(port).request(
+            "POST", "/rerank", json.dumps({"query": TEXTS[0], "texts": texts, "return_text": True}).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert status == 200 and sorted(r["index"] for r in ranked) == [0, 1, 2]
+        alone = [Client(port).predict({"pairs": [[TEXTS[0], t]]})[1]["scores"][0][0] for t in texts]
+        assert [r["index"] for r in ranked] == list(np.argsort(-np.asarray(alone)))
+        assert all(r["text"] == texts[r["index"]] for r in ranked)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_a_tagger_says_plainly_which_routes_it_cannot_answer(tag_port: int) -> None:
+    client = Client(tag_port)
+    for path, body in (
+        ("/predict", {"inputs": "the bank"}),
+        ("/v1/embeddings", {"input": "the bank"}),
+        ("/v2/models/pos/infer", {"inputs": []}),
+    ):
+        status, error = client.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        message = error["error"]["message"] if path == "/v1/embeddings" else error["error"]  # OpenAI's shape
+        assert status == 404 and "/v1/predict" in message and "\n" not in message, (path, error)
+
+
 def test_tagger_answers_one_tag_per_word_at_its_first_sub_token(tag_bundle: tuple[Path, Path], tag_port: int) -> None:
     run_dir, bundle = tag_bundle
     meta = json.loads((bundle / "metadata.json").read_text())
