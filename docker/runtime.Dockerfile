@@ -4,7 +4,7 @@
 ARG BASE_IMAGE=edge-compress/python:3.11-bookworm-amd64
 FROM ${BASE_IMAGE}
 COPY site/ /opt/edge-compress/site/
-COPY *.py libedgecompress_ops.so /opt/edge-compress/
+COPY *.py libedgecompress_ops.so sbom.json /opt/edge-compress/
 ENV PYTHONPATH=/opt/edge-compress/site \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -114,6 +114,26 @@ def _user_and_torch(env: dict[str, str], image: str, arch: str) -> tuple[str, in
     return user, probe.returncode
 
 
+def _sbom_lists_what_is_inside(env: dict[str, str], image: str, arch: str) -> None:
+    """The image's /opt/edge-compress/sbom.json (CycloneDX) names its Debian packages, its wheels at the versions
+    installed, and our files with the sha256 they have in the image."""
+    from importlib.metadata import version
+
+    code = (
+        "import hashlib, json; s = json.load(open('/opt/edge-compress/sbom.json')); "
+        "print(json.dumps([s, hashlib.sha256(open('/opt/edge-compress/server.py', 'rb').read()).hexdigest()]))"
+    )
+    probe = docker(env, "run", "--rm", "--network", "none", *run_flags(arch), "--entrypoint", "python3", image,
+                   "-c", code)  # fmt: skip
+    sbom, server_sha = json.loads(probe.stdout)
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["metadata"]["component"]["properties"][0]["value"] == arch
+    named = {c["name"]: c for c in sbom["components"]}
+    for package in ("onnxruntime", "numpy", "tokenizers", "uvicorn", "h11", "prometheus_client"):
+        assert named[package]["version"] == version(package), package
+    assert named["python3.11-minimal"]["purl"].startswith("pkg:deb/debian/python3.11-minimal@3.11")
+    assert named["/opt/edge-compress/server.py"]["hashes"][0]["content"] == server_sha
+
+
 @pytest.mark.docker
 @real_engine
 def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
@@ -141,6 +161,7 @@ def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
         assert docker(engine, "image", "inspect", "-f", "{{.Architecture}}", tag).stdout.strip() == arch
         user, torch_code = _user_and_torch(engine, tag, arch)
         assert user == "10001:10001" and torch_code != 0  # non-root, and no PyTorch in the runtime image
+        _sbom_lists_what_is_inside(engine, tag, arch)
         cid, port, _ = serve(engine, tag, arch)
         try:
             assert listening(port) == {"127.0.0.1"}  # the served model is not reachable from outside

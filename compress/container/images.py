@@ -18,6 +18,7 @@ containers run here under qemu-aarch64 through binfmt_misc, as a Neoverse-N1 wit
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from compress.container.engine import CLIENT, Engine
 from compress.container.host_tools import ensure_tools
+from compress.container.sbom import debian_packages, write_sbom
 from compress.data.cache import cache_dir
 from compress.errors import UserError
 from exporters.native.build import build as build_ops
@@ -44,6 +46,7 @@ PLATFORMS = {
 RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "uvicorn", "h11", "click", "prometheus_client")
 USER = "edge:x:10001:10001:edge-compress server:/nonexistent:/usr/sbin/nologin"
 EMULATED_CPU = "neoverse-n1"
+DEBIAN_LIST = "debian-packages.json"  # beside rootfs.tar: what the SBOM says of the base
 SERVER_FILES = (
     "server.py",
     "bundle_check.py",
@@ -157,7 +160,7 @@ def _rootfs(arch: str, log: Log) -> Path:
     """build/docker/ARCH/python/rootfs.tar: python3.11 for ARCH, the edge user, /tmp; made once."""
     out = build_root() / arch / "python"
     tar = out / "rootfs.tar"
-    if tar.is_file():
+    if tar.is_file() and (out / DEBIAN_LIST).is_file():
         return tar
     ensure_tools(["mmdebstrap"], log)
     if os.geteuid() != 0:
@@ -169,6 +172,7 @@ def _rootfs(arch: str, log: Log) -> Path:
     include = "python3.11-minimal,libpython3.11-stdlib,libstdc++6"
     cmd = ["mmdebstrap", "--mode=root", "--variant=extract", f"--architectures={arch}", f"--include={include}"]
     _run([*cmd, "bookworm", str(tree), "/etc/apt/sources.list.d/debian.sources"], "mmdebstrap")
+    (out / DEBIAN_LIST).write_text(json.dumps(debian_packages(tree, arch), indent=1) + "\n")  # before the docs go
     for junk in ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale"):
         shutil.rmtree(tree / junk, ignore_errors=True)
     (tree / "usr/bin/python3").unlink(missing_ok=True)
@@ -236,6 +240,7 @@ def build_runtime(arch: str, env: dict[str, str], log: Log) -> str:
         if (REPO / "compress" / "serving" / name).is_file():
             shutil.copyfile(REPO / "compress" / "serving" / name, context / name)
     tag = runtime_tag(arch)
+    write_sbom(context, arch, json.loads((tar.parent / DEBIAN_LIST).read_text()), tag)  # -> /opt/edge-compress/
     log(f"{arch}: runtime image {tag}")
     docker(
         ["build", "-q", "--platform", f"linux/{arch}", "-f", str(DOCKERFILES / "runtime.Dockerfile"),
@@ -248,8 +253,6 @@ def build_runtime(arch: str, env: dict[str, str], log: Log) -> str:
 
 def build_model_image(bundle: Path, image: str, arch: str, env: dict[str, str], log: Log) -> str:
     """The runtime image of `arch` with `bundle` baked in at /model, tagged `image`."""
-    import json
-
     runtime = build_runtime(arch, env, log)
     meta = json.loads((bundle / "metadata.json").read_text())
     labels = {
