@@ -240,12 +240,7 @@ def test_keys_limits_slow_clients_and_metrics(bundle: Path, tmp_path: Path) -> N
     assert {e["status"] for e in entries} >= {200, 401, 429} and all("ms" in e for e in entries)
 
 
-def test_concurrent_clients_are_batched_and_each_gets_its_answer(served: tuple[Path, int, Any]) -> None:
-    bundle, port, _ = served
-    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(48)]
-    model = server.Model(bundle, 1)
-    model.warm_up()
-    alone = {t: model.predict([t])["embeddings"][0] for t in texts}
+def _sixteen_clients(port: int, texts: list[str]) -> dict[str, Any]:
     got: dict[str, Any] = {}
     errors: list[Any] = []
 
@@ -264,14 +259,54 @@ def test_concurrent_clients_are_batched_and_each_gets_its_answer(served: tuple[P
     for t in threads:
         t.join()
     assert not errors and set(got) == set(texts)
-    # dynamic int8 computes one activation range per run: a text batched with others is close to, not equal to,
-    # its answer alone
-    assert min(cosine(got[t], alone[t]) for t in texts) > 0.99
+    return got
+
+
+def _runs(port: int) -> float:
     text = raw(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[1]
-    runs = float(
+    return float(
         next(line.split()[-1] for line in text.splitlines() if line.startswith("edge_compress_batch_size_count"))
     )
-    assert runs < len(texts), f"{runs} runs for {len(texts)} concurrent requests: nothing was batched"
+
+
+def test_concurrent_clients_are_batched_only_when_answers_do_not_depend_on_it(
+    served: tuple[Path, int, Any], tmp_path: Path
+) -> None:
+    bundle, port, _ = served
+    import onnx
+
+    from compress.serving.bundle import batch_invariant
+
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["batch_invariant"] is False and not batch_invariant(bundle / "model.onnx")  # dynamic int8
+    plain = tmp_path / "plain.onnx"  # the same graph without run-time ranges: a float model
+    proto = onnx.load(str(bundle / "model.onnx"))
+    kept = [n for n in proto.graph.node if n.op_type != "DynamicQuantizeLinear"]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    onnx.save(proto, str(plain))
+    assert batch_invariant(plain)
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(48)]
+    model = server.Model(bundle, 1)
+    model.warm_up()
+    alone = {t: model.predict([t])["embeddings"][0] for t in texts}
+    # auto: this model's answers depend on what shares a run, so requests are never mixed: each is its answer alone
+    assert Client(port).request("GET", "/metadata")[1]["batching"]["across_requests"] is False
+    got = _sixteen_clients(port, texts)
+    assert max(float(np.abs(np.subtract(got[t], alone[t])).max()) for t in texts) < 1e-6
+    assert _runs(port) >= len(texts)
+
+    mixed = free_port()  # asked for: texts of concurrent requests run together, close to (not equal to) alone
+    proc = start_server(bundle, mixed, "--batch-across-requests", "on", "--threads", "1")
+    try:
+        got = _sixteen_clients(mixed, texts)
+        assert min(cosine(got[t], alone[t]) for t in texts) > 0.99
+        runs = _runs(mixed)
+        assert runs < len(texts), f"{runs} runs for {len(texts)} concurrent requests: nothing was batched"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
 
 
 def test_sigterm_answers_what_was_accepted_and_exits_0(bundle: Path) -> None:

@@ -54,6 +54,19 @@ def write_bundle(run_dir: Path, out: Path, allow_unvalidated: bool = False) -> d
     return meta
 
 
+RUN_TIME_RANGES = {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+
+
+def batch_invariant(model: Path) -> bool:
+    """Whether a text's answer is the same whatever it is batched with: not when the graph computes int8
+    activation ranges at run time (one range per tensor, over the whole batch: dynamic int8)."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+    return not ops & RUN_TIME_RANGES
+
+
 def describe(run_dir: Path, allow_unvalidated: bool = False) -> tuple[dict[str, Any], dict[str, Path]]:
     """The bundle metadata of `run_dir` (no "files" yet) and the files to copy: bundle name -> source."""
     last = final_stage(run_dir)
@@ -97,6 +110,7 @@ def describe(run_dir: Path, allow_unvalidated: bool = False) -> tuple[dict[str, 
         "input_kind": input_kind,
         "labels": list(artifact.meta.get("labels") or ()) or _labels(run_dir),
         "precision": artifact.meta.get("precision", "fp32"),
+        "batch_invariant": batch_invariant(model),
         "preset": artifact.meta.get("preset"),
         "int8_types": artifact.meta.get("int8_types"),
         "custom_ops": list(artifact.meta.get("custom_ops", [])),

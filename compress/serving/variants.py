@@ -51,6 +51,7 @@ def write_variant_bundle(runs: list[Path], out: Path) -> dict[str, Any]:
             "sha256": meta["model_sha256"],
             "session": meta["session"],
             "int8_types": meta["int8_types"],
+            "batch_invariant": meta["batch_invariant"],
             "model_bytes": meta["model_bytes"],
             "validated_on": _validated_on(run, family),
             "targets": meta["targets"],
