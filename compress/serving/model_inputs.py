@@ -82,11 +82,7 @@ def parse_request(request: Any, kind: str, max_items: int) -> Request:
     items = [request["text"]] if field == "text" else request[field]
     if not isinstance(items, list) or not items:
         raise _unprocessable(f'"{field}" must be a non-empty list: {WANTS[kind]}')
-    if len(items) > max_items:
-        raise BadRequest(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"{len(items)} {COUNTED[field]} in one request; the limit is {max_items} (--max-texts)",
-        )
+    check_count(len(items), COUNTED[field], max_items)
     truncate = request.get("truncate", False)
     if not isinstance(truncate, bool):
         raise _unprocessable('"truncate" must be true or false')
@@ -99,6 +95,14 @@ def parse_request(request: Any, kind: str, max_items: int) -> Request:
     if kind == "words":
         return Request([tuple(t.split()) for t in texts], truncate, field, split=True)
     return Request(texts, truncate, field)
+
+
+def check_count(count: int, what: str, limit: int) -> None:
+    """A request of more than --max-texts examples is a 413."""
+    if count > limit:
+        raise BadRequest(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{count} {what} in one request; the limit is {limit} (--max-texts)"
+        )
 
 
 def check_text(value: Any, where: str) -> str:

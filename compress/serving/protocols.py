@@ -15,10 +15,10 @@ from typing import Any
 
 if __package__:
     from compress.serving.http_app import App, Call, Reply, Route, route
-    from compress.serving.model_inputs import BadRequest, Request, check_text, parse_request
+    from compress.serving.model_inputs import BadRequest, Request, check_count, check_text, parse_request
 else:  # beside server.py in the runtime images
     from http_app import App, Call, Reply, Route, route  # type: ignore[import-not-found,no-redef]
-    from model_inputs import BadRequest, Request, check_text, parse_request  # type: ignore[import-not-found,no-redef]
+    from model_inputs import BadRequest, Request, check_count, check_text, parse_request  # type: ignore[import-not-found,no-redef]
 
 VERSION = "1"  # the one version of the model an OIP client sees
 
@@ -50,11 +50,7 @@ def _texts(value: Any, field: str, limit: int) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise _unprocessable(f'"{field}" must be a string or a non-empty list of strings')
-    if len(items) > limit:
-        raise BadRequest(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"{len(items)} texts in one request; the limit is {limit} (--max-texts)",
-        )
+    check_count(len(items), "texts", limit)
     if any(isinstance(x, int) or (isinstance(x, list) and x and isinstance(x[0], int)) for x in items):
         raise _unprocessable(f'"{field}" holds token ids: this server takes text')
     return [check_text(x, f"{field}[{i}]") for i, x in enumerate(items)]
@@ -153,8 +149,7 @@ def _classify_inputs(value: Any, kind: str, limit: int) -> tuple[list[Any], bool
     items = [value] if single else value
     if not isinstance(items, list) or not items or not all(isinstance(p, list) and len(p) == 2 for p in items):
         raise _unprocessable('"inputs" must be a pair ["first", "second"] or a list of pairs')
-    if len(items) > limit:
-        raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(items)} pairs; the limit is {limit} (--max-texts)")
+    check_count(len(items), "pairs", limit)
     pairs = [(check_text(a, f"inputs[{i}][0]"), check_text(b, f"inputs[{i}][1]")) for i, (a, b) in enumerate(items)]
     return pairs, single
 
@@ -285,10 +280,7 @@ async def oip_infer(app: App, call: Call) -> Reply:
     if sorted(tensors) != sorted(wanted):
         raise BadRequest(HTTPStatus.BAD_REQUEST, f"inputs are {sorted(tensors)}; this model takes {wanted}")
     texts = tensors["text"]
-    if len(texts) > app.limits.max_texts:
-        raise BadRequest(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{len(texts)} texts; the limit is {app.limits.max_texts}"
-        )
+    check_count(len(texts), "texts", app.limits.max_texts)
     if model.input_kind == "pair" and len(tensors["text_pair"]) != len(texts):
         raise BadRequest(HTTPStatus.BAD_REQUEST, "text and text_pair must have the same shape")
     examples: list[Any] = list(zip(texts, tensors["text_pair"], strict=True)) if "text_pair" in tensors else texts
