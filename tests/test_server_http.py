@@ -343,3 +343,30 @@ def test_sigterm_answers_what_was_accepted_and_exits_0(bundle: Path) -> None:
     assert "Traceback" not in proc.log.read_text() and "terminate called" not in proc.log.read_text()
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/healthz")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--max-batch", "0"], "--max-batch must be positive"),
+        (["--header-timeout", "-1"], "--header-timeout must be positive"),
+        (["--batch-across-requests", "maybe"], "invalid choice"),
+        (["--api-key", "secret"], "unrecognized arguments: --api-key"),  # keys never on the command line
+    ],
+)
+def test_bad_server_options_are_one_line_and_exit_2(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        server.main(["--model", "nowhere", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_an_unreadable_or_empty_key_file_is_refused(bundle: Path, tmp_path: Path, capsys: Any) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# nobody yet\n")
+    for path, needle in ((empty, "holds no key"), (tmp_path / "missing", "cannot be read")):
+        assert server.main(["--model", str(bundle), "--api-key-file", str(path), "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

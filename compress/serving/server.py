@@ -33,7 +33,7 @@ import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if __package__:  # imported: `edge-compress serve`, the packager
     from compress.serving.bundle_check import (
@@ -287,8 +287,16 @@ KEYS_ENV = "EDGE_COMPRESS_API_KEYS"  # API keys, comma-separated (or one per lin
 KEY_FILE_ENV = "EDGE_COMPRESS_API_KEY_FILE"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one "error: ..." line and exit 2, as every other refusal of the server."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Serve a packaged edge-compress model over HTTP.")
+    parser = OneLineParser(description="Serve a packaged edge-compress model over HTTP.", allow_abbrev=False)
     add = parser.add_argument
     add("--model", default=os.environ.get("EDGE_COMPRESS_MODEL", "/model"), help="the bundle folder")
     add("--host", default="0.0.0.0")
@@ -323,7 +331,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--api-key-file", default=os.environ.get(KEY_FILE_ENV), help=f"API keys, one per line (${KEYS_ENV})")
     add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one JSON line per request")
     add("--healthcheck", action="store_true", help="ask a running server's /healthz (exit 0 or 1)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    positive = ("max_body_bytes", "max_texts", "max_concurrent", "max_connections", "max_header_bytes")
+    positive += ("header_timeout", "request_timeout", "keep_alive", "max_batch", "max_batch_tokens", "max_queue")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms must be 0 or more, not {args.batch_wait_ms}")
+    return args
 
 
 def api_keys(file: str | None) -> tuple[str, ...]:
