@@ -246,7 +246,7 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
     help="A bundle of variants: serve this CPU family's int8 model (default: this CPU's, from its flags).",
 )
 def serve(
-    bundle: Path, server_options: tuple[str, ...], host: str, port: int, threads: int | None, cpu_family: str | None
+    bundle: Path, server_options: tuple[str, ...], *, host: str, port: int, threads: int | None, cpu_family: str | None
 ) -> None:
     """Serve BUNDLE (from `edge-compress package`) on this machine: the runtime images' server, natively.
 

@@ -332,8 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="one JSON line per request")
     add("--healthcheck", action="store_true", help="ask a running server's /healthz (exit 0 or 1)")
     args = parser.parse_args(argv)
-    positive = ("max_body_bytes", "max_texts", "max_concurrent", "max_connections", "max_header_bytes")
-    positive += ("header_timeout", "request_timeout", "keep_alive", "max_batch", "max_batch_tokens", "max_queue")
+    positive = ["max_body_bytes", "max_texts", "max_concurrent", "max_connections", "max_header_bytes"]
+    positive += ["header_timeout", "request_timeout", "keep_alive", "max_batch", "max_batch_tokens", "max_queue"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
