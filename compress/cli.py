@@ -177,6 +177,12 @@ def targets_setup(names: tuple[str, ...]) -> None:
     default=None,
     help="Image architecture (default: this machine's); all: NAME:TAG-amd64 and NAME:TAG-arm64.",
 )
+@click.option(
+    "--push",
+    is_flag=True,
+    help="Push the image(s) to the registry the name starts with (HOST[:PORT]/NAME[:TAG]); with --arch all also "
+    "one multi-arch tag NAME[:TAG], a manifest list over the amd64 and arm64 tags.",
+)
 @click.option("--allow-unvalidated", is_flag=True, help="Package a run whose validation gate failed or is missing.")
 @click.option(
     "--variant",
@@ -194,6 +200,7 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
     out: Path | None,
     image: str | None,
     arch: str | None,
+    push: bool,
     allow_unvalidated: bool,
     variants: tuple[Path, ...],
 ) -> None:
@@ -206,8 +213,10 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
     from compress.container import images
     from compress.serving.bundle import write_bundle
 
-    if arch is not None and image is None:
-        raise UserError("--arch needs --image (the bundle itself is the same for every architecture)")
+    if (arch is not None or push) and image is None:
+        raise UserError("--arch and --push need --image (the bundle itself is the same for every architecture)")
+    if push and images.registry_of(str(image)) is None:
+        raise UserError(f"--push: {image} names no registry; write it as HOST[:PORT]/NAME[:TAG]")
     bundle = out or run_dir / "package"
     if variants:
         from compress.serving.variants import write_variant_bundle
@@ -226,11 +235,19 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
         return
     env = images.engine_env()
     arches = ["amd64", "arm64"] if arch == "all" else [arch or images.host_arch()]
+    tags = []
     for one in arches:
         tag = images.arch_tag(image, one) if len(arches) > 1 else image
         images.build_model_image(bundle, tag, one, env, click.echo)
         size = images.docker(["image", "inspect", "-f", "{{.Size}}", tag], env, "inspecting the image").strip()
         click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
+        tags.append(tag)
+    if push and len(tags) > 1:
+        digest = images.push_multiarch(image, tags, env, click.echo)
+        click.echo(f"pushed: {image} (a manifest list over {', '.join(arches)}; {digest})")
+    elif push:
+        images.docker(["push", image], env, f"pushing {image}")
+        click.echo(f"pushed: {image}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

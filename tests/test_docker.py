@@ -96,6 +96,54 @@ def stop(env: dict[str, str], cid: str) -> None:
 
 
 @pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private registry on loopback (HOST:PORT): the Distribution registry of Debian's docker-registry package,
+    unpacked, not installed (installing it would start a system service on port 5000)."""
+    import urllib.request
+
+    folder = images.build_root() / "registry"
+    binary = folder / "usr" / "bin" / "docker-registry"
+    if not binary.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        download = ["apt-get", "download", "docker-registry"]
+        if subprocess.run(download, cwd=folder, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=True)
+            subprocess.run(download, cwd=folder, capture_output=True, check=True)
+        deb = next(folder.glob("docker-registry_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(folder)], check=True)
+    data = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    config = data / "config.yml"
+    store = {"filesystem": {"rootdirectory": str(data / "store")}}
+    config.write_text(yaml.safe_dump({"version": 0.1, "storage": store, "http": {"addr": f"127.0.0.1:{port}"}}))
+    proc = subprocess.Popen([str(binary), "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _platforms(registry: str, repository: str, tag: str) -> list[str]:
+    """The platforms of a manifest list, asked of the registry's HTTP API."""
+    import urllib.request
+
+    kind = "application/vnd.docker.distribution.manifest.list.v2+json"
+    url = f"http://{registry}/v2/{repository}/manifests/{tag}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": kind}), timeout=10) as answer:
+        listing = json.loads(answer.read())
+    assert listing["mediaType"] == kind, listing.get("mediaType")
+    return sorted(m["platform"]["architecture"] for m in listing["manifests"])
+
+
+@pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped recipe on the real all-MiniLM-L6-v2 (int8), validated on this CPU."""
     out = tmp_path_factory.mktemp("minilm")
@@ -137,18 +185,20 @@ def _sbom_lists_what_is_inside(env: dict[str, str], image: str, arch: str) -> No
 @pytest.mark.docker
 @real_engine
 def test_minilm_images_for_amd64_and_arm64_serve_the_same_embeddings(
-    engine: dict[str, str], minilm_run: Path, tmp_path: Path
+    engine: dict[str, str], minilm_run: Path, tmp_path: Path, registry: str
 ) -> None:
     import onnxruntime as ort
 
-    image = "edge-compress-test/minilm:ci"
-    args = ["package", str(minilm_run), "--image", image, "--arch", "all", "--out", str(tmp_path / "b")]
+    image = f"{registry}/edge-compress-test/minilm:ci"  # one multi-arch tag, pushed over the two arch tags
+    args = ["package", str(minilm_run), "--image", image, "--arch", "all", "--push", "--out", str(tmp_path / "b")]
     proc = subprocess.run(
         [sys.executable, "-m", "compress.cli", *args],
         env={**engine, "COLUMNS": "200"}, capture_output=True, text=True, check=False, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"image: {image}-amd64 (linux/amd64" in proc.stdout and f"image: {image}-arm64 (linux/arm64" in proc.stdout
+    assert f"pushed: {image} (a manifest list over amd64, arm64" in proc.stdout
+    assert _platforms(registry, "edge-compress-test/minilm", "ci") == ["amd64", "arm64"]
     meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
     texts = [
         "The central bank raised interest rates by half a point.",

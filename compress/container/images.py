@@ -251,6 +251,30 @@ def build_runtime(arch: str, env: dict[str, str], log: Log) -> str:
     return tag
 
 
+def registry_of(image: str) -> str | None:
+    """The registry host an image name starts with (HOST[:PORT]/...), or None (Docker Hub's short names)."""
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return None
+
+
+def push_multiarch(image: str, tags: list[str], env: dict[str, str], log: Log) -> str:
+    """Push each architecture's tag, then one manifest list `image` over them (what `docker pull image`
+    resolves per platform); returns the list's digest. A registry on loopback is spoken to over plain HTTP."""
+    registry = registry_of(image)
+    if registry is None:
+        raise UserError(f"--push: {image} names no registry; write it as HOST[:PORT]/NAME[:TAG]")
+    insecure = ["--insecure"] if registry.split(":")[0] in ("localhost", "127.0.0.1") else []
+    env = {**env, "DOCKER_CLI_EXPERIMENTAL": "enabled"}  # `docker manifest` of the 20.10 client
+    for tag in tags:
+        log(f"pushing {tag}")
+        docker(["push", tag], env, f"pushing {tag}")
+    docker(["manifest", "create", "--amend", *insecure, image, *tags], env, f"creating the manifest list {image}")
+    out = docker(["manifest", "push", "--purge", *insecure, image], env, f"pushing the manifest list {image}")
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
 def build_model_image(bundle: Path, image: str, arch: str, env: dict[str, str], log: Log) -> str:
     """The runtime image of `arch` with `bundle` baked in at /model, tagged `image`."""
     runtime = build_runtime(arch, env, log)
