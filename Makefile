@@ -55,7 +55,7 @@ unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
 test: lint typecheck
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 bench: setup
 	$(PY) benchmarks/minilm_int8.py

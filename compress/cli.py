@@ -213,8 +213,10 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
     from compress.container import images
     from compress.serving.bundle import write_bundle
 
-    if (arch is not None or push) and image is None:
-        raise UserError("--arch and --push need --image (the bundle itself is the same for every architecture)")
+    if arch is not None and image is None:
+        raise UserError("--arch needs --image (the bundle itself is the same for every architecture)")
+    if push and image is None:
+        raise UserError("--push needs --image (NAME: HOST[:PORT]/NAME[:TAG])")
     if push and images.registry_of(str(image)) is None:
         raise UserError(f"--push: {image} names no registry; write it as HOST[:PORT]/NAME[:TAG]")
     bundle = out or run_dir / "package"

@@ -375,5 +375,5 @@ def test_an_unreadable_or_empty_key_file_is_refused(bundle: Path, tmp_path: Path
 def test_push_needs_an_image_whose_name_starts_with_a_registry(tmp_path: Path) -> None:
     from tests.test_cli import assert_user_error, cli
 
-    assert_user_error(cli("package", str(tmp_path), "--push"), "--push need --image")
+    assert_user_error(cli("package", str(tmp_path), "--push"), "--push needs --image")
     assert_user_error(cli("package", str(tmp_path), "--image", "minilm:1", "--push"), "names no registry")

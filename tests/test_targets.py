@@ -130,10 +130,22 @@ def test_gate_fails_on_u8s8_saturation_without_vnni_and_names_the_fix(
     # On a VNNI host only the AVX2 target saturates; on a host without VNNI the native run saturates too,
     # so consistency cannot tell, and the diagnosis comes from the CPU's flags.
     vnni = host_has_vnni()
-    with pytest.raises(GateFailed, match=f"the gate failed on {'' if vnni else 'x86_64, '}x86_64-avx2") as caught:
-        _run(path)
-    assert "quantize.preset: x86_64-avx2" in str(caught.value)
     run_dir = path.parent / "runs" / "tiny"
+    try:
+        _run(path)
+    except GateFailed as failed:
+        message = str(failed)
+    else:
+        figures = {
+            n: t["agreement"]["value"] for n, t in json.loads((run_dir / "report.json").read_text())["targets"].items()
+        }
+        if vnni:
+            raise AssertionError(f"the AVX2 target did not saturate: {figures}")
+        # Measured on an AMD EPYC (first Zen generation, 2026-12-04): neither the native run nor the emulated
+        # AVX2 target saturated (agreement 0.99999 both), so there is no failure here to diagnose.
+        pytest.skip(f"this CPU's int8 kernels did not saturate on the saturating model (agreement {figures})")
+    assert re.search(f"the gate failed on {'' if vnni else 'x86_64, '}x86_64-avx2", message), message
+    assert "quantize.preset: x86_64-avx2" in message
     report = json.loads((run_dir / "report.json").read_text())
     native, avx2 = report["targets"]["x86_64"], report["targets"]["x86_64-avx2"]
     assert native["consistency"]["value"] == pytest.approx(1.0)
