@@ -38,10 +38,11 @@ def run(recipe: Path, fresh: bool) -> None:
     Finished stages whose inputs did not change are reused, so a rerun after a failure or a kill
     continues from the last finished stage.
     """
-    from compress.pipeline import run as run_pipeline
     from compress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe)  # a bad recipe is refused before torch and the stages load
+    from compress.pipeline import run as run_pipeline
+
     run_dir = run_pipeline(parsed, fresh=fresh)
     _print_summary(run_dir)
 
@@ -54,11 +55,12 @@ def check(recipe: Path) -> None:
     Fields, values and stage order; the model folder (config, tokenizer, weights that load into it);
     the user's data files; the lengths the stages ask of the model; the run folder it would write.
     """
-    from compress.pipeline.preflight import preflight
-    from compress.pipeline.run_dir import check_claim
     from compress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe)  # a bad recipe is refused before torch and the stages load
+    from compress.pipeline.preflight import preflight
+    from compress.pipeline.run_dir import check_claim
+
     source = preflight(parsed, deep=True)
     check_claim(parsed.output.dir / parsed.name)
     folder = source.files.get("model", "new, trained by the recipe")
@@ -74,10 +76,11 @@ def train(recipe: Path, fresh: bool) -> None:
 
     Checkpoints are written every epoch: after a kill, the same command resumes from the last one.
     """
-    from compress.pipeline import run as run_pipeline
     from compress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe)  # a bad recipe is refused before torch and the stages load
+    from compress.pipeline import run as run_pipeline
+
     if "train" not in [s.type for s in parsed.stages]:
         raise UserError(f"{recipe}: the recipe has no train stage")
     run_dir = run_pipeline(parsed, fresh=fresh, until="train")

@@ -302,7 +302,7 @@ def test_failed_shape_inference_writes_nothing_in_the_working_directory(
 ) -> None:
     """ONNX Runtime saves its half-inferred model (and a uuid-named data file) into the current directory
     when symbolic shape inference fails; the stage must keep that inside its own folder."""
-    from compress.stages import quantize
+    from compress.stages.quantize import stage as quantize
 
     model = tmp_path / "custom.onnx"
     graph = helper.make_graph(

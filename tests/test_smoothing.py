@@ -106,7 +106,7 @@ def test_static_simulation_uses_one_range_for_every_text() -> None:
 
 
 def test_a_model_with_external_data_is_recognised(tmp_path: Path) -> None:
-    from compress.stages import quantize
+    from compress.stages.quantize import stage as quantize
 
     inline, external = tmp_path / "inline.onnx", tmp_path / "external.onnx"
     two_matmuls(inline)

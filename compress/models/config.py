@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from compress.models.attention import AttentionConfig
+from typing import Any, Literal
 
 ZOO_FORMAT = "edge-compress-zoo"
 ZOO_VERSION = 1
 TASKS = ("classification", "lm")
+AttentionKind = Literal["dense", "windowed", "block_sparse", "linformer", "kernelized", "lsh"]
+KINDS: tuple[str, ...] = ("dense", "windowed", "block_sparse", "linformer", "kernelized", "lsh")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention kind and its parameters; validated on construction (the error names the field)."""
+
+    kind: str = "dense"
+    causal: bool = False
+    window: int = 0  # windowed: half-width w; query i sees keys i-w..i+w (i-w..i if causal)
+    global_tokens: int = 0  # windowed / block_sparse: leading tokens (CLS...) that see and are seen by all
+    block: int = 0  # block_sparse: block size b
+    local_blocks: int = 1  # block_sparse: neighbour blocks on each side
+    random_blocks: int = 0  # block_sparse: extra seeded random key blocks per query block
+    proj_len: int = 0  # linformer: k, the projected sequence length
+    max_len: int = 0  # linformer: longest sequence the projections cover
+    features: int = 0  # kernelized: m random features
+    chunk: int = 0  # lsh: positions per chunk of the sorted order; each chunk also sees the one before
+    n_hashes: int = 0  # lsh: hashing rounds
+    buckets: int = 0  # lsh: buckets per round (even: argmax over [xR, -xR])
+    seed: int = 0  # block_sparse random blocks, kernelized features, lsh rotations
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"attention.kind: unknown kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if self.global_tokens < 0:
+            raise ValueError(f"attention.global_tokens must be >= 0, got {self.global_tokens}")
+        if self.kind == "windowed" and self.window <= 0:
+            raise ValueError(f"attention.window must be > 0 for windowed attention, got {self.window}")
+        if self.kind == "block_sparse":
+            if self.block <= 0:
+                raise ValueError(f"attention.block must be > 0 for block_sparse attention, got {self.block}")
+            if self.local_blocks < 0 or self.random_blocks < 0:
+                raise ValueError("attention.local_blocks and attention.random_blocks must be >= 0")
+            if self.causal:
+                raise ValueError("attention: block_sparse is bidirectional here; use windowed for causal models")
+        if self.kind == "linformer":
+            if self.proj_len <= 0 or self.max_len <= 0:
+                raise ValueError("attention.proj_len and attention.max_len must be > 0 for linformer attention")
+            if self.causal:
+                raise ValueError("attention: linformer mixes all positions and cannot be causal (Wang et al. 2020)")
+        if self.kind == "kernelized" and self.features <= 0:
+            raise ValueError(f"attention.features must be > 0 for kernelized attention, got {self.features}")
+        if self.kind == "lsh":
+            self._check_lsh()
+
+    def _check_lsh(self) -> None:
+        if self.chunk <= 0 or self.n_hashes <= 0:
+            raise ValueError("attention.chunk and attention.n_hashes must be > 0 for lsh attention")
+        if self.buckets < 2 or self.buckets % 2:
+            raise ValueError(f"attention.buckets must be even and >= 2 for lsh attention, got {self.buckets}")
+        if self.global_tokens:
+            raise ValueError("attention.global_tokens: lsh attention has no global tokens")
 
 
 @dataclass(frozen=True)

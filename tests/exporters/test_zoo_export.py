@@ -21,7 +21,7 @@ from compress.models.config import ZooConfig
 from compress.models.encoder import build_model
 from compress.pipeline import run
 from compress.recipe import load_recipe
-from compress.stages.export import check_lengths
+from compress.stages.export.stage import check_lengths
 from exporters import native
 from exporters.ops import DOMAIN
 from exporters.ops.torch_ops import exportable

@@ -130,22 +130,42 @@ def _least_error_groups(normal: _Normal, ridge: float, groups: torch.Tensor, kee
     """The `keep` groups of input columns (rows of `groups`, one head's or one neuron's columns) whose
     removal costs the least least-squares error, found greedily with Optimal Brain Surgeon updates: from
     the full solution, remove the group whose deletion raises the error least (w_g^T (H^-1_gg)^-1 w_g),
-    let the other weights absorb it, repeat (the structured OBS of ZipLM, Kurtic et al. 2023)."""
+    let the other weights absorb it, repeat (the structured OBS of ZipLM, Kurtic et al. 2023).
+
+    A removed group's rows and columns of H^-1 are zero after its update, and the rest is the inverse over
+    the columns left: they are dropped whenever an eighth of the matrix is dead, so each update touches
+    less (an FFN's 1,536 single-neuron removals took 2.4x longer on the full matrix)."""
     h = normal.regularised(ridge)
     hinv = torch.linalg.inv(h)
     w = hinv @ normal.zy  # (inputs + 1, out)
     alive = torch.ones(len(groups), dtype=torch.bool)
+    at = groups.clone()  # each group's columns in today's (shrunk) hinv and w
+    dead = 0
     for _ in range(len(groups) - keep):
-        live = groups[alive]  # (G, size)
-        block = hinv[live[:, :, None], live[:, None, :]]  # (G, size, size)
+        live = at[alive]  # (G, size)
         wg = w[live]  # (G, size, out)
-        cost = (wg * torch.linalg.solve(block, wg)).sum((1, 2))
+        if live.shape[1] == 1:  # one neuron a group: the blocks are diagonal entries (a batched solve took 3x longer)
+            cost = wg.square().sum((1, 2)) / hinv.diagonal()[live[:, 0]]
+        else:
+            block = hinv[live[:, :, None], live[:, None, :]]  # (G, size, size)
+            cost = (wg * torch.linalg.solve(block, wg)).sum((1, 2))
         g = int(torch.nonzero(alive)[int(cost.argmin())])
-        cols = groups[g]
-        inv_block = torch.linalg.inv(hinv[cols][:, cols])
-        w = w - hinv[:, cols] @ inv_block @ w[cols]
-        hinv = hinv - hinv[:, cols] @ inv_block @ hinv[cols]
+        cols = at[g]
+        if len(cols) == 1:  # a rank-1 update in place: no new matrix each step
+            column = hinv[:, cols[0]] / hinv[cols[0], cols[0]]
+            w.addr_(column, w[cols[0]].clone(), alpha=-1.0)
+            hinv.addr_(column, hinv[cols[0]].clone(), alpha=-1.0)
+        else:
+            inv_block = torch.linalg.inv(hinv[cols][:, cols])
+            w = w - hinv[:, cols] @ inv_block @ w[cols]
+            hinv = hinv - hinv[:, cols] @ inv_block @ hinv[cols]
         alive[g] = False
+        dead += cols.numel()
+        if dead * 8 >= len(hinv):
+            kept = torch.cat([at[alive].flatten().sort().values, torch.tensor([len(hinv) - 1])])  # the bias stays last
+            where = torch.full((len(hinv),), -1, dtype=torch.long)
+            where[kept] = torch.arange(len(kept))
+            hinv, w, at, dead = hinv[kept][:, kept], w[kept], where[at], 0
     return torch.nonzero(alive).flatten()
 
 
