@@ -144,15 +144,21 @@ def _platforms(registry: str, repository: str, tag: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped recipe on the real all-MiniLM-L6-v2 (int8), validated on this CPU."""
-    out = tmp_path_factory.mktemp("minilm")
+def minilm_run(engine: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped recipe on the real all-MiniLM-L6-v2 (int8), run as a user would in the amd64 pipeline image
+    (PyTorch CPU + edge-compress) with no network, validated on this CPU: the run the runtime images serve."""
+    tag = images.build_pipeline(engine, lambda _msg: None)
+    work = tmp_path_factory.mktemp("minilm")
+    work.chmod(0o777)  # the image's user (10001) writes the run here
     spec = yaml.safe_load((REPO / "recipes" / "minilm-int8.yaml").read_text())
-    spec["output"] = {"dir": str(out)}
+    spec["output"] = {"dir": "runs"}
     spec["stages"][-1]["runs"] = 10
-    path = out / "minilm.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return _run(path)
+    (work / "minilm.yaml").write_text(yaml.safe_dump(spec))
+    proc = docker(
+        engine, "run", "--rm", "--network", "none", "-v", f"{work}:/work", tag, "run", "minilm.yaml", check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return work / "runs" / "minilm-int8"
 
 
 def _user_and_torch(env: dict[str, str], image: str, arch: str) -> tuple[str, int]:
@@ -295,29 +301,15 @@ def test_docker_targets_validate_a_custom_op_model_inside_both_runtime_images(
 
 @pytest.mark.docker
 @real_engine
-def test_pipeline_image_runs_the_demo_recipe_offline_and_its_run_packages(
-    engine: dict[str, str], tmp_path: Path
-) -> None:
-    """The amd64 pipeline image (PyTorch CPU + edge-compress) runs recipes/minilm-int8.yaml with no network."""
+def test_pipeline_image_runs_the_demo_recipe_offline_and_its_run_packages(minilm_run: Path, tmp_path: Path) -> None:
+    """The amd64 pipeline image ran recipes/minilm-int8.yaml with no network (the minilm_run fixture)."""
     from compress.serving.bundle import write_bundle
 
-    tag = images.build_pipeline(engine, lambda _msg: None)
-    work = tmp_path / "work"
-    work.mkdir()
-    work.chmod(0o777)  # the image's user (10001) writes the run here
-    spec = yaml.safe_load((REPO / "recipes" / "minilm-int8.yaml").read_text())
-    spec["output"] = {"dir": "runs"}
-    spec["stages"][-1]["runs"] = 10
-    (work / "minilm.yaml").write_text(yaml.safe_dump(spec))
-    proc = docker(
-        engine, "run", "--rm", "--network", "none", "-v", f"{work}:/work", tag, "run", "minilm.yaml", check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((work / "runs" / "minilm-int8" / "report.json").read_text())
+    report = json.loads((minilm_run / "report.json").read_text())
     target = report["targets"]["x86_64"]
     assert target["gate"]["passed"] and target["artifact"]["kernels"]["int8"].get("QAttention") == 6
     assert report["provenance"]["packages"]["torch"].startswith("2.13.0")
-    meta = write_bundle(work / "runs" / "minilm-int8", tmp_path / "bundle")
+    meta = write_bundle(minilm_run, tmp_path / "bundle")
     assert meta["validated"]["passed"] and meta["task"] == "embedding"
 
 
