@@ -10,8 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compress.models.architectures import ARCHITECTURES, attention_shape
-from compress.models.structure import STRUCTURE_KEY
+from compress.models.architectures import ARCHITECTURES, STRUCTURE_KEY, attention_shape
 
 
 def fuse(source: Path, target: Path, config: dict[str, Any]) -> dict[str, int] | str:

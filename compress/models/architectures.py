@@ -33,6 +33,13 @@ AUTO_CLASSES: Mapping[str | None, str] = MappingProxyType(
     }
 )
 
+# The key of config.json under which a structurally pruned checkpoint records its per-layer sizes
+# (compress.models.structure does the surgery and the rebuild).
+STRUCTURE_KEY = "edge_compress_structure"
+# Architectures whose layers that surgery (and layer dropping) knows: encoder.layer[i].attention.self/output,
+# intermediate.dense, output.dense. Others are refused before a run (compress.pipeline.preflight).
+BERT_LAYOUT = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
+
 
 @dataclass(frozen=True)
 class Architecture:

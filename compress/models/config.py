@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from compress.errors import UserError
 
 ZOO_FORMAT = "edge-compress-zoo"
 ZOO_VERSION = 1
@@ -170,3 +174,17 @@ class ZooConfig:
         attention = AttentionConfig(**raw.pop("attention", {}))
         hourglass = raw.pop("hourglass", None)
         return cls(attention=attention, hourglass=HourglassConfig(**hourglass) if hourglass else None, **raw)
+
+
+def read_zoo_config(folder: Path) -> ZooConfig:
+    """A zoo checkpoint's config.json, checked (no torch: preflight reads it before anything loads)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"model.zoo: {folder} has no config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return ZooConfig.from_dict(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: {exc}") from None

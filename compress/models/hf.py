@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress.errors import UserError
-from compress.models.architectures import AUTO_CLASSES, check_supported
+from compress.models.architectures import AUTO_CLASSES, STRUCTURE_KEY, check_supported
 from compress.models.spec import HFModel, PackageModel
-from compress.models.structure import STRUCTURE_KEY, rebuild
 
 if TYPE_CHECKING:
     import torch
@@ -258,6 +257,8 @@ def _load_pruned(folder: Path, structure: dict[str, list[int]], head: str | None
     """A structurally pruned checkpoint: build the architecture, shrink each layer, then load the weights."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
+
+    from compress.models.structure import rebuild
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     model = auto_class(head).from_config(config, attn_implementation="eager")

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-STRUCTURE_KEY = "edge_compress_structure"
-# Architectures whose layers this surgery (and layer dropping) knows: encoder.layer[i].attention.self/output,
-# intermediate.dense, output.dense. Others are refused before a run (compress.pipeline.preflight).
-BERT_LAYOUT = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
+from compress.models.architectures import BERT_LAYOUT, STRUCTURE_KEY
+
+__all__ = ["BERT_LAYOUT", "STRUCTURE_KEY"]  # defined with the architectures: reading a config needs no torch
 
 
 def keep_rows(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:

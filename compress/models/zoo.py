@@ -9,23 +9,10 @@ from torch import nn
 
 from compress.data.cache import write_atomic
 from compress.errors import UserError
-from compress.models.config import ZooConfig
+from compress.models.config import read_zoo_config
 from compress.models.encoder import ZooCausalLM, ZooClassifier, build_model
 
 ZooModel = ZooClassifier | ZooCausalLM
-
-
-def read_zoo_config(folder: Path) -> ZooConfig:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UserError(f"model.zoo: {folder} has no config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return ZooConfig.from_dict(raw)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{path}: {exc}") from None
 
 
 def save_zoo(model: ZooModel, folder: Path) -> None:

@@ -16,15 +16,13 @@ from compress.data import load_evaluation, load_labeled, load_texts
 from compress.data.spec import FileSet
 from compress.errors import UserError
 from compress.models import hf
-from compress.models.architectures import usable_positions
-from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig
+from compress.models.architectures import BERT_LAYOUT, usable_positions
+from compress.models.config import ZOO_FORMAT, ZOO_VERSION, ZooConfig, read_zoo_config
 from compress.models.spec import HFModel, NewModel, PackageModel, ZooModel
-from compress.models.structure import BERT_LAYOUT
-from compress.models.zoo import load_zoo, read_zoo_config
 from compress.recipe import Recipe
 from compress.serving.bundle_check import sha256_of  # the one file hash, shared with validate and the server
 from compress.stages.export.config import ExportStage
-from compress.stages.export.windowed import windowed_kind
+from compress.stages.export.kind import windowed_kind
 from compress.stages.prune.config import PruneStage
 from compress.stages.validate.config import ValidateStage
 from compress.tasks.classification import label_map
@@ -253,6 +251,8 @@ def _load_weights(source: Artifact) -> None:
         hf.load_model(source.file("model"))
         hf.load_tokenizer(source.file("model"))
     elif source.kind == "zoo":
+        from compress.models.zoo import load_zoo  # torch: loaded only once the weights are checked
+
         load_zoo(source.file("model"))
 
 

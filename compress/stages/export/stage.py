@@ -15,13 +15,13 @@ from compress.models.architectures import usable_positions
 from compress.models.encoder import ZooCausalLM
 from compress.models.zoo import load_zoo
 from compress.stages.export.config import ExportStage
+from compress.stages.export.kind import windowed_kind
 from compress.stages.export.windowed import (
     announce,
     check_lengths,
     custom_op_checks,
     export_windowed,
     window_checks,
-    windowed_kind,
 )
 from compress.tasks import HEADS, TASKS
 from exporters import native, onnx_export, ort_fusion

@@ -17,36 +17,8 @@ from exporters.hf_attention import check_modernbert, modernbert_window, sparse_a
 from exporters.longformer import export_longformer
 from exporters.modernbert import export_modernbert
 
-WINDOWED = ("longformer", "modernbert")
 LONGFORMER_WINDOW = 512  # LongformerConfig's default attention_window (two-sided)
 PAIR_SHORTEST = 8  # the shortest pair length a window check uses
-
-
-def windowed_kind(config: dict[str, Any], cfg: ExportStage) -> str | None:
-    """ "longformer" or "modernbert" when the model's windowed attention exports as our op; None for a
-    dense export (dense attention, or ModernBERT with `dense_attention: true`). A one-line UserError for
-    attention we cannot keep and for a setting that contradicts the op. Needs only config.json: preflight
-    calls it too, so `check` refuses what the export would."""
-    try:
-        kind = sparse_attention_kind(config)
-        if kind == "modernbert" and not cfg.dense_attention:
-            check_modernbert(config)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if kind is None:
-        return None
-    if kind not in WINDOWED:
-        raise UserError(
-            f"model: {kind} would be exported as dense attention; only Longformer's and ModernBERT's sliding "
-            "windows map to our attention ops (use a checkpoint with dense attention)"
-        )
-    if cfg.dense_attention:
-        if kind == "longformer":
-            raise UserError("stages: export: dense_attention: Longformer has no dense export here; remove it")
-        return None
-    if cfg.exporter == "torchscript":
-        raise UserError(f"stages: export: {kind} exports with the dynamo exporter; remove `exporter: torchscript`")
-    return kind
 
 
 def announce(kind: str | None, config: dict[str, Any], cfg: ExportStage, ctx: Context) -> None:
