@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -155,7 +156,25 @@ def test_readme_example_runs(
     run_dir = tmp_path / "runs" / "python-api" / "minilm-int8"
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stages"][-1]["metrics"]["targets"]["x86_64"]["setup"]["runs"] == 10
+    _the_shipped_recipe_holds(report)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("True runs/python-api/minilm-int8/02_quantize/model.onnx ")
     assert printed[1].endswith("int8 kernels") and int(printed[1].split()[-3]) > 0
     assert list(tmp_path.glob("tmp*/quantize/model.onnx"))
+
+
+def _the_shipped_recipe_holds(report: dict[str, Any]) -> None:
+    """recipes/minilm-int8.yaml, run by the example: int8 kernels run, accuracy holds, the artifact is small.
+    (Speed: benchmarks/.)"""
+    export = report["stages"][0]["metrics"]
+    assert export["max_abs_diff"] <= 1e-4
+    assert export["fused_ops"]["Attention"] == 6
+    target = report["targets"]["x86_64"]
+    ref, art = target["reference"], target["artifact"]
+    assert ref["task"]["spearman"] == pytest.approx(0.508, abs=0.005)  # fp32 MiniLM on Lee
+    assert abs(art["task"]["spearman"] - ref["task"]["spearman"]) <= 0.01
+    assert target["fidelity"]["cosine_mean"] >= 0.99
+    assert target["size_ratio"] <= 0.30
+    assert art["kernels"]["int8"].get("QAttention") == 6
+    assert art["kernels"]["float_total"] == 0
+    assert report["warnings"] == []

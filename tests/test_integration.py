@@ -1,4 +1,7 @@
-"""The real model and data: all-MiniLM-L6-v2 on the Lee document-similarity set (marked integration)."""
+"""The real model and data: all-MiniLM-L6-v2 on the Lee document-similarity set (marked integration).
+
+The shipped recipe end to end is checked where the README's Python example runs it (tests/test_api.py), and
+in the pipeline image (tests/test_docker.py): one run of it each, not a third here."""
 
 from __future__ import annotations
 
@@ -25,36 +28,12 @@ def test_lee_reference_set_is_complete() -> None:
     assert len(lee_background().texts) == 300
 
 
-def test_minilm_recipe_end_to_end(tmp_path: Path) -> None:
-    """The shipped recipe: int8 kernels run, accuracy holds, the artifact is small. (Speed: benchmarks/.)"""
-    spec = yaml.safe_load((REPO / "recipes" / "minilm-int8.yaml").read_text())
-    spec["output"] = {"dir": str(tmp_path)}
-    spec["stages"][-1]["runs"] = 20
-    path = tmp_path / "minilm.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    recipe = load_recipe(path)
-    run_dir = run(recipe, Context(recipe=recipe, run_dir=tmp_path / recipe.name, console=Console(quiet=True)))
-    report = json.loads((run_dir / "report.json").read_text())
-    export = report["stages"][0]["metrics"]
-    assert export["max_abs_diff"] <= 1e-4
-    assert export["fused_ops"]["Attention"] == 6
-    target = report["targets"]["x86_64"]
-    ref, art = target["reference"], target["artifact"]
-    assert ref["task"]["spearman"] == pytest.approx(0.508, abs=0.005)  # fp32 MiniLM on Lee
-    assert abs(art["task"]["spearman"] - ref["task"]["spearman"]) <= 0.01
-    assert target["fidelity"]["cosine_mean"] >= 0.99
-    assert target["size_ratio"] <= 0.30
-    assert art["kernels"]["int8"].get("QAttention") == 6
-    assert art["kernels"]["float_total"] == 0
-    assert report["warnings"] == []
-
-
 def test_minilm_pruning_reconstruction_on_held_out_news(tmp_path: Path) -> None:
     """The shipped pruning recipe's prune stage: heads and neurons chosen by least error and the output
     projections refitted bring held-out news far closer to the original than magnitude pruning alone."""
     spec = yaml.safe_load((REPO / "recipes" / "minilm-prune-int8.yaml").read_text())
     prune = next(s for s in spec["stages"] if s["type"] == "prune")
-    prune["reconstruct"]["texts"] = 120  # 108 fitted, 12 held out (the recipe reads all 300)
+    prune["reconstruct"]["texts"] = 80  # 72 fitted, 8 held out (the recipe reads all 300)
     spec["stages"] = [prune, {"type": "export"}]
     spec["output"] = {"dir": str(tmp_path)}
     path = tmp_path / "prune.yaml"
@@ -64,9 +43,9 @@ def test_minilm_pruning_reconstruction_on_held_out_news(tmp_path: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     prune_metrics, export = report["stages"][0]["metrics"], report["stages"][1]["metrics"]
     rec = prune_metrics["reconstruction"]
-    assert rec["held_out_texts"] == 12 and rec["select"] == "error"
+    assert rec["held_out_texts"] == 8 and rec["select"] == "error"
     assert rec["held_out_cosine_magnitude_only"] < 0.75  # measured 0.57 on all 300 documents
-    assert rec["held_out_cosine"] >= 0.85
+    assert rec["held_out_cosine"] >= 0.85  # measured 0.906 (AMD EPYC Zen 4, 2026-12-04)
     assert all(row["ffn_output"]["kept"] == 768 and row["attention_output"]["kept"] == 9 for row in rec["layers"])
     assert export["max_abs_diff"] <= 1e-4
     assert export["fused_ops"]["Attention"] == 6  # every layer keeps 9 heads: one width, still fused
