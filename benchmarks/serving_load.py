@@ -282,9 +282,10 @@ def report(args: Any, results: Any, slow: Any, mem: Any, extra: dict[str, Any]) 
         )
     lines += [
         "",
-        f"- 16 clients: now **{many['now']['rps'] / many['before']['rps']:.2f}x** the throughput of before, with "
-        f"batching across requests **{many[mixed]['rps'] / many['before']['rps']:.2f}x** (target 1.5x); one "
-        f"client's p50 **{one['now']['p50'] / one['before']['p50']:.2f}x** before's (target within 1.10x).",
+        f"- 16 clients: now **{many['now']['rps'] / many['before']['rps']:.3f}x** the throughput of before, with "
+        f"batching across requests **{many[mixed]['rps'] / many['before']['rps']:.3f}x** (target 1.5x, "
+        f"not rounded); one client's p50 **{one['now']['p50'] / one['before']['p50']:.2f}x** before's "
+        "(target within 1.10x).",
         *[
             f"- Answers under 16 clients against each text alone, {k}: min cosine {min(v):.5f}, median "
             f"{np.median(v):.5f} over {len(v)} answers."

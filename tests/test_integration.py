@@ -45,7 +45,7 @@ def test_minilm_pruning_reconstruction_on_held_out_news(tmp_path: Path) -> None:
     rec = prune_metrics["reconstruction"]
     assert rec["held_out_texts"] == 8 and rec["select"] == "error"
     assert rec["held_out_cosine_magnitude_only"] < 0.75  # measured 0.57 on all 300 documents
-    assert rec["held_out_cosine"] >= 0.85  # measured 0.906 (AMD EPYC Zen 4, 2026-12-04)
+    assert rec["held_out_cosine"] >= 0.85  # measured 0.906 (AMD EPYC Zen 5, family 26, 2026-12-04)
     assert all(row["ffn_output"]["kept"] == 768 and row["attention_output"]["kept"] == 9 for row in rec["layers"])
     assert export["max_abs_diff"] <= 1e-4
     assert export["fused_ops"]["Attention"] == 6  # every layer keeps 9 heads: one width, still fused

@@ -300,3 +300,15 @@ def test_installing_host_tools_is_announced_before_apt_get_runs(monkeypatch: pyt
     events.clear()
     host_tools.ensure_tools(["mmdebstrap"], lambda msg: events.append("log: " + msg))
     assert events == []  # present: nothing said, nothing run
+
+
+def test_the_cpu_is_named_with_its_family_and_model_on_x86() -> None:
+    """A virtual machine's "AMD EPYC" alone hides whether int8 has VNNI: reports and benchmarks name the family."""
+    import platform
+    import re
+
+    from compress.targets.native import cpu_model
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86 family and model numbers")
+    assert re.search(r"\S \(family \d+, model \d+\)$", cpu_model()), cpu_model()
