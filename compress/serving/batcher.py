@@ -56,7 +56,6 @@ class BatchStats:
     """What the metrics read: rows waiting now, and per run its rows and padded tokens."""
 
     queued_rows: int = 0
-    runs: int = 0
     observe: Callable[[int, int], None] | None = None  # (rows, padded tokens) of each run
 
 
@@ -142,7 +141,6 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 outputs = [None] * len(rows)
-            self.stats.runs += 1
             if self.stats.observe is not None:
                 self.stats.observe(len(rows), len(rows) * max(lengths[k] for k in batch))
             for (job, i), out in zip(members, outputs, strict=True):
