@@ -42,6 +42,8 @@ def engine() -> Iterator[dict[str, str]]:
     yield eng.env()
     assert eng.stop() == []  # no network of ours to remove, nothing changed since start
     assert eng.pid() is None
+    exec_root = str((eng.root / "exec").resolve())
+    assert [m for m in Path("/proc/self/mounts").read_text().splitlines() if exec_root in m] == []  # netns unmounted
     assert host_network() == before  # forwarding, links and iptables rules as they were
 
 

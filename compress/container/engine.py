@@ -159,7 +159,8 @@ class Engine:
         return messages
 
     def stop(self) -> list[str]:
-        """Remove our engine's networks, stop OUR dockerd by its PID, report host networking changed since start.
+        """Remove our engine's networks, stop OUR dockerd by its PID (and unmount what it left mounted under its
+        own exec root), report host networking changed since start.
 
         Returns one line per thing done or noticed; an empty list means nothing needed doing and the host's
         networking is as it was at start. Nothing outside this engine is signalled, deleted or reverted.
@@ -179,9 +180,28 @@ class Engine:
                 time.sleep(0.5)
             if self.pidfile.exists() and self.pid() is None:
                 self.pidfile.unlink(missing_ok=True)  # dockerd removes it on a clean exit, not when killed
+        if self.pid() is None:
+            messages += self._unmount_leftovers()
         if self.snapshot.is_file():
             messages += [CHANGED + change for change in network_changes(json.loads(self.snapshot.read_text()))]
             self.snapshot.unlink()
+        return messages
+
+    def _unmount_leftovers(self) -> list[str]:
+        """Unmount what our dockerd left mounted under its own exec root: it keeps the bind mount of its network
+        namespace (exec/netns/default) after a clean exit, which outlived every stop and kept `rm -rf build`
+        from working. Only mount points under our exec root are touched; a failure is reported, not raised."""
+        root = str((self.root / "exec").resolve())
+        points = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            point = line.split()[1].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                points.append(point)
+        messages = []
+        for point in sorted(points, key=len, reverse=True):  # the deepest first
+            proc = subprocess.run(["umount", point], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                messages.append(f"could not unmount {point} ({proc.stderr.strip()}): unmount it by hand")
         return messages
 
     def _signal(self, pid: int, sig: signal.Signals) -> None:
