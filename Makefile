@@ -55,10 +55,11 @@ unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
 # Two workers (pytest-xdist), each test file on one of them: a file's module fixtures (the private Docker
-# engine, a real-model run) exist once. `make test TEST_WORKERS=0` runs it in one process.
+# engine, a real-model run) exist once, in the order tests/conftest.py gives (the longest files first; xdist would
+# otherwise hand out the files with the most tests first). `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 test: lint typecheck
-	$(PY) -m pytest -q -rs --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q -rs --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 bench: setup
 	$(PY) benchmarks/minilm_int8.py
