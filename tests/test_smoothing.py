@@ -112,3 +112,9 @@ def test_a_model_with_external_data_is_recognised(tmp_path: Path) -> None:
     two_matmuls(inline)
     onnx.save_model(onnx.load(str(inline)), str(external), save_as_external_data=True, size_threshold=0)
     assert not quantize._external_data(inline) and quantize._external_data(external)
+
+
+def test_an_activation_with_no_sampled_rows_is_left_alone() -> None:
+    """A candidate whose activation gave no token rows (never a 2-D tensor) is not smoothed, and does not fail."""
+    w = np.ones((4, 3), np.float32)
+    assert smoothing.choose(smoothing._Stats(), w, None, 127) == (None, 0.0, 0.0)

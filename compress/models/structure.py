@@ -13,9 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.models.architectures import BERT_LAYOUT, STRUCTURE_KEY
-
-__all__ = ["BERT_LAYOUT", "STRUCTURE_KEY"]  # defined with the architectures: reading a config needs no torch
+from compress.models.architectures import STRUCTURE_KEY
 
 
 def keep_rows(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:

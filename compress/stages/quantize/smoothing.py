@@ -179,7 +179,7 @@ def choose(
     stats: _Stats, w: np.ndarray, alpha: float | None, levels: int, static: bool = False
 ) -> tuple[float | None, float, float]:
     """(alpha kept or None, error without smoothing, error with it)."""
-    exact = stats.sampled()[0] @ w  # the float product, the same for every alpha
+    exact = stats.sampled()[0] @ w if stats.texts else None  # the float product, the same for every alpha
     base = error(stats, w, None, levels, static=static, exact=exact)
     if stats.absmax is None:
         return None, base, base
