@@ -41,10 +41,39 @@ def run(recipe: Path, fresh: bool) -> None:
     from compress.recipe import load_recipe
 
     parsed = load_recipe(recipe)  # a bad recipe is refused before torch and the stages load
+    if parsed.sweep is not None:
+        _sweep(parsed, fresh)
+        return
     from compress.pipeline import run as run_pipeline
 
     run_dir = run_pipeline(parsed, fresh=fresh)
     _print_summary(run_dir)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--fresh", is_flag=True, help="Discard every level's earlier stages and recompute everything.")
+def sweep(recipe: Path, fresh: bool) -> None:
+    """Run RECIPE once per level of its `sweep:` block, then score and time every level beside the teacher.
+
+    Each level is a run of its own (output.dir/<name>-<level>), resumed like any run; the front goes to
+    output.dir/<name>/ (sweep.md, report.html). With sweep.goal the fastest level within it is chosen;
+    when none is, the most accurate is named and the command fails (exit 1).
+    """
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    if parsed.sweep is None:
+        raise UserError(f"{recipe}: the recipe has no sweep: block (levels to run); `run` runs it once")
+    _sweep(parsed, fresh)
+
+
+def _sweep(parsed: Any, fresh: bool) -> None:
+    from compress.sweep.run import sweep as run_sweep
+
+    out = run_sweep(parsed, fresh=fresh)
+    click.echo((out / "sweep.md").read_text())
+    click.echo(f"front: {out / 'sweep.md'}, {out / 'report.html'}")
 
 
 @cli.command()

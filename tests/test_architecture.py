@@ -51,6 +51,18 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "compress.tasks",
         *BASE,
     ),
+    "compress.sweep": (
+        "compress.artifact",
+        "compress.context",
+        "compress.data",
+        "compress.models",
+        "compress.pipeline",
+        "compress.recipe",
+        "compress.report",
+        "compress.runtime",
+        "compress.tasks",
+        *BASE,
+    ),
     "compress.recipe": ("compress.data", "compress.models.spec", "compress.stages", "compress.targets", *BASE),
     "compress.stages": (
         "compress.artifact",

@@ -19,9 +19,10 @@ from compress.errors import UserError
 from compress.stages import STAGE_ORDER
 
 MARKER = ".edge-compress-run"
-FILES = ("resolved_recipe.yaml", "report.json", "report.md", "report.html", ".lock", MARKER)
+FILES = ("resolved_recipe.yaml", "report.json", "report.md", "report.html", "sweep.json", "sweep.md", ".lock", MARKER)
 _STAGE = re.compile(rf"^\.?(\d\d)_({'|'.join(STAGE_ORDER)})(\.tmp|\.work)?$")
-_TEMPORARY = re.compile(r"^\.(resolved_recipe\.yaml|report\.(json|md|html))\..+$")  # write_atomic's temp names
+# write_atomic's temporary names
+_TEMPORARY = re.compile(r"^\.(resolved_recipe\.yaml|report\.(json|md|html)|sweep\.(json|md))\..+$")
 _LEGACY_HEADER = "# resolved by edge-compress"  # runs made before the marker existed
 
 

@@ -18,6 +18,7 @@ from compress.errors import UserError
 from compress.models.spec import MODEL_SPECS, HFModel, ModelSpec, NewModel, PackageModel, ZooModel
 from compress.recipe.errors import describe
 from compress.recipe.reader import MAX_BYTES, RecipeYamlError, parse
+from compress.recipe.sweep import SweepSpec
 from compress.stages import (
     STAGE_ORDER,
     DistillStage,
@@ -125,6 +126,13 @@ class Recipe(Strict):
         ),
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
+    sweep: SweepSpec | None = Field(
+        None,
+        description=(
+            "Run the recipe once per structure level (`edge-compress sweep` or `run`), score and time every "
+            "level's final artifact beside the teacher's fp32 export, and with a goal keep the fastest within it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -181,6 +189,8 @@ class Recipe(Strict):
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
             raise ValueError("static quantization needs data.calibration")
         _check_reconstruct(self.stages, self.data, zoo)
+        if self.sweep is not None:
+            _check_sweep(self.sweep, self.stages, zoo)
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self
@@ -218,6 +228,25 @@ def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:
                 raise ValueError("prune.reconstruct refits Hugging Face BERT-family encoders, not zoo models")
             if getattr(data, stage.reconstruct.data) is None:
                 raise ValueError(f"prune.reconstruct reads data.{stage.reconstruct.data}: give it")
+
+
+def _check_sweep(sweep: SweepSpec, stages: Any, zoo: bool) -> None:
+    kinds = {s.type: s for s in stages}
+    prune = next((s for s in stages if isinstance(s, PruneStage)), None)
+    distill = next((s for s in stages if isinstance(s, DistillStage)), None)
+    if zoo:
+        raise ValueError("sweep: structure levels are for Hugging Face BERT-family encoders, not zoo models")
+    if "train" in kinds:
+        raise ValueError("sweep: compresses a trained model (the teacher): fine-tune it in a recipe of its own")
+    if "export" not in kinds:
+        raise ValueError("sweep: the front scores and times ONNX artifacts: add an export stage")
+    if any(level.heads or level.ffn for level in sweep.levels) and (prune is None or prune.method != "structured"):
+        raise ValueError("sweep: levels that remove heads or ffn need a prune stage with method: structured")
+    if any(level.layers is not None for level in sweep.levels):
+        if distill is None:
+            raise ValueError("sweep: levels that drop layers need a distill stage (the teacher trains them back)")
+        if distill.keep_every is not None or distill.keep_layers is not None:
+            raise ValueError("sweep: the levels set the layers distill keeps: remove distill.keep_every/keep_layers")
 
 
 def _check_distill(stage: DistillStage, task: str, zoo: bool) -> None:

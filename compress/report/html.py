@@ -77,7 +77,7 @@ def provenance(run_dir: Path, validate: dict[str, Any] | None) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------ plots
 
 
-def _png(fig: Any) -> str:
+def png(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -107,7 +107,7 @@ def _latency_plot(targets: dict[str, Any]) -> str | None:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def front_points(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -165,7 +165,7 @@ def _front_plot(points: list[dict[str, Any]]) -> str | None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _sparsity_plot(weights: list[dict[str, Any]]) -> str | None:
@@ -179,7 +179,7 @@ def _sparsity_plot(weights: list[dict[str, Any]]) -> str | None:
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _node_map_plot(nodes: list[list[str]]) -> str | None:
@@ -212,12 +212,12 @@ def _node_map_plot(nodes: list[list[str]]) -> str | None:
         frameon=False,
     )
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # ------------------------------------------------------------------------------------------- page
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}.pass{color:#2e7d32;font-weight:bold}.fail{color:#c62828;font-weight:bold}
@@ -225,13 +225,13 @@ img{max-width:100%;display:block;margin:0.5em 0}code{background:#f3f3f3;padding:
 .card{border:1px solid #ccc;border-radius:6px;padding:0.5em 1em;background:#fafafa;font-size:0.85em}
 """
 # Marks the page once the browser has decoded every plot: a headless browser test reads the attribute.
-_CHECK = (
+CHECK = (
     "<script>window.addEventListener('load',function(){var ok=0;for(var i of document.images)"
     "{if(i.complete&&i.naturalWidth>0)ok++}document.body.setAttribute('data-plots-decoded',ok)});</script>"
 )
 
 
-def _table(header: tuple[str, ...], rows: Sequence[Sequence[object]]) -> str:
+def table(header: tuple[str, ...], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -241,7 +241,7 @@ def render(report: dict[str, Any]) -> str:
     validate = next((s["metrics"] for s in report["stages"] if s["type"] == "validate"), None)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>edge-compress: {html.escape(report['name'])}</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>edge-compress run: {html.escape(report['name'])}</h1>",
         f"<p>Model <code>{html.escape(report['model'])}</code>, task {html.escape(report['task'])}, "
         f"created {html.escape(report['created'])}.</p>",
@@ -265,7 +265,7 @@ def render(report: dict[str, Any]) -> str:
                 )
             )
         parts.append(
-            _table(
+            table(
                 (
                     "target",
                     "kind",
@@ -289,10 +289,10 @@ def render(report: dict[str, Any]) -> str:
             if png:
                 parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{png}'>")
         parts.append("<h2>Validation</h2>")
-        parts.append(_table(("metric", "fp32 reference", "artifact", "comparison"), summary_rows(report)))
+        parts.append(table(("metric", "fp32 reference", "artifact", "comparison"), summary_rows(report)))
     parts.append("<h2>Stages</h2>")
     parts.append(
-        _table(
+        table(
             ("#", "stage", "time s", "result"),
             [(f"{s['index']:02d}", s["type"], stage_time(s), stage_note(s)) for s in report["stages"]],
         )
@@ -305,7 +305,7 @@ def render(report: dict[str, Any]) -> str:
     prov = report.get("provenance")
     if prov:
         parts.append("<h2>Provenance</h2><div class='card'>" + _provenance_html(prov) + "</div>")
-    parts.append(_CHECK + "</body></html>")
+    parts.append(CHECK + "</body></html>")
     return "\n".join(parts)
 
 
@@ -325,4 +325,4 @@ def _provenance_html(prov: dict[str, Any]) -> str:
     for name, t in prov.get("targets", {}).items():
         rows.append((f"target {name}", ", ".join(f"{k}: {v}" for k, v in t.items() if v not in (None, []))))
     rows += [(f"sha256 {k}", v) for k, v in prov.get("artifact_sha256", {}).items()]
-    return _table(("what", "value"), rows)
+    return table(("what", "value"), rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +56,27 @@ def summarize(ms: list[float], items_per_run: int = 1) -> dict[str, float]:
         "runs": len(ms),
         "throughput_per_s": float(items_per_run * 1000.0 / arr.mean()),
     }
+
+
+def round_robin(
+    calls: dict[str, Callable[[Any], Any]], feeds: dict[str, list[Any]], warmup: int
+) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Each example through every call in turn, the starting call rotating per example, each call timed.
+
+    feeds[name][i] is example i as call `name` takes it. Returns (ms per call, outputs per call), in example
+    order. The first `warmup` examples go through every call untimed first."""
+    names = list(calls)
+    count = len(feeds[names[0]])
+    for name in names:
+        for i in range(min(warmup, count)):
+            calls[name](feeds[name][i])
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {name: [] for name in names}
+    for i in range(count):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            out = calls[name](feeds[name][i])
+            ms[name].append((time.perf_counter() - start) * 1000.0)
+            outputs[name].append(out)
+    return ms, outputs
