@@ -89,8 +89,8 @@ def summarize(recipe: Recipe, rows: list[dict[str, Any]], status: dict[str, str]
             top = max(levels, key=lambda r: r["value"])
             verdict = (
                 f"sweep {recipe.name}: no level that passed its gate is within {goal.max_drop:g} "
-                f"{teacher['metric']} of the teacher's fp32 ({teacher['value']:.4f}); the most accurate is {top['label']} "
-                f"({top['value']:.4f}, drop {top['drop']:+.4f}, {top['speedup']:.2f}x, {top['status']}): "
+                f"{teacher['metric']} of the teacher's fp32 ({teacher['value']:.4f}); the most accurate is "
+                f"{top['label']} ({top['value']:.4f}, drop {top['drop']:+.4f}, {top['speedup']:.2f}x, {top['status']}): "
                 "loosen sweep.goal.max_drop or add a lighter level"
             )
     return {
