@@ -90,8 +90,8 @@ def summarize(recipe: Recipe, rows: list[dict[str, Any]], status: dict[str, str]
             verdict = (
                 f"sweep {recipe.name}: no level that passed its gate is within {goal.max_drop:g} "
                 f"{teacher['metric']} of the teacher's fp32 ({teacher['value']:.4f}); the most accurate is "
-                f"{top['label']} ({top['value']:.4f}, drop {top['drop']:+.4f}, {top['speedup']:.2f}x, {top['status']}): "
-                "loosen sweep.goal.max_drop or add a lighter level"
+                f"{top['label']} ({top['value']:.4f}, drop {top['drop']:+.4f}, {top['speedup']:.2f}x, "
+                f"{top['status']}): loosen sweep.goal.max_drop or add a lighter level"
             )
     return {
         "name": recipe.name,
