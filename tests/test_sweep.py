@@ -167,9 +167,7 @@ def test_a_sweep_that_cannot_run_is_refused_in_one_line(
         load_recipe(path)
 
 
-def test_the_sweep_command_needs_a_sweep_and_a_level_needs_the_layers_it_keeps(
-    tmp_path: Path, tiny_bert: Path
-) -> None:
+def test_the_sweep_command_needs_a_sweep_and_a_level_needs_the_layers_it_keeps(tmp_path: Path, tiny_bert: Path) -> None:
     model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
     plain = recipe(tmp_path, model, "classification", _topic_data(tmp_path), STAGES, name="plain")
     assert_user_error(cli("sweep", str(plain)), "has no sweep: block")
