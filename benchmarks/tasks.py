@@ -116,7 +116,7 @@ def main() -> None:
     unfinished = [f"{ours[n]} (edge-compress run recipes/{n}-int8.yaml)" for n in args.names if not _finished(ours[n])]
     if unfinished:
         parser.error(f"no finished int8 run: {', '.join(unfinished)}; or name one with --ours NAME=RUN_DIR")
-    command = shlex.join([_shown(Path(sys.executable)), *sys.argv])
+    command = shlex.join([shown(Path(sys.executable)), *sys.argv])
     os.chdir(ROOT)  # run folders and the results path are relative to the repository
     quantizer = None if args.no_optimum else optimum_quantizer()
     import torch
@@ -125,7 +125,7 @@ def main() -> None:
 
     results = []
     for name in args.names:
-        _log(f"{name}: {ours[name]}")
+        log(f"{name}: {ours[name]}")
         try:
             results.append(compare(ours[name], args.limit, Path("runs/bench-tasks") / name, quantizer))
         except UserError as exc:
@@ -133,7 +133,7 @@ def main() -> None:
     report = "\n".join([*header(command, quantizer, args.limit), *(line for c in results for line in render(c))])
     write_atomic(RESULTS, report.encode())
     print(report)
-    _log(f"written: {RESULTS}")
+    log(f"written: {RESULTS}")
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -169,7 +169,7 @@ def compare(run_dir: Path, limit: int | None, work: Path, quantizer: OptimumQuan
     tokenizer = hf.load_tokenizer(folder)
     names = hf.input_names(tokenizer, hf.read_config(folder))
     feeds = [hf.encode(tokenizer, [ex], max_length, names, kind=ctx.input_kind) for ex in examples]
-    module = TASKS[ctx.task].build_module(_default_model(folder, HEADS[ctx.task]), recipe.model, names)
+    module = TASKS[ctx.task].build_module(default_model(folder, HEADS[ctx.task]), recipe.model, names)
     sample = hf.encode(tokenizer, examples[:2], max_length, names, kind=ctx.input_kind)
     plain, dynamic = plain_baselines(module, sample, feeds, work, per_token=ctx.input_kind == "words")
 
@@ -209,7 +209,7 @@ def compare(run_dir: Path, limit: int | None, work: Path, quantizer: OptimumQuan
     )
 
 
-def _default_model(folder: Path, head: str | None) -> Any:
+def default_model(folder: Path, head: str | None) -> Any:
     """The fine-tuned model as transformers loads it by default (its default attention, not ours: eager)."""
     from transformers.utils import logging as hf_logging
 
@@ -230,14 +230,14 @@ def plain_baselines(
 
     (work / "plain").mkdir(parents=True, exist_ok=True)
     plain, dynamic = work / "plain" / "model.onnx", work / "quantize_dynamic.onnx"
-    _log(f"  plain export -> {plain}")
+    log(f"  plain export -> {plain}")
     outputs = ("logits",)
     export(
         module, example=sample, path=plain, output_names=outputs, exporter="torchscript", opset=17, per_token=per_token
     )
     agreement = check_against_torch(module, plain, [sample, *feeds[:4]], tolerance=1e-4)
-    _log(f"  plain export matches PyTorch: max |diff| {agreement.max_abs_diff:.1e}")
-    _log(f"  quantize_dynamic (defaults) -> {dynamic}")
+    log(f"  plain export matches PyTorch: max |diff| {agreement.max_abs_diff:.1e}")
+    log(f"  quantize_dynamic (defaults) -> {dynamic}")
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice to the root logger
     try:
@@ -262,7 +262,7 @@ def run_interleaved(variants: dict[str, Variant], feeds: list[dict[str, np.ndarr
     for v in order:
         for f in feeds[:WARMUP]:
             v.call(f)
-    _log(f"  timing: {len(feeds)} examples x {len(order)} variants, round-robin")
+    log(f"  timing: {len(feeds)} examples x {len(order)} variants, round-robin")
     started = time.monotonic()
     for i, f in enumerate(feeds):
         k = i % len(order)
@@ -272,7 +272,7 @@ def run_interleaved(variants: dict[str, Variant], feeds: list[dict[str, np.ndarr
             v.ms.append((time.perf_counter() - t0) * 1000.0)
             v.outputs.append(out)
         if (i + 1) % 200 == 0:
-            _log(f"  {i + 1}/{len(feeds)} examples, {time.monotonic() - started:.0f} s")
+            log(f"  {i + 1}/{len(feeds)} examples, {time.monotonic() - started:.0f} s")
 
 
 def score_variants(variants: dict[str, Variant], scoring: TaskScoring) -> dict[str, dict[str, Any]]:
@@ -308,7 +308,7 @@ class OptimumQuantizer:
     def quantize(self, model: Path, out_dir: Path) -> Path | str:
         """The quantized model, or why there is none."""
         script = ROOT / "benchmarks" / "optimum_quantize.py"
-        _log(f"  Optimum ({self.preset}, dynamic) -> {out_dir}")
+        log(f"  Optimum ({self.preset}, dynamic) -> {out_dir}")
         cmd = [str(self.python), str(script), str(model.resolve()), str(out_dir.resolve()), self.preset]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
         if done.returncode != 0:
@@ -327,7 +327,7 @@ def optimum_quantizer() -> OptimumQuantizer:
     python, stamp = OPTIMUM_VENV / "bin" / "python", OPTIMUM_VENV / ".installed"
     if stamp.is_file() and stamp.read_text() == "\n".join(pins):
         return OptimumQuantizer(python, preset)
-    _log(f"making Optimum's virtual environment: {OPTIMUM_VENV} ({', '.join(pins)})")
+    log(f"making Optimum's virtual environment: {OPTIMUM_VENV} ({', '.join(pins)})")
     steps = [
         [sys.executable, "-m", "venv", "--clear", str(OPTIMUM_VENV)],
         [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
@@ -492,12 +492,12 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "report.json").is_file() and (run_dir / "resolved_recipe.yaml").is_file()
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
     """The interpreter as the user would type it: relative to the current folder when inside it."""
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 

@@ -66,6 +66,16 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     assert "| fp32 |" in done.stdout and f"{fastest} (chosen)" in done.stdout
     page = (runs / "sw" / "report.html").read_text()
     assert "data:image/png;base64," in page and "sw-small" in page
+    # benchmarks/full_stack.py reads the sweep: every variant on the same examples, targets per level.
+    from benchmarks import full_stack
+
+    sweep_result = json.loads((runs / "sw" / "sweep.json").read_text())
+    rows_b, info = full_stack.compare([sweep_result, sweep_result], None, tmp_path / "bench")
+    assert info["examples"] == 16 and len(rows_b) == 6  # PyTorch, plain, fused, dynamic, 2 levels (once)
+    assert all(r["latency"]["runs"] == 16 and 0 <= r["task"]["accuracy"] <= 1 for r in rows_b.values())
+    lines = full_stack.render(rows_b, info, [sweep_result, sweep_result], 5.0, 1.0)
+    assert sum(line.startswith("- **pass**") or line.startswith("- **MISS**") for line in lines) == 2
+    assert any("at equal or higher speed" in line for line in lines)
     # Every level's run resumes: a second sweep reuses each stage and measures again.
     again = cli("sweep", str(path))
     assert again.returncode == 0, again.stderr
