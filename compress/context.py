@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from compress import data as data_sets
 from compress import distributed, targets
 from compress.artifact import Artifact
-from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts
+from compress.data import LabeledTexts, ScoredPairs, TextSet, load_evaluation, load_labeled, load_texts, load_unlabeled
 from compress.data.spec import DataSpec, FileSet, ReferenceSet
 from compress.errors import UserError
 from compress.targets import Target
@@ -58,6 +58,12 @@ class Context:
         if self.task == "embedding" and role == "evaluation":
             return list(self.evaluation.texts)
         return list(self.texts(role).texts)
+
+    @cached_property
+    def transfer_examples(self) -> list[Any]:
+        """data.transfer's unlabelled examples, source after source, as the model takes them (load_unlabeled)."""
+        kind, seed = self.input_kind, self.data.split_seed
+        return [example for spec in self.data.transfer for example in load_unlabeled(spec, kind, seed)]
 
     @cached_property
     def calibration_examples(self) -> list[Any]:

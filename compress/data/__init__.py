@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from compress.data import bbc, brown, snli, spam, splits
-from compress.data.files import labeled_set, pair_texts, scored_pairs, tagged_set, text_set, word_texts
+from compress.data.files import labeled_set, pair_texts, scored_pairs, tagged_set, text_pairs, text_set, word_texts
 from compress.data.reference import REFERENCE_SETS
 from compress.data.sets import LabeledTexts, ScoredPairs, TaggedWords, TextSet
 from compress.data.spec import FileSet, ReferenceSet
@@ -20,6 +21,7 @@ __all__ = [
     "load_labeled",
     "load_tagged",
     "load_texts",
+    "load_unlabeled",
 ]
 
 # The reference sets with class labels: seed -> their train / validation / test parts.
@@ -88,6 +90,31 @@ def load_tagged(spec: ReferenceSet | FileSet, split_seed: int = 0) -> TaggedWord
     part = brown.split(split_seed)[spec.split]
     rows = splits.sample(len(part.sentences), spec.limit, split_seed)
     return part if rows is None else splits.tagged_subset(part, rows, part.name)
+
+
+def load_unlabeled(spec: ReferenceSet | FileSet, kind: str, split_seed: int = 0) -> list[Any]:
+    """Examples without labels, for a teacher to label (distillation's transfer set), as the model takes them:
+    texts (kind text), (text, text) pairs (kind pair: snli's pairs or a file's two text columns) or sentences
+    of words (kind words: a tagged set's sentences, or any text split at spaces). Labels present are unused."""
+    if kind == "pair":
+        if isinstance(spec, FileSet) and spec.text_pair_field is not None:
+            return text_pairs(spec.path, spec.text_field, spec.text_pair_field, spec.limit)
+        if isinstance(spec, ReferenceSet) and spec.reference == "snli":
+            part = load_labeled(spec, split_seed)
+            assert part.text_pairs is not None
+            return list(zip(part.texts, part.text_pairs, strict=True))
+        where = spec.path if isinstance(spec, FileSet) else spec.reference
+        raise UserError(
+            f"data.transfer: {where} holds single texts; a classifier of text pairs learns from pairs "
+            "(snli, or a file with text_pair_field)"
+        )
+    if kind == "words":
+        if (isinstance(spec, FileSet) and spec.tags_field is not None) or (
+            isinstance(spec, ReferenceSet) and spec.reference == "brown-pos"
+        ):
+            return list(load_tagged(spec, split_seed).sentences)
+        return [tuple(text.split()) for text in load_texts(spec, split_seed).texts if text.split()]
+    return list(load_texts(spec, split_seed).texts)
 
 
 def load_evaluation(spec: ReferenceSet | FileSet) -> ScoredPairs:

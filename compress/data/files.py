@@ -102,6 +102,16 @@ def pair_texts(path: Path, text_field: str, text_pair_field: str, limit: int | N
     return TextSet(path.name, tuple(dict.fromkeys(both)))
 
 
+def text_pairs(path: Path, text_field: str, text_pair_field: str, limit: int | None) -> list[tuple[str, str]]:
+    """Each row's (text, second text), labels or not (unlabelled pairs a teacher labels)."""
+    rows = read_rows(path)[:limit]
+    if not rows:
+        raise UserError(f"{path}: the data file holds no rows")
+    return [
+        (str(_field(path, rows, i, text_field)), str(_field(path, rows, i, text_pair_field))) for i in range(len(rows))
+    ]
+
+
 def word_texts(path: Path, words_field: str, limit: int | None) -> TextSet:
     """Each row's words joined by spaces (a token-classification file read as plain text)."""
     rows = read_rows(path)[:limit]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from compress.data import npm
+from compress.data import gcide, npm
 from compress.data.cache import cache_dir, pypi_wheel_member
 from compress.data.sets import ScoredPairs, TextSet
 from compress.errors import UserError
@@ -93,4 +93,5 @@ REFERENCE_SETS: dict[str, Callable[[], TextSet | ScoredPairs]] = {
     "lee-background": lee_background,
     "pang-lee": pang_lee,
     "sotu": sotu,
+    "gcide": gcide.definitions,
 }

