@@ -94,7 +94,15 @@ def check(recipe: Path) -> None:
     check_claim(parsed.output.dir / parsed.name)
     folder = source.files.get("model", "new, trained by the recipe")
     stages = " -> ".join(s.type for s in parsed.stages)
-    click.echo(_printable(f"{recipe}: ok ({parsed.name}: {stages}; model {folder})"))
+    levels = ""
+    if parsed.sweep is not None:
+        from compress.sweep.levels import level_recipes
+
+        made = level_recipes(parsed)  # every level's recipe, as the sweep will run it
+        for _, level in made:
+            check_claim(level.output.dir / level.name)
+        levels = f"; sweep of {len(made)} levels: {', '.join(level.name for _, level in made)}"
+    click.echo(_printable(f"{recipe}: ok ({parsed.name}: {stages}; model {folder}{levels})"))
 
 
 @cli.command()

@@ -55,6 +55,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "compress.artifact",
         "compress.context",
         "compress.data",
+        "compress.distributed",
         "compress.models",
         "compress.pipeline",
         "compress.recipe",

@@ -183,6 +183,10 @@ def test_the_sweep_command_needs_a_sweep_and_a_level_needs_the_layers_it_keeps(t
     assert_user_error(cli("sweep", str(plain)), "has no sweep: block")
     deep = _sweep_recipe(tmp_path, model, {"levels": [{"layers": 2}, {"layers": 3}][::-1]})
     assert_user_error(cli("sweep", str(deep)), "a level keeps 3 layers of a 2-layer model")
+    assert_user_error(cli("check", str(deep)), "a level keeps 3 layers of a 2-layer model")
+    fine = _sweep_recipe(tmp_path, model, {"levels": LEVELS})
+    checked = cli("check", str(fine))
+    assert checked.returncode == 0 and "sweep of 2 levels: sw-level1, sw-small" in checked.stdout, checked.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/01_*"))
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from compress import distributed
 from compress.context import Context
 from compress.data.cache import write_atomic
 from compress.errors import GateFailed, StageFailed
@@ -49,6 +50,8 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
         except GateFailed as exc:  # measured and shown, never chosen
             dirs[name] = level.output.dir / level.name
             status[name] = f"gate failed: {exc}"
+    if not distributed.is_main():
+        return out  # torchrun: the levels trained on every rank; rank 0 alone measures and writes the front
     source = hf.model_folder(recipe.model) if isinstance(recipe.model, HFModel | PackageModel) else None
     entries = [Entry(TEACHER, teacher_dir, final_onnx(teacher_dir, source))]
     entries += [Entry(name, d, final_onnx(d, source)) for name, d in dirs.items()]
