@@ -195,3 +195,27 @@ def test_layers_kept_are_evenly_spaced_with_the_top_one() -> None:
     assert spaced_layers(6, 2) == (2, 5)
     assert spaced_layers(12, 4) == (2, 5, 8, 11)
     assert spaced_layers(6, 6) == tuple(range(6)) and spaced_layers(6, 1) == (5,)
+
+
+def test_a_teacher_of_another_vocabulary_or_task_is_refused_before_any_stage(tmp_path: Path, tiny_bert: Path) -> None:
+    """A teacher with another vocabulary (it would read the student's token ids as other words) or without
+    the classifier's head (a model of another task): one line, exit 2, nothing run."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
+    other_vocab = tmp_path / "other-vocab"
+    shutil.copytree(model, other_vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (other_vocab / name).unlink(missing_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zebra", "yak"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(other_vocab)
+    for teacher, message in (
+        (other_vocab, "has another vocabulary than the model"),
+        (tiny_bert, "predicts labels [], the model"),
+    ):
+        stages = [PRUNE, {**DISTILL, "teacher": str(teacher)}, {"type": "export"}]
+        path = _sweep_recipe(tmp_path, model, {"levels": LEVELS}, stages)
+        assert_user_error(cli("sweep", str(path)), message)
+        assert not list((tmp_path / "runs").glob("*/01_*"))

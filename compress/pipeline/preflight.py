@@ -114,9 +114,17 @@ def _check_teacher(recipe: Recipe, where: str, teacher: Path) -> None:
 
 
 def _check_teacher_labels(recipe: Recipe, where: str, teacher: Path, source: Artifact) -> None:
-    """A Hugging Face classifier's or tagger's teacher predicts the model's labels in the model's order (the
-    soft targets are compared output by output). After a train stage the head is made then: checked there."""
-    if source.kind != "hf" or recipe.task == "embedding" or any(s.type == "train" for s in recipe.stages):
+    """A Hugging Face teacher reads the model's tokens (one vocabulary: the student's batches feed it), and a
+    classifier's or tagger's predicts the model's labels in the model's order (the soft targets are compared
+    output by output). After a train stage the head is made then: checked there."""
+    if source.kind != "hf":
+        return
+    if hf.load_tokenizer(teacher).get_vocab() != hf.load_tokenizer(source.file("model")).get_vocab():
+        raise UserError(
+            f"{where}: {teacher} has another vocabulary than the model: the teacher reads the student's tokens, "
+            "so it must come from the same tokenizer"
+        )
+    if recipe.task == "embedding" or any(s.type == "train" for s in recipe.stages):
         return
     ours, theirs = hf.model_labels(source.file("model")), hf.model_labels(teacher)
     if theirs != ours:

@@ -19,6 +19,7 @@ from compress.models import hf
 from compress.models.spec import HFModel, PackageModel
 from compress.pipeline import run as run_pipeline
 from compress.pipeline import run_dir as run_dirs
+from compress.pipeline.preflight import preflight
 from compress.recipe import Recipe, ValidateStage
 from compress.report.sweep import render_html, render_markdown
 from compress.sweep.front import Entry, final_onnx, measure
@@ -34,8 +35,11 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     assert recipe.sweep is not None
     out = recipe.output.dir / recipe.name
     run_dirs.check_claim(out)
-    levels = level_recipes(recipe)  # every level's recipe is checked before any work
+    levels = level_recipes(recipe)
     teacher = teacher_recipe(recipe)
+    for made in (teacher, *(level for _, level in levels)):  # every run is checked before any work
+        preflight(made)
+        run_dirs.check_claim(made.output.dir / made.name)
     ctx = Context(recipe=teacher, run_dir=out)
     say = log or ctx.log
     say(f"[bold]sweep {recipe.name}[/]: the teacher's fp32 export, then {len(levels)} levels")
