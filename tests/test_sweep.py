@@ -219,3 +219,17 @@ def test_a_teacher_of_another_vocabulary_or_task_is_refused_before_any_stage(tmp
         path = _sweep_recipe(tmp_path, model, {"levels": LEVELS}, stages)
         assert_user_error(cli("sweep", str(path)), message)
         assert not list((tmp_path / "runs").glob("*/01_*"))
+
+
+def test_an_embedding_sweep_scores_spearman(tmp_path: Path, recipe_for: Any, data_files: dict[str, Path]) -> None:
+    """The embedder's sweep: the front's metric is Spearman on the scored pairs, the teacher's export first."""
+    data = yaml.safe_load(recipe_for().read_text())["data"]
+    data["train"] = {"path": str(data_files["calibration"])}  # unlabeled text the teacher embeds
+    stages = [PRUNE, {**DISTILL, "losses": {"embedding_cosine": 1.0}}, {"type": "export"}]
+    path = recipe_for(name="emb", stages=stages, data=data, sweep={"levels": LEVELS, "goal": {"max_drop": 2.0}})
+    done = cli("sweep", str(path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "runs" / "emb" / "sweep.json").read_text())
+    assert [r["metric"] for r in result["rows"]] == ["spearman"] * 3
+    assert all(-1 <= r["value"] <= 1 and len(r["ci95"]) == 2 for r in result["rows"])
+    assert result["chosen"] in ("level1", "small") and result["rows"][0]["precision"] != "int8"

@@ -38,7 +38,7 @@ class SweepLevel(Strict):
 class SweepGoal(Strict):
     max_drop: float = Field(
         ge=0,
-        le=1,
+        le=2,
         description=(
             "Largest drop of the task's main metric (accuracy: 0.01 is one point; embeddings: Spearman) of a "
             "level's final artifact below the teacher's fp32 export, on data.evaluation. The fastest level "

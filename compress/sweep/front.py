@@ -61,6 +61,8 @@ def measure(entries: list[Entry], ctx: Context, limit: int | None, warmup: int, 
     for e in entries:
         scoring = scorings[e.label]
         task = scoring.score(pad_outputs(outputs[e.label]), len(examples))
+        if not isinstance(task.get(scoring.metric), float | int):
+            raise UserError(f"sweep.examples: {len(examples)} examples of data.evaluation give no {scoring.metric}")
         rows.append(
             {
                 "label": e.label,
