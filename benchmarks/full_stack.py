@@ -23,19 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.tasks import (
-    DYNAMIC,
     FUSED,
     PLAIN,
     ROOT,
     THREADS,
     TORCH,
-    Variant,
-    default_model,
+    baseline_variants,
     header,
     log,
     on_test_split,
     ort_variant,
-    plain_baselines,
     run_interleaved,
     score_variants,
     shown,
@@ -47,7 +44,6 @@ from compress.models import hf
 from compress.models.spec import HFModel, PackageModel
 from compress.runtime.evaluation import task_scoring
 from compress.sweep.front import final_onnx
-from compress.tasks import HEADS, TASKS
 
 
 def main() -> None:
@@ -88,7 +84,6 @@ def compare(
     sweeps: list[dict[str, Any]], limit: int | None, work: Path
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Every variant through every test example, interleaved; the rows of score_variants."""
-    import torch
 
     teacher_run = Path(sweeps[0]["rows"][0]["run"])
     recipe = on_test_split(load(teacher_run / "resolved_recipe.yaml"))
@@ -99,20 +94,8 @@ def compare(
     fused = final_onnx(teacher_run, folder)
     max_length = fused.usable_length(recipe.data.max_length)
     examples = ctx.examples("evaluation")[:limit]
-    tokenizer = hf.load_tokenizer(folder)
-    names = hf.input_names(tokenizer, hf.read_config(folder))
-    feeds = [hf.encode(tokenizer, [ex], max_length, names, kind=ctx.input_kind) for ex in examples]
-    module = TASKS[ctx.task].build_module(default_model(folder, HEADS[ctx.task]), recipe.model, names)
-    sample = hf.encode(tokenizer, examples[:2], max_length, names, kind=ctx.input_kind)
-    plain, dynamic = plain_baselines(module, sample, feeds, work, per_token=ctx.input_kind == "words")
-
-    def torch_call(f: dict[str, Any]) -> Any:
-        with torch.inference_mode():
-            return module(*(torch.from_numpy(f[n]) for n in names)).numpy()
-
-    variants = {TORCH: Variant(torch_call, folder / "model.safetensors"), PLAIN: ort_variant(plain, {})}
+    feeds, variants, _ = baseline_variants(ctx, folder, examples, max_length, work)
     variants[FUSED] = ort_variant(fused.file("model"), dict(fused.meta.get("session") or {}))
-    variants[DYNAMIC] = ort_variant(dynamic, {})
     for result in sweeps:
         for row in result["rows"][1:]:
             artifact = final_onnx(Path(row["run"]), folder)

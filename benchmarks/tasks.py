@@ -153,8 +153,6 @@ def on_test_split(recipe: Recipe) -> Recipe:
 
 def compare(run_dir: Path, limit: int | None, work: Path, quantizer: OptimumQuantizer | None) -> Comparison:
     """Build every variant of one task model, run them on its test examples and score them."""
-    import torch
-
     report = Report.read(run_dir)
     recipe = on_test_split(load(run_dir / "resolved_recipe.yaml"))
     ctx = Context(recipe=recipe, run_dir=run_dir)
@@ -166,22 +164,8 @@ def compare(run_dir: Path, limit: int | None, work: Path, quantizer: OptimumQuan
     examples = ctx.examples("evaluation")[:limit]
     scoring = task_scoring(ctx, int8, max_length)
 
-    tokenizer = hf.load_tokenizer(folder)
-    names = hf.input_names(tokenizer, hf.read_config(folder))
-    feeds = [hf.encode(tokenizer, [ex], max_length, names, kind=ctx.input_kind) for ex in examples]
-    module = TASKS[ctx.task].build_module(default_model(folder, HEADS[ctx.task]), recipe.model, names)
-    sample = hf.encode(tokenizer, examples[:2], max_length, names, kind=ctx.input_kind)
-    plain, dynamic = plain_baselines(module, sample, feeds, work, per_token=ctx.input_kind == "words")
-
-    def torch_call(f: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            out: np.ndarray = module(*(torch.from_numpy(f[n]) for n in names)).numpy()
-        return out
-
-    variants = {TORCH: Variant(torch_call, folder / "model.safetensors")}
-    variants[PLAIN] = ort_variant(plain, {})
+    feeds, variants, plain = baseline_variants(ctx, folder, examples, max_length, work)
     variants[FUSED] = ort_variant(fused.file("model"), {})
-    variants[DYNAMIC] = ort_variant(dynamic, {})
     missing: dict[str, str] = {}
     if quantizer is None:
         missing[OPTIMUM] = "left out (--no-optimum)"
@@ -207,6 +191,30 @@ def compare(run_dir: Path, limit: int | None, work: Path, quantizer: OptimumQuan
         missing=missing,
         ours=run_dir,
     )
+
+
+def baseline_variants(
+    ctx: Context, folder: Path, examples: list[Any], max_length: int, work: Path
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Variant], Path]:
+    """The fine-tuned model's batch-1 feeds, and the variants a user has without us: PyTorch fp32, ORT fp32 of
+    a plain export, quantize_dynamic's defaults on it (plus the plain export's path)."""
+    import torch
+
+    tokenizer = hf.load_tokenizer(folder)
+    names = hf.input_names(tokenizer, hf.read_config(folder))
+    feeds = [hf.encode(tokenizer, [ex], max_length, names, kind=ctx.input_kind) for ex in examples]
+    module = TASKS[ctx.task].build_module(default_model(folder, HEADS[ctx.task]), ctx.recipe.model, names)
+    sample = hf.encode(tokenizer, examples[:2], max_length, names, kind=ctx.input_kind)
+    plain, dynamic = plain_baselines(module, sample, feeds, work, per_token=ctx.input_kind == "words")
+
+    def torch_call(f: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            out: np.ndarray = module(*(torch.from_numpy(f[n]) for n in names)).numpy()
+        return out
+
+    variants = {TORCH: Variant(torch_call, folder / "model.safetensors"), PLAIN: ort_variant(plain, {})}
+    variants[DYNAMIC] = ort_variant(dynamic, {})
+    return feeds, variants, plain
 
 
 def default_model(folder: Path, head: str | None) -> Any:
