@@ -259,6 +259,7 @@ def package(  # noqa: PLR0917 (click passes every option as an argument)
         raise UserError("--push needs --image (NAME: HOST[:PORT]/NAME[:TAG])")
     if push and images.registry_of(str(image)) is None:
         raise UserError(f"--push: {image} names no registry; write it as HOST[:PORT]/NAME[:TAG]")
+    run_dir = _chosen_level(run_dir)
     bundle = out or run_dir / "package"
     if variants:
         from compress.serving.variants import write_variant_bundle
@@ -368,6 +369,23 @@ def docker_build(arch: str, pipeline: bool) -> None:
     for tag, one in built:
         size = images.docker(["image", "inspect", "-f", "{{.Size}}", tag], env, "inspecting the image").strip()
         click.echo(f"image: {tag} (linux/{one}, {int(size) / 1e6:.0f} MB)")
+
+
+def _chosen_level(run_dir: Path) -> Path:
+    """A sweep's output folder stands for the level its goal chose; any other folder for itself."""
+    sweep = run_dir / "sweep.json"
+    if not sweep.is_file():
+        return run_dir
+    try:
+        result = json.loads(sweep.read_text())
+        chosen = next(r["run"] for r in result["rows"] if r["label"] == result["chosen"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        raise UserError(
+            f"{run_dir} is a sweep whose goal chose no level: package a level's run folder "
+            f"({run_dir.parent / run_dir.name}-<level>)"
+        ) from None
+    click.echo(f"{run_dir}: the sweep chose {result['chosen']}: packaging {chosen}")
+    return Path(chosen)
 
 
 def _probe(target: object) -> dict[str, Any]:

@@ -64,6 +64,9 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     fastest = min(("level1", "small"), key=lambda n: rows[n]["latency_ms"]["p50"])
     assert result["chosen"] == fastest and f"edge-compress package {runs / f'sw-{fastest}'}" in result["verdict"]
     assert "| fp32 |" in done.stdout and f"{fastest} (chosen)" in done.stdout
+    packaged = cli("package", str(runs / "sw"))  # a sweep's folder packages the level it chose
+    assert packaged.returncode == 0 and f"packaging {runs / f'sw-{fastest}'}" in packaged.stdout, packaged.stderr
+    assert (runs / f"sw-{fastest}" / "package" / "metadata.json").is_file()
     page = (runs / "sw" / "report.html").read_text()
     assert "data:image/png;base64," in page and "sw-small" in page
     # benchmarks/full_stack.py reads the sweep: every variant on the same examples, targets per level.
@@ -147,6 +150,7 @@ def test_a_goal_no_level_meets_fails_with_exit_1_after_writing_the_front(tmp_pat
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert "no level that passed its gate is within 0 accuracy of the teacher's fp32" in done.stderr
         assert result["chosen"] is None and (tmp_path / "runs" / "sw" / "report.html").is_file()
+        assert_user_error(cli("package", str(tmp_path / "runs" / "sw")), "a sweep whose goal chose no level")
     else:  # a level as accurate as a perfect teacher: then it is chosen
         assert done.returncode == 0 and result["chosen"] is not None
 
