@@ -41,15 +41,16 @@ def _sweep_recipe(tmp_path: Path, model: Path, sweep: dict[str, Any], stages: li
 
 def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, tiny_bert: Path) -> None:
     model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
-    path = _sweep_recipe(tmp_path, model, {"levels": LEVELS, "goal": {"max_drop": 1.0}})
+    mid = {"name": "mid", "heads": 0.25, "ffn": 0.5, "layers": 1}  # level1's pruning, one layer kept
+    path = _sweep_recipe(tmp_path, model, {"levels": [LEVELS[0], mid, LEVELS[1]], "goal": {"max_drop": 1.0}})
     done = cli("sweep", str(path))
     assert done.returncode == 0, done.stderr
     runs = tmp_path / "runs"
     result = json.loads((runs / "sw" / "sweep.json").read_text())
     rows = {r["label"]: r for r in result["rows"]}
-    assert list(rows) == ["fp32", "level1", "small"]
+    assert list(rows) == ["fp32", "level1", "mid", "small"]
     assert rows["fp32"]["drop"] == 0 and rows["fp32"]["speedup"] == 1 and rows["fp32"]["precision"] != "int8"
-    for name in ("level1", "small"):
+    for name in ("level1", "mid", "small"):
         row = rows[name]
         assert row["metric"] == "accuracy" and 0 <= row["value"] <= 1 and row["status"] == "passed"
         assert row["latency_ms"]["runs"] == 16 and row["task"]["examples"] == 16  # every evaluation example
@@ -61,7 +62,12 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     assert small["student_layers"] == 1 and small["teacher_layers"] == 2
     assert rows["small"]["parameters"] < rows["level1"]["parameters"]
     # max_drop 1.0 admits every level: the fastest is chosen, and the command says how to package it.
-    fastest = min(("level1", "small"), key=lambda n: rows[n]["latency_ms"]["p50"])
+    # mid's prune stage is level1's, linked (same file), and its run reused it: its fingerprint matched.
+    shared = [runs / name / "01_prune" / "model" / "model.safetensors" for name in ("sw-level1", "sw-mid")]
+    assert shared[0].stat().st_ino == shared[1].stat().st_ino and "mid: reusing 01_prune of" in done.stderr
+    assert json.loads((runs / "sw-mid" / "report.json").read_text())["stages"][0]["reused"]
+    assert not json.loads((runs / "sw-small" / "report.json").read_text())["stages"][0]["reused"]
+    fastest = min(("level1", "mid", "small"), key=lambda n: rows[n]["latency_ms"]["p50"])
     assert result["chosen"] == fastest and f"edge-compress package {runs / f'sw-{fastest}'}" in result["verdict"]
     assert "| fp32 |" in done.stdout and f"{fastest} (chosen)" in done.stdout
     packaged = cli("package", str(runs / "sw"))  # a sweep's folder packages the level it chose
@@ -74,10 +80,10 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
 
     sweep_result = json.loads((runs / "sw" / "sweep.json").read_text())
     rows_b, info = full_stack.compare([sweep_result, sweep_result], None, tmp_path / "bench")
-    assert info["examples"] == 16 and len(rows_b) == 6  # PyTorch, plain, fused, dynamic, 2 levels (once)
+    assert info["examples"] == 16 and len(rows_b) == 7  # PyTorch, plain, fused, dynamic, 3 levels (once)
     assert all(r["latency"]["runs"] == 16 and 0 <= r["task"]["accuracy"] <= 1 for r in rows_b.values())
     lines = full_stack.render(rows_b, info, [sweep_result, sweep_result], 5.0, 1.0)
-    assert sum(line.startswith("- **pass**") or line.startswith("- **MISS**") for line in lines) == 2
+    assert sum(line.startswith("- **pass**") or line.startswith("- **MISS**") for line in lines) == 3
     assert any("at equal or higher speed" in line for line in lines)
     # Every level's run resumes: a second sweep reuses each stage and measures again.
     again = cli("sweep", str(path))

@@ -8,6 +8,8 @@ output.dir/<name>/           sweep.json, sweep.md, report.html (the front, plott
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,12 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     teacher_dir = run_pipeline(teacher, fresh=fresh)
     status: dict[str, str] = {}
     dirs = {}
-    for name, level in levels:
+    for index, (name, level) in enumerate(levels):
         say(f"[bold]sweep level {name}[/] ({_describe(recipe, name)}) -> {level.output.dir / level.name}")
+        if not fresh:
+            shared = share_stages(level, [made for _, made in levels[:index]])
+            if shared:
+                say(f"{name}: reusing {shared}, an earlier level with the same settings")
         try:
             dirs[name] = run_pipeline(level, fresh=fresh)
             status[name] = "passed" if _validated(level) else "no validate stage"
@@ -68,6 +74,41 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     if result["goal"] is not None and result["chosen"] is None:
         raise SweepFailed(result["verdict"])
     return out
+
+
+def share_stages(level: Recipe, earlier: list[Recipe]) -> str:
+    """Link into `level`'s run the finished leading stages of the earlier level that shares the most leading
+    stage settings with it (e.g. the same pruning before another number of layers). The pipeline still checks
+    each stage's fingerprint and recomputes one that does not match: sharing never changes a result."""
+    stages = [s.model_dump_json() for s in level.stages]
+    best, count = None, 0
+    for other in earlier:
+        mine = [s.model_dump_json() for s in other.stages]
+        same = next(
+            (i for i, (a, b) in enumerate(zip(stages, mine, strict=False)) if a != b), min(len(stages), len(mine))
+        )
+        if same > count:
+            best, count = other, same
+    if best is None:
+        return ""
+    source, target = best.output.dir / best.name, level.output.dir / level.name
+    run_dirs.claim(target)
+    linked = []
+    for i, stage in enumerate(level.stages[:count], 1):
+        name = f"{i:02d}_{stage.type}"
+        if (target / name / "done").is_file() or not (source / name / "done").is_file():
+            break
+        shutil.rmtree(target / name, ignore_errors=True)
+        shutil.copytree(source / name, target / name, copy_function=_link)
+        linked.append(name)
+    return f"{', '.join(linked)} of {source}" if linked else ""
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # finished stage files are never written again: a hard link is a safe copy
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def summarize(recipe: Recipe, rows: list[dict[str, Any]], status: dict[str, str]) -> dict[str, Any]:
