@@ -51,7 +51,7 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     for index, (name, level) in enumerate(levels):
         say(f"[bold]sweep level {name}[/] ({_describe(recipe, name)}) -> {level.output.dir / level.name}")
         if not fresh:
-            shared = share_stages(level, [made for _, made in levels[:index]])
+            shared = share_stages(level, [made for i, (_, made) in enumerate(levels) if i != index])
             if shared:
                 say(f"{name}: reusing {shared}, an earlier level with the same settings")
         try:
@@ -76,32 +76,32 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     return out
 
 
-def share_stages(level: Recipe, earlier: list[Recipe]) -> str:
-    """Link into `level`'s run the finished leading stages of the earlier level that shares the most leading
-    stage settings with it (e.g. the same pruning before another number of layers). The pipeline still checks
-    each stage's fingerprint and recomputes one that does not match: sharing never changes a result."""
-    stages = [s.model_dump_json() for s in level.stages]
+def share_stages(level: Recipe, others: list[Recipe]) -> str:
+    """Link into `level`'s run the finished leading stages of the other level that shares the most leading
+    stage settings with it (e.g. the same pruning before another number of layers), as far as that level's run
+    has finished them (an earlier sweep may have run a later level). The pipeline still checks each stage's
+    fingerprint and recomputes one that does not match: sharing never changes a result."""
+    target = level.output.dir / level.name
+    names = [f"{i:02d}_{stage.type}" for i, stage in enumerate(level.stages, 1)]
     best, count = None, 0
-    for other in earlier:
-        mine = [s.model_dump_json() for s in other.stages]
-        same = next(
-            (i for i, (a, b) in enumerate(zip(stages, mine, strict=False)) if a != b), min(len(stages), len(mine))
-        )
-        if same > count:
-            best, count = other, same
+    for other in others:
+        source = other.output.dir / other.name
+        for i, (mine, theirs) in enumerate(zip(level.stages, other.stages, strict=False)):
+            if mine.model_dump_json() != theirs.model_dump_json() or not (source / names[i] / "done").is_file():
+                break
+            if i + 1 > count:
+                best, count = source, i + 1
+    linked: list[str] = []
     if best is None:
         return ""
-    source, target = best.output.dir / best.name, level.output.dir / level.name
-    run_dirs.claim(target)
-    linked = []
-    for i, stage in enumerate(level.stages[:count], 1):
-        name = f"{i:02d}_{stage.type}"
-        if (target / name / "done").is_file() or not (source / name / "done").is_file():
+    for name in names[:count]:
+        if (target / name / "done").is_file():
             break
+        run_dirs.claim(target)
         shutil.rmtree(target / name, ignore_errors=True)
-        shutil.copytree(source / name, target / name, copy_function=_link)
+        shutil.copytree(best / name, target / name, copy_function=_link)
         linked.append(name)
-    return f"{', '.join(linked)} of {source}" if linked else ""
+    return f"{', '.join(linked)} of {best}" if linked else ""
 
 
 def _link(src: str, dst: str) -> None:
