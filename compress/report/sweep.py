@@ -72,9 +72,10 @@ def _front_plot(result: dict[str, Any]) -> str:
     ys = [r["value"] for r in rows]
     ax.plot(xs[1:], ys[1:], "o-", color="#1565c0", label="levels (final artifacts)")
     ax.scatter(xs[:1], ys[:1], color="#c62828", marker="s", s=50, label="teacher, fp32", zorder=3)
-    for r, x, y in zip(rows, xs, ys, strict=True):
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys, strict=True)):
         mark = " (chosen)" if r["label"] == result["chosen"] else ""
-        ax.annotate(r["label"] + mark, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        below = (0, -12) if i % 2 == 0 else (4, 4)  # neighbours' labels on alternate sides: close points stay legible
+        ax.annotate(r["label"] + mark, (x, y), fontsize=8, xytext=below, textcoords="offset points")
         if r.get("ci95"):
             ax.plot([x, x], r["ci95"], color="#999", lw=1)
     if result["goal"] is not None:
