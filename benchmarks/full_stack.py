@@ -1,11 +1,13 @@
 """Benchmark: the whole stack (structured pruning + refit + layer dropping + distillation + int8) against the
 fine-tuned teacher and against what a user could do instead, on the teacher's test set, side by side.
 
-    .venv/bin/python benchmarks/full_stack.py runs/bbc-news-sweep [--baseline runs/bbc-news-layerdrop]
-        [--speedup 5] [--max-drop 0.5] [--limit N]
+    .venv/bin/python benchmarks/full_stack.py runs/bbc-news-full-stack [runs/bbc-news-sweep ...]
+        [--baseline runs/bbc-news-layerdrop] [--speedup 5] [--max-drop 0.5] [--limit N]
 
-SWEEP is the output folder of `edge-compress sweep` (its sweep.json names the teacher's fp32 run and each level's
-run); --baseline another sweep's folder, e.g. layer dropping alone + int8 (no pruning, no refit). The variants:
+SWEEPS are output folders of `edge-compress sweep` of the full stack (each sweep.json names the teacher's fp32
+run and each level's run; the first one's teacher is the yardstick); --baseline another sweep's folder, e.g.
+layer dropping alone + int8 (no pruning, no refit): each of its levels is set against the most accurate level
+of the full stack that is at least as fast. The variants:
 the teacher in PyTorch fp32, ONNX Runtime fp32 of a plain export (the yardstick of the speed-up), our fused fp32
 export, quantize_dynamic with its defaults, and the int8 artifact of every level of both sweeps. Every variant
 runs every test example in turn (batch 1, the example's own length up to max_length, 2 threads, the order
@@ -50,7 +52,7 @@ def main() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:  # PyTorch's idle threads must sleep (see benchmarks/tasks.py)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     parser = argparse.ArgumentParser(description="The whole stack against the teacher and the alternatives.")
-    parser.add_argument("sweep", type=Path, help="an `edge-compress sweep` output folder (holding sweep.json)")
+    parser.add_argument("sweeps", type=Path, nargs="+", help="`edge-compress sweep` output folders (sweep.json)")
     parser.add_argument("--baseline", type=Path, action="append", default=[], help="another sweep's folder")
     parser.add_argument("--speedup", type=float, default=5.0, help="target: x faster than ORT fp32 plain")
     parser.add_argument("--max-drop", type=float, default=1.0, help="target: accuracy points below the teacher")
@@ -58,13 +60,14 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join([shown(Path(sys.executable)), *sys.argv])
     os.chdir(ROOT)
-    sweeps = [_read(args.sweep), *(_read(b) for b in args.baseline)]
+    ours, bases = [_read(f) for f in args.sweeps], [_read(b) for b in args.baseline]
+    sweeps = [*ours, *bases]
     import torch
 
     torch.set_num_threads(THREADS)
     rows, c = compare(sweeps, args.limit, Path("runs/bench-full-stack") / sweeps[0]["name"])
     name = sweeps[0]["name"]
-    lines = [*header(command, None, args.limit), *render(rows, c, sweeps, args.speedup, args.max_drop)]
+    lines = [*header(command, None, args.limit), *render(rows, c, (ours, bases), args.speedup, args.max_drop)]
     lines[0] = f"# Benchmark: the whole stack on {name} ({c['task']}), against the teacher and the alternatives"
     out = Path(f"benchmarks/results/full_stack_{name}.md")
     write_atomic(out, "\n".join(lines).encode())
@@ -113,12 +116,15 @@ def _label(result: dict[str, Any], row: dict[str, Any]) -> str:
     return f"{result['name']}: {row['label']} ({row['structure']})"
 
 
+Sweeps = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (the full stack's sweeps, the baselines' sweeps)
+
+
 def render(
-    rows: dict[str, dict[str, Any]], c: dict[str, Any], sweeps: list[dict[str, Any]], speedup: float, max_drop: float
+    rows: dict[str, dict[str, Any]], c: dict[str, Any], sweeps: Sweeps, speedup: float, max_drop: float
 ) -> list[str]:
     plain_p50 = rows[PLAIN]["latency"]["p50"]
     ref = rows[TORCH]["task"]["accuracy"]
-    params = {_label(s, r): r.get("parameters") for s in sweeps for r in s["rows"][1:]}
+    params = {_label(s, r): r.get("parameters") for s in (*sweeps[0], *sweeps[1]) for r in s["rows"][1:]}
     tokens = c["tokens"]
     lines = [
         f"## {c['data']}: {c['examples']} test examples, {sum(tokens) / len(tokens):.1f} tokens on average "
@@ -141,10 +147,8 @@ def render(
     return [*lines, "", *targets(rows, sweeps, speedup, max_drop), ""]
 
 
-def targets(
-    rows: dict[str, dict[str, Any]], sweeps: list[dict[str, Any]], speedup: float, max_drop: float
-) -> list[str]:
-    """The issue's target per level of the main sweep, and the full stack against each baseline level."""
+def targets(rows: dict[str, dict[str, Any]], sweeps: Sweeps, speedup: float, max_drop: float) -> list[str]:
+    """The issue's target per level of the full stack's sweeps, and the full stack against each baseline level."""
     plain_p50, ref = rows[PLAIN]["latency"]["p50"], rows[TORCH]["task"]["accuracy"]
 
     def figures(label: str) -> tuple[float, float]:
@@ -154,12 +158,12 @@ def targets(
         f"### Targets: ≥ {speedup:g}× faster than ORT fp32 plain, at most {max_drop:g} points below the teacher",
         "",
     ]
-    ours = [_label(sweeps[0], r) for r in sweeps[0]["rows"][1:]]
+    ours = [_label(s, r) for s in sweeps[0] for r in s["rows"][1:]]
     for label in ours:
         x, drop = figures(label)
         ok = x >= speedup and drop <= max_drop
         lines.append(f"- **{'pass' if ok else 'MISS'}**: {label}: {x:.2f}×, {-drop:+.2f} points")
-    for base in sweeps[1:]:
+    for base in sweeps[1]:
         for row in base["rows"][1:]:
             label = _label(base, row)
             x, drop = figures(label)

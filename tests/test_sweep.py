@@ -82,7 +82,7 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     rows_b, info = full_stack.compare([sweep_result, sweep_result], None, tmp_path / "bench")
     assert info["examples"] == 16 and len(rows_b) == 7  # PyTorch, plain, fused, dynamic, 3 levels (once)
     assert all(r["latency"]["runs"] == 16 and 0 <= r["task"]["accuracy"] <= 1 for r in rows_b.values())
-    lines = full_stack.render(rows_b, info, [sweep_result, sweep_result], 5.0, 1.0)
+    lines = full_stack.render(rows_b, info, ([sweep_result], [sweep_result]), 5.0, 1.0)
     assert sum(line.startswith("- **pass**") or line.startswith("- **MISS**") for line in lines) == 3
     assert any("at equal or higher speed" in line for line in lines)
     # Every level's run resumes: a second sweep reuses each stage and measures again.
