@@ -72,6 +72,8 @@ def _sweep(parsed: Any, fresh: bool) -> None:
     from compress.sweep.run import sweep as run_sweep
 
     out = run_sweep(parsed, fresh=fresh)
+    if not distributed.is_main():
+        return  # torchrun: rank 0 measures, writes and prints the front
     click.echo((out / "sweep.md").read_text())
     click.echo(f"front: {out / 'sweep.md'}, {out / 'report.html'}")
 

@@ -243,3 +243,23 @@ def test_an_embedding_sweep_scores_spearman(tmp_path: Path, recipe_for: Any, dat
     assert [r["metric"] for r in result["rows"]] == ["spearman"] * 3
     assert all(-1 <= r["value"] <= 1 and len(r["ci95"]) == 2 for r in result["rows"])
     assert result["chosen"] in ("level1", "small") and result["rows"][0]["precision"] != "int8"
+
+
+def test_a_sweep_under_torchrun_trains_on_both_ranks_and_writes_one_front(tmp_path: Path, tiny_bert: Path) -> None:
+    """2 processes (gloo): every level's stages run once in the run folders (rank 0 writes them), and rank 0
+    alone measures and writes the front."""
+    import subprocess
+    import sys
+
+    model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
+    path = _sweep_recipe(tmp_path, model, {"levels": LEVELS, "goal": {"max_drop": 1.0}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*cmd, "-m", "compress.cli", "sweep", str(path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| fp32 |") == 1  # one front printed
+    result = json.loads((tmp_path / "runs" / "sw" / "sweep.json").read_text())
+    assert [r["label"] for r in result["rows"]] == ["fp32", "level1", "small"] and result["chosen"] is not None
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sw", "sw-fp32", "sw-level1", "sw-small"]
+    small = json.loads((tmp_path / "runs" / "sw-small" / "02_distill" / "metrics.json").read_text())
+    assert small["student_layers"] == 1

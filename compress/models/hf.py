@@ -343,6 +343,25 @@ def word_starts(tokenizer: Any, examples: Sequence[tuple[str, ...]], max_length:
     return starts
 
 
+def save_model(model: Any, folder: Path) -> None:
+    """A transformers model's folder (config.json, model.safetensors), on every torchrun rank.
+
+    transformers 5's save_pretrained writes nothing on a rank other than 0 once torch.distributed is
+    initialised; our other ranks keep their own stage outputs in a scratch folder and read them back in
+    the next stage, so there the config and the weights are written directly (safetensors, shared tensors
+    once)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_model as save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_weights(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def copy_tokenizer_files(source: Path, out: Path) -> None:
     """Copy a checkpoint folder's tokenizer (and sentence-transformers pooling) files next to new weights."""
     import shutil

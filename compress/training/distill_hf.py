@@ -82,7 +82,7 @@ def distill(
         return scores
 
     persistence = Persistence(
-        save=lambda m, folder: m.encoder.save_pretrained(folder, safe_serialization=True),
+        save=lambda m, folder: hf.save_model(m.encoder, folder),
         load=lambda folder: task.build_module(hf.load_model(folder), spec, names),
     )
     best, state = fit(
@@ -98,7 +98,7 @@ def distill(
         hooks=hooks,
     )
     out = ctx.out_dir / "model"
-    best.encoder.save_pretrained(out, safe_serialization=True)
+    hf.save_model(best.encoder, out)
     hf.copy_tokenizer_files(artifact.file("model"), out)
     metrics = {
         "teacher": str(teacher_folder),

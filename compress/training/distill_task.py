@@ -75,7 +75,7 @@ def distill(
         return task_loss(model, teacher, batch, w, layer_map)
 
     persistence = Persistence(
-        save=lambda m, path: m.save_pretrained(path, safe_serialization=True),
+        save=hf.save_model,
         load=lambda path: hf.load_model(path, head),
     )
     best, state = fit(
@@ -110,7 +110,7 @@ def distill(
             test = finetune_hf.task_evaluation(ctx, tokenizer, names, max_length, labels, role="test")
             metrics["test"] = test.run(best)
     out = ctx.out_dir / "model"
-    best.save_pretrained(out, safe_serialization=True)  # the encoder and its head, id2label included
+    hf.save_model(best, out)  # the encoder and its head, id2label included
     hf.copy_tokenizer_files(folder, out)
     meta = {**artifact.meta, **({"distilled_from": str(teacher_folder)} if teacher_folder is not None else {})}
     return Artifact("hf", {"model": out}, meta), metrics

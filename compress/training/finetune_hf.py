@@ -58,7 +58,7 @@ def finetune(artifact: Artifact, cfg: TrainingSettings, ctx: Context) -> tuple[A
             yield task_batch(train[0], train[1], rows, int(lengths[rows].max()))
 
     persistence = Persistence(
-        save=lambda m, path: m.save_pretrained(path, safe_serialization=True),
+        save=hf.save_model,
         load=lambda path: hf.load_model(path, head),
     )
     best, state = fit(
@@ -85,7 +85,7 @@ def finetune(artifact: Artifact, cfg: TrainingSettings, ctx: Context) -> tuple[A
         with torch.no_grad():
             metrics["test"] = task_evaluation(ctx, tokenizer, names, max_length, labels, role="test").run(best)
     out = ctx.out_dir / "model"
-    best.save_pretrained(out, safe_serialization=True)
+    hf.save_model(best, out)
     hf.copy_tokenizer_files(folder, out)
     _record_input_kind(out, kind)
     return Artifact("hf", {"model": out}, {"precision": "fp32"}), metrics

@@ -192,7 +192,7 @@ def _save(model: nn.Module, artifact: Artifact, out: Path) -> None:
     if artifact.kind == "zoo":
         save_zoo(model, out)  # type: ignore[arg-type]
         return
-    model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    hf.save_model(model, out)
     hf.copy_tokenizer_files(artifact.file("model"), out)
 
 
