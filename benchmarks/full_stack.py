@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` from a checkout, run as a script
 from benchmarks.tasks import (
     FUSED,
     PLAIN,

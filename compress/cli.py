@@ -98,10 +98,10 @@ def check(recipe: Path) -> None:
     stages = " -> ".join(s.type for s in parsed.stages)
     levels = ""
     if parsed.sweep is not None:
-        from compress.sweep.levels import level_recipes
+        from compress.sweep.levels import level_recipes, teacher_recipe
 
-        made = level_recipes(parsed)  # every level's recipe, as the sweep will run it
-        for _, level in made:
+        made = level_recipes(parsed)  # every level's recipe, as the sweep will run it, and the teacher's export
+        for level in (teacher_recipe(parsed), *(level for _, level in made)):
             check_claim(level.output.dir / level.name)
         levels = f"; sweep of {len(made)} levels: {', '.join(level.name for _, level in made)}"
     click.echo(_printable(f"{recipe}: ok ({parsed.name}: {stages}; model {folder}{levels})"))

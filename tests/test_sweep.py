@@ -263,3 +263,22 @@ def test_a_sweep_under_torchrun_trains_on_both_ranks_and_writes_one_front(tmp_pa
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sw", "sw-fp32", "sw-level1", "sw-small"]
     small = json.loads((tmp_path / "runs" / "sw-small" / "02_distill" / "metrics.json").read_text())
     assert small["student_layers"] == 1
+
+
+def test_a_sweep_with_unlabelled_text_checks_and_exports_its_teacher_without_it(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """data.transfer is read by distillation only: the teacher's export run leaves it out (with it, that
+    export-only recipe would be refused as teaching nothing), and check builds that run too."""
+    from compress.sweep.levels import level_recipes, teacher_recipe
+
+    model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
+    path = _sweep_recipe(tmp_path, model, {"levels": LEVELS})
+    body = yaml.safe_load(path.read_text())
+    body["data"]["transfer"] = [{"reference": "pang-lee"}]
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    parsed = load_recipe(path)
+    assert teacher_recipe(parsed).data.transfer == () and [s.type for s in teacher_recipe(parsed).stages] == ["export"]
+    assert all(level.data.transfer for _, level in level_recipes(parsed))
+    checked = cli("check", str(path))
+    assert checked.returncode == 0 and "sweep of 2 levels" in checked.stdout, checked.stderr

@@ -48,6 +48,7 @@ def teacher_recipe(recipe: Recipe) -> Recipe:
     """The teacher exported as the recipe's export stage exports (fused fp32): the front's yardstick."""
     body = _without_sweep(recipe, f"{recipe.name}-{TEACHER}")
     body["stages"] = [s for s in body["stages"] if s["type"] == "export"]
+    body["data"]["transfer"] = []  # read by distillation only
     return recipe_from_dict(body, f"sweep {TEACHER} export")
 
 
