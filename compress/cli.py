@@ -158,9 +158,19 @@ def build_ops(arch: str | None, force: bool) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
-    """Re-render report.md and report.html of a run from its report.json, and print the summary."""
+    """Re-render report.md and report.html of a run from its report.json (of a sweep: sweep.md and report.html
+    from sweep.json), and print the summary."""
     from compress.report import render
 
+    if (run_dir / "sweep.json").is_file():
+        from compress.data.cache import write_atomic
+        from compress.report.sweep import render_html, render_markdown
+
+        result = json.loads((run_dir / "sweep.json").read_text())
+        write_atomic(run_dir / "sweep.md", render_markdown(result).encode())
+        write_atomic(run_dir / "report.html", render_html(result).encode())
+        click.echo((run_dir / "sweep.md").read_text())
+        return
     if distributed.is_main():
         render(run_dir)
     _print_summary(run_dir)

@@ -73,6 +73,11 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     packaged = cli("package", str(runs / "sw"))  # a sweep's folder packages the level it chose
     assert packaged.returncode == 0 and f"packaging {runs / f'sw-{fastest}'}" in packaged.stdout, packaged.stderr
     assert (runs / f"sw-{fastest}" / "package" / "metadata.json").is_file()
+    (runs / "sw" / "sweep.md").unlink()
+    rendered = cli("report", str(runs / "sw"))  # re-rendered from sweep.json
+    assert (
+        rendered.returncode == 0 and f"{fastest} (chosen)" in rendered.stdout and (runs / "sw" / "sweep.md").is_file()
+    )
     page = (runs / "sw" / "report.html").read_text()
     assert "data:image/png;base64," in page and "sw-small" in page
     # benchmarks/full_stack.py reads the sweep: every variant on the same examples, targets per level.
