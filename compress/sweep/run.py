@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 import shutil
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ def summarize(recipe: Recipe, rows: list[dict[str, Any]], status: dict[str, str]
             )
     return {
         "name": recipe.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": recipe.task,
         "examples": rows[0]["task"].get("examples"),
         "goal": goal.model_dump() if goal is not None else None,
