@@ -35,7 +35,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Sweep {result['name']}: {result['task']}",
         "",
-        f"CPU: {cpu_model()}; measured {result.get('created', '?')}. Every model ran every one of {result['examples']} data.evaluation examples, "
+        f"CPU: {cpu_model()}; measured {result.get('created', '?')}. Every model ran every one of "
+        f"{result['examples']} data.evaluation examples, "
         "batch 1, round-robin (interleaved); latency is the median per example. Drop and speed-up are against "
         "the teacher's fp32 export (the first row).",
         "",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
