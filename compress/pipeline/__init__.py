@@ -86,15 +86,13 @@ def _run_stages(  # noqa: PLR0917
     folder = artifact.files.get("model")
     if scratch is None:
         write_atomic(run_dir / "resolved_recipe.yaml", _resolved_yaml(recipe, folder).encode())
-    fingerprint = _source_fingerprint(recipe, artifact)
     records: list[StageRecord] = []
     stale = False
     stages = recipe.stages
     if until is not None:
         stages = stages[: [str(s.type) for s in stages].index(until) + 1]
-    for index, stage in enumerate(stages, 1):
+    for (index, stage), fingerprint in zip(enumerate(stages, 1), fingerprints(recipe, artifact), strict=False):
         stage_dir = run_dir / f"{index:02d}_{stage.type}"
-        fingerprint = _hash(fingerprint + stage.model_dump_json() + json.dumps(teacher_fingerprint(stage)))
         synced = stage.type in TRAINING_STAGES  # torchrun ranks meet only in the stages that train
         if scratch is not None and not synced:
             break  # export, quantize, validate: rank 0's alone (a second process would skew latency)
@@ -126,6 +124,17 @@ def _run_stages(  # noqa: PLR0917
         run_dirs.drop_stages_after(run_dir, len(recipe.stages))
     write_report(run_dir, recipe, folder, records)
     return run_dir
+
+
+def fingerprints(recipe: Recipe, source: Artifact) -> list[str]:
+    """Each stage's fingerprint, in order: a hash of everything it depends on (the recipe's settings, the bytes
+    of the files it reads, the versions that make the artifacts, its settings and every earlier stage's). A
+    stage folder whose `done` holds it is reused."""
+    fingerprint, out = _source_fingerprint(recipe, source), []
+    for stage in recipe.stages:
+        fingerprint = _hash(fingerprint + stage.model_dump_json() + json.dumps(teacher_fingerprint(stage)))
+        out.append(fingerprint)
+    return out
 
 
 def _run_stage(  # noqa: PLR0917

@@ -20,6 +20,7 @@ from compress.data.cache import write_atomic
 from compress.errors import GateFailed, StageFailed
 from compress.models import hf
 from compress.models.spec import HFModel, PackageModel
+from compress.pipeline import fingerprints
 from compress.pipeline import run as run_pipeline
 from compress.pipeline import run_dir as run_dirs
 from compress.pipeline.preflight import preflight
@@ -40,8 +41,9 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     run_dirs.check_claim(out)
     levels = level_recipes(recipe)
     teacher = teacher_recipe(recipe)
+    sources = {}
     for made in (teacher, *(level for _, level in levels)):  # every run is checked before any work
-        preflight(made)
+        sources[made.name] = preflight(made)
         run_dirs.check_claim(made.output.dir / made.name)
     ctx = Context(recipe=teacher, run_dir=out)
     say = log or ctx.log
@@ -52,9 +54,10 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     for index, (name, level) in enumerate(levels):
         say(f"[bold]sweep level {name}[/] ({_describe(recipe, name)}) -> {level.output.dir / level.name}")
         if not fresh:
-            shared = share_stages(level, [made for i, (_, made) in enumerate(levels) if i != index])
+            others = [made for i, (_, made) in enumerate(levels) if i != index]
+            shared = share_stages(level, fingerprints(level, sources[level.name]), others)
             if shared:
-                say(f"{name}: reusing {shared}, an earlier level with the same settings")
+                say(f"{name}: reusing {shared} (the same settings and inputs: the same fingerprints)")
         try:
             dirs[name] = run_pipeline(level, fresh=fresh)
             status[name] = "passed" if _validated(level) else "no validate stage"
@@ -77,18 +80,19 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     return out
 
 
-def share_stages(level: Recipe, others: list[Recipe]) -> str:
-    """Link into `level`'s run the finished leading stages of the other level that shares the most leading
-    stage settings with it (e.g. the same pruning before another number of layers), as far as that level's run
-    has finished them (an earlier sweep may have run a later level). The pipeline still checks each stage's
-    fingerprint and recomputes one that does not match: sharing never changes a result."""
+def share_stages(level: Recipe, expected: list[str], others: list[Recipe]) -> str:
+    """Link into `level`'s run the finished leading stages of another level's run whose `done` fingerprints are
+    the ones `level` expects (`expected`: pipeline.fingerprints; e.g. the same pruning before another number of
+    layers), from the run that has the most of them (an earlier sweep may have run a later level). The
+    pipeline reuses exactly those stages, as it would its own: sharing never changes a result."""
     target = level.output.dir / level.name
     names = [f"{i:02d}_{stage.type}" for i, stage in enumerate(level.stages, 1)]
     best, count = None, 0
     for other in others:
         source = other.output.dir / other.name
-        for i, (mine, theirs) in enumerate(zip(level.stages, other.stages, strict=False)):
-            if mine.model_dump_json() != theirs.model_dump_json() or not (source / names[i] / "done").is_file():
+        for i, name in enumerate(names):
+            done = source / name / "done"
+            if not done.is_file() or done.read_text().strip() != expected[i]:
                 break
             if i + 1 > count:
                 best, count = source, i + 1
