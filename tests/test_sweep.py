@@ -287,3 +287,32 @@ def test_a_sweep_with_unlabelled_text_checks_and_exports_its_teacher_without_it(
     assert all(level.data.transfer for _, level in level_recipes(parsed))
     checked = cli("check", str(path))
     assert checked.returncode == 0 and "sweep of 2 levels" in checked.stdout, checked.stderr
+
+
+def test_sharing_replaces_a_stale_stage_and_keeps_a_current_one(tmp_path: Path, tiny_bert: Path) -> None:
+    """share_stages on finished runs: a level whose own prune stage is stale (another fingerprint) gets the
+    other level's current one, linked; its own current stage is left alone; a mismatching run gives nothing."""
+    from compress.pipeline import fingerprints
+    from compress.pipeline.preflight import preflight
+    from compress.sweep.levels import level_recipes
+    from compress.sweep.run import share_stages
+
+    model = head_model(tiny_bert, tmp_path / "m", "sequence", TOPICS)
+    stages = [PRUNE, {"type": "export"}]
+    path = _sweep_recipe(tmp_path, model, {"levels": [LEVELS[0], {**LEVELS[0], "name": "twin", "ffn": 0.6}]}, stages)
+    (_, first), (_, twin) = level_recipes(load_recipe(path))
+    from compress import api
+
+    api.run(first)
+    same = first.model_copy(update={"name": "copy"})  # the same stages under another run name
+    expected = fingerprints(same, preflight(same))
+    assert share_stages(same, expected, [first]).startswith("01_prune, 02_export of")
+    copied = tmp_path / "runs" / "copy" / "01_prune" / "model" / "model.safetensors"
+    origin = tmp_path / "runs" / first.name / "01_prune" / "model" / "model.safetensors"
+    assert copied.stat().st_ino == origin.stat().st_ino
+    assert share_stages(same, expected, [first]) == ""  # its own stages are current now: nothing to link
+    stale = tmp_path / "runs" / "copy" / "01_prune" / "done"
+    stale.unlink()  # a new file, as the pipeline writes one (write_atomic): the linked original stays as it is
+    stale.write_text("stale\n")
+    assert share_stages(same, expected, [first]) == f"01_prune of {tmp_path / 'runs' / first.name}"
+    assert share_stages(twin, fingerprints(twin, preflight(twin)), [first]) == ""  # other settings: other prints
