@@ -53,7 +53,7 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     dirs = {}
     for index, (name, level) in enumerate(levels):
         say(f"[bold]sweep level {name}[/] ({_describe(recipe, name)}) -> {level.output.dir / level.name}")
-        if not fresh:
+        if not fresh and distributed.is_main():  # rank 0 owns the run folders (torchrun)
             others = [made for i, (_, made) in enumerate(levels) if i != index]
             shared = share_stages(level, fingerprints(level, sources[level.name]), others)
             if shared:
