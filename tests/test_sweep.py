@@ -97,8 +97,8 @@ def test_a_sweep_runs_each_level_measures_the_front_and_chooses(tmp_path: Path, 
     assert all(stage["reused"] for stage in report["stages"])
 
 
-def _row(label: str, value: float, ms: float, status: str = "passed") -> dict[str, Any]:
-    return {"label": label, "metric": "accuracy", "value": value, "latency_ms": {"p50": ms}, "task": {}, "run": label}
+def _row(label: str, value: float, ms: float) -> dict[str, Any]:
+    return {"label": label, "metric": "accuracy", "value": value, "latency_ms": {"p50": ms}, "examples": 9, "run": ""}
 
 
 def test_the_goal_keeps_the_fastest_level_within_it_or_names_the_most_accurate(tmp_path: Path) -> None:
@@ -246,6 +246,8 @@ def test_an_embedding_sweep_scores_spearman(tmp_path: Path, recipe_for: Any, dat
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "runs" / "emb" / "sweep.json").read_text())
     assert [r["metric"] for r in result["rows"]] == ["spearman"] * 3
+    count = result["examples"]  # the scored pairs' distinct texts
+    assert count == result["rows"][1]["examples"] > 3 and f"every one of {count} data.evaluation" in done.stdout
     assert all(-1 <= r["value"] <= 1 and len(r["ci95"]) == 2 for r in result["rows"])
     assert result["chosen"] in ("level1", "small") and result["rows"][0]["precision"] != "int8"
 

@@ -151,7 +151,7 @@ def summarize(recipe: Recipe, rows: list[dict[str, Any]], status: dict[str, str]
         "name": recipe.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": recipe.task,
-        "examples": rows[0]["task"].get("examples"),
+        "examples": rows[0]["examples"],
         "goal": goal.model_dump() if goal is not None else None,
         "chosen": chosen,
         "verdict": verdict,
