@@ -47,7 +47,7 @@ from compress.models.spec import HFModel, PackageModel
 from compress.recipe import Recipe
 from compress.runtime.evaluation import TaskScoring, pad_outputs, task_scoring
 from compress.runtime.kernels import count_kernels
-from compress.runtime.latency import summarize
+from compress.runtime.latency import round_robin, summarize
 from compress.runtime.session import session
 from compress.tasks import HEADS, TASKS
 
@@ -266,21 +266,18 @@ def ort_variant(path: Path, settings: dict[str, Any]) -> Variant:
 
 def run_interleaved(variants: dict[str, Variant], feeds: list[dict[str, np.ndarray]]) -> None:
     """Each example through every variant in turn (the order rotates per example), each call timed."""
-    order = list(variants.values())
-    for v in order:
-        for f in feeds[:WARMUP]:
-            v.call(f)
-    log(f"  timing: {len(feeds)} examples x {len(order)} variants, round-robin")
+    log(f"  timing: {len(feeds)} examples x {len(variants)} variants, round-robin")
     started = time.monotonic()
-    for i, f in enumerate(feeds):
-        k = i % len(order)
-        for v in order[k:] + order[:k]:
-            t0 = time.perf_counter()
-            out = v.call(f)
-            v.ms.append((time.perf_counter() - t0) * 1000.0)
-            v.outputs.append(out)
+
+    def progress(i: int) -> None:
         if (i + 1) % 200 == 0:
             log(f"  {i + 1}/{len(feeds)} examples, {time.monotonic() - started:.0f} s")
+
+    calls = {label: v.call for label, v in variants.items()}
+    ms, outputs = round_robin(calls, dict.fromkeys(variants, feeds), WARMUP, progress)
+    for label, v in variants.items():
+        v.ms.extend(ms[label])
+        v.outputs.extend(outputs[label])
 
 
 def score_variants(variants: dict[str, Variant], scoring: TaskScoring) -> dict[str, dict[str, Any]]:

@@ -59,12 +59,15 @@ def summarize(ms: list[float], items_per_run: int = 1) -> dict[str, float]:
 
 
 def round_robin(
-    calls: dict[str, Callable[[Any], Any]], feeds: dict[str, list[Any]], warmup: int
+    calls: dict[str, Callable[[Any], Any]],
+    feeds: dict[str, list[Any]],
+    warmup: int,
+    on_example: Callable[[int], object] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Each example through every call in turn, the starting call rotating per example, each call timed.
 
     feeds[name][i] is example i as call `name` takes it. Returns (ms per call, outputs per call), in example
-    order. The first `warmup` examples go through every call untimed first."""
+    order. The first `warmup` examples go through every call untimed first; on_example(i) after example i."""
     names = list(calls)
     count = len(feeds[names[0]])
     for name in names:
@@ -79,4 +82,6 @@ def round_robin(
             out = calls[name](feeds[name][i])
             ms[name].append((time.perf_counter() - start) * 1000.0)
             outputs[name].append(out)
+        if on_example is not None:
+            on_example(i)
     return ms, outputs
