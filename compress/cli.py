@@ -163,12 +163,9 @@ def report(run_dir: Path) -> None:
     from compress.report import render
 
     if (run_dir / "sweep.json").is_file():
-        from compress.data.cache import write_atomic
-        from compress.report.sweep import render_html, render_markdown
+        from compress.report.sweep import write_front
 
-        result = json.loads((run_dir / "sweep.json").read_text())
-        write_atomic(run_dir / "sweep.md", render_markdown(result).encode())
-        write_atomic(run_dir / "report.html", render_html(result).encode())
+        write_front(run_dir, json.loads((run_dir / "sweep.json").read_text()))
         click.echo((run_dir / "sweep.md").read_text())
         return
     if distributed.is_main():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 from typing import Any
 
+from compress.data.cache import write_atomic
 from compress.report.html import CHECK, STYLE, png, table
 from compress.targets.native import cpu_model
 
@@ -28,6 +31,13 @@ def _cells(row: dict[str, Any], chosen: str | None) -> tuple[str, ...]:
         params,
         row["run"],
     )
+
+
+def write_front(out: Path, result: dict[str, Any]) -> None:
+    """A sweep's folder: sweep.json (the figures), sweep.md and report.html rendered from them."""
+    write_atomic(out / "sweep.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_atomic(out / "sweep.md", render_markdown(result).encode())
+    write_atomic(out / "report.html", render_html(result).encode())
 
 
 def render_markdown(result: dict[str, Any]) -> str:

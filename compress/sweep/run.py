@@ -7,7 +7,6 @@ output.dir/<name>/           sweep.json, sweep.md, report.html (the front, plott
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from datetime import UTC, datetime
@@ -16,7 +15,6 @@ from typing import Any
 
 from compress import distributed
 from compress.context import Context
-from compress.data.cache import write_atomic
 from compress.errors import GateFailed, StageFailed
 from compress.models import hf
 from compress.models.spec import HFModel, PackageModel
@@ -25,7 +23,7 @@ from compress.pipeline import run as run_pipeline
 from compress.pipeline import run_dir as run_dirs
 from compress.pipeline.preflight import preflight
 from compress.recipe import Recipe, ValidateStage
-from compress.report.sweep import render_html, render_markdown
+from compress.report.sweep import write_front
 from compress.sweep.front import Entry, final_onnx, measure
 from compress.sweep.levels import TEACHER, level_recipes, teacher_recipe
 
@@ -72,9 +70,7 @@ def sweep(recipe: Recipe, fresh: bool = False, log: Any = None) -> Path:
     rows = measure(entries, ctx, recipe.sweep.examples, recipe.sweep.warmup, _threads(recipe))
     result = summarize(recipe, rows, status)
     run_dirs.claim(out)
-    write_atomic(out / "sweep.json", (json.dumps(result, indent=2) + "\n").encode())
-    write_atomic(out / "sweep.md", render_markdown(result).encode())
-    write_atomic(out / "report.html", render_html(result).encode())
+    write_front(out, result)
     if result["goal"] is not None and result["chosen"] is None:
         raise SweepFailed(result["verdict"])
     return out

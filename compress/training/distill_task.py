@@ -137,15 +137,8 @@ def _with_transfer(
     def padded(array: np.ndarray, value: int) -> np.ndarray:
         return np.pad(array, ((0, 0), (0, span - array.shape[1])), constant_values=value)
 
-    joined = {
-        name: np.concatenate(
-            [
-                padded(ids[name], pad if name == "input_ids" else 0),
-                padded(more[name], pad if name == "input_ids" else 0),
-            ]
-        )
-        for name in ids
-    }
+    fill = {name: pad if name == "input_ids" else 0 for name in ids}  # masks and token types pad with 0
+    joined = {name: np.concatenate([padded(ids[name], fill[name]), padded(more[name], fill[name])]) for name in ids}
     if gold.ndim == 2:
         gold, extra = padded(gold, finetune_hf.IGNORE), padded(extra, finetune_hf.IGNORE)
     ctx.log(f"distill: {len(examples)} unlabelled examples of data.transfer besides {len(gold)} of data.train")
