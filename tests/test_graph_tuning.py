@@ -130,3 +130,43 @@ def test_bad_tuning_settings_exit_2(recipe_for: Callable[..., Path], tune: dict,
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def biased_bert(tiny_bert: Path, tmp_path: Path) -> Path:
+    """The tiny BERT with random biases. A fresh BERT's biases are all zero: the export shares one zero tensor
+    between them, which the int8 embedding node then quantizes, and no bias is left a constant to fold."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "biased-bert"
+    shutil.copytree(tiny_bert, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for name, value in weights.items():
+        if name.endswith(".bias"):
+            weights[name] = rng.normal(0.0, 0.02, value.shape).astype(value.dtype)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_split_adds_the_bias_first_so_the_int8_matmul_takes_it(
+    recipe_for: Callable[..., Path], biased_bert: Path, tmp_path: Path
+) -> None:
+    """The bias is added before the residual: ONNX Runtime folds that Add into DynamicQuantizeMatMul's bias, so
+    an int8 split graph keeps one Add per SkipLayerNormalization (the residual), not two."""
+    stages = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "tune": {"enabled": False}}]
+    recipe = recipe_for(stages=stages, model={"hf": str(biased_bert)})
+    model = onnx.load(str(_run(recipe) / "02_quantize" / "model.onnx"))
+    constants = {i.name for i in model.graph.initializer}
+    skips = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert skips and all(len(n.input) > 4 and n.input[4] in constants for n in skips)  # each has a bias to fold
+    unfuse.split(model, ("skip_layer_norm",))
+    split_path, optimized = tmp_path / "split.onnx", tmp_path / "optimized.onnx"
+    onnx.save(model, str(split_path))
+    settings = {"disabled_optimizers": unfuse.disabled_optimizers(("skip_layer_norm",))}
+    session(split_path, threads=1, settings=settings, optimized_path=optimized)
+    ops = _ops(optimized)
+    assert ops.get("Add", 0) == len(skips), ops
+    assert ops.get("DynamicQuantizeMatMul", 0) > 0
