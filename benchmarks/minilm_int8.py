@@ -153,8 +153,9 @@ def _grid(variants: dict[str, Variant], encode: Callable[[int, int], dict[str, n
     """Each ONNX variant at every batch x length, interleaved per cell; runs fit GRID_SECONDS per cell."""
     rows = [
         "",
-        f"Batch x tokens (a Lee document repeated, padded/cut to exactly that length), {THREADS} threads, spinning "
-        f"off, variants interleaved per cell; as many rounds as fit about {GRID_SECONDS} s per cell (5 to 100).",
+        f"Batch x tokens (a Lee document repeated, padded/cut to exactly that length), {THREADS} threads, threads "
+        f"spinning during runs only, variants interleaved per cell; as many rounds as fit about {GRID_SECONDS} s "
+        "per cell (5 to 100).",
         "",
         "| batch | tokens | ORT fp32 plain ms | ORT fp32 fused ms | quantize_dynamic ms | pipeline int8 ms "
         "| × vs fp32 plain | × vs fused | × vs quantize_dynamic | rounds |",
@@ -164,7 +165,7 @@ def _grid(variants: dict[str, Variant], encode: Callable[[int, int], dict[str, n
     for batch in GRID_BATCHES:
         for length in GRID_LENGTHS:
             feeds = encode(batch, length)
-            sessions = {k: session(v.path, THREADS, v.settings, spinning=False) for k, v in variants.items()}
+            sessions = {k: session(v.path, THREADS, v.settings, idle_spinning=False) for k, v in variants.items()}
             calls = {k: partial(s.run, None, feeds) for k, s in sessions.items()}
             once = sum(_seconds(c) for c in calls.values())
             rounds = max(5, min(100, int(GRID_SECONDS / max(once, 1e-6))))
@@ -213,7 +214,7 @@ def _artifact(stage_dir: Path, run_dir: Path) -> Artifact:
 
 
 def _ort_variant(path: Path, settings: dict[str, Any], timing: dict[str, np.ndarray]) -> Variant:
-    sess = session(path, THREADS, settings, spinning=False)
+    sess = session(path, THREADS, settings, idle_spinning=False)
 
     def embed(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(sess.run(None, feeds)[0])
@@ -246,9 +247,10 @@ def _header(runs: int, command: str) -> list[str]:
         f"- Setup: batch {BATCH}, sequence {SEQ} tokens (a Lee document padded/truncated to exactly {SEQ}), "
         f"{THREADS} threads (ONNX Runtime intra-op; torch.set_num_threads({THREADS})), "
         f"{WARMUP} warm-up + {runs} timed runs per variant, interleaved round by round in one process.",
-        "- ONNX Runtime thread spinning off (`session.intra_op.allow_spinning=0`) in every session: the "
-        f"variants run in turn on {cores} cores, and a session whose idle threads spin-wait keeps burning "
-        "the cores the next variant needs, slowing down whichever variant is timed after it.",
+        "- ONNX Runtime threads spin during a run and stop at its end (`session.force_spinning_stop=1`) in "
+        f"every session, as in the server: the variants run in turn on {cores} cores, and a session whose idle "
+        "threads kept spinning would burn the cores the next variant needs. (Until 2026-12-05 spinning was off "
+        "altogether, which slowed every variant: see compress/runtime/session.py.)",
     ]
 
 

@@ -202,7 +202,7 @@ def _qat_windowed(runs: int, command: str) -> None:
     test = load_labeled(ReferenceSet(reference="spam-assassin", split="test"))
     score = accuracy_metric(np.asarray(test.labels))
     models = {"ORT fp32": (fp32, {}), "PTQ static int8": (ptq, ptq_settings), "QAT int8": (qat, qat_settings)}
-    sessions = {k: session(p, 2, s, spinning=False) for k, (p, s) in models.items()}
+    sessions = {k: session(p, 2, s, idle_spinning=False) for k, (p, s) in models.items()}
     accuracy = {}
     for name, sess in sessions.items():
         print(f"scoring {name} on {len(test.texts)} test emails", file=sys.stderr)

@@ -94,7 +94,7 @@ class Comparison:
 def main() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:
         # Idle OpenMP threads of PyTorch must sleep, not spin: spinning, they steal the cores of the variant
-        # timed next (ORT's own spinning is off in every session below). Measured here on a loaded machine
+        # timed next (ORT's own threads stop spinning at the end of each run below). Measured here on a loaded machine
         # (bbc-news, 128 tokens): PyTorch's median was 1193 ms unset, 33 ms with PASSIVE. libgomp reads the
         # variable when torch loads, and importing compress loads torch: start again with it set.
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -256,7 +256,7 @@ def plain_baselines(
 
 
 def ort_variant(path: Path, settings: dict[str, Any]) -> Variant:
-    sess = session(path, THREADS, settings, spinning=False)
+    sess = session(path, THREADS, settings, idle_spinning=False)
 
     def call(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(sess.run(None, feeds)[0])
@@ -395,7 +395,7 @@ def header(command: str, quantizer: OptimumQuantizer | None, limit: int | None) 
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
         f"- Setup: batch 1, each test example at its own length (up to the recipe's max_length, no padding), "
-        f"{THREADS} threads (ONNX Runtime intra-op, spinning off; torch.set_num_threads({THREADS}), "
+        f"{THREADS} threads (ONNX Runtime intra-op, spinning during runs only; torch.set_num_threads({THREADS}), "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}); {WARMUP} warm-up calls per variant, then "
         "every example through every variant in turn (the order rotating per example). Latency: the per-example "
         "times' median and p90; the speed-up is the ratio of medians."

@@ -2,8 +2,8 @@
 
 Used by benchmarks/distill.py and benchmarks/pruning.py. Runs recipes/minilm-int8.yaml (the teacher's
 fused fp32 and int8) and the student's recipe, reusing finished stages; then times teacher fp32, student
-fp32, teacher int8 and student int8 interleaved in one loop (batch 1, 128 tokens, 2 threads, thread
-spinning off), scores each on Lee and measures each one's cosine to the teacher's fp32 embeddings.
+fp32, teacher int8 and student int8 interleaved in one loop (batch 1, 128 tokens, 2 threads, threads
+spinning during runs only), scores each on Lee and measures each one's cosine to the teacher's fp32 embeddings.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def compare(student_recipe: str, title: str, result: str, targets: list[Target],
     tokenizer = hf.load_tokenizer(tok_dir)
     names = ("input_ids", "attention_mask", "token_type_ids")
     lee = load_evaluation(recipe.data.evaluation)
-    sessions = {k: session(path, 2, settings, spinning=False) for k, (path, settings) in files.items()}
+    sessions = {k: session(path, 2, settings, idle_spinning=False) for k, (path, settings) in files.items()}
     timing = hf.encode(tokenizer, lee.texts[:1], 128, names, pad_to=128)
     scores, embeddings = {}, {}
     for key, sess in sessions.items():
@@ -71,7 +71,8 @@ def compare(student_recipe: str, title: str, result: str, targets: list[Target],
         "",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; student recipe `{student_recipe}`; "
         f"command: `.venv/bin/python {command or ' '.join(sys.argv)}`",
-        f"- ONNX Runtime, batch 1, 128 tokens, 2 threads, spinning off; {args.runs} interleaved runs each; "
+        f"- ONNX Runtime, batch 1, 128 tokens, 2 threads, spinning during runs only; {args.runs} interleaved runs "
+        "each; "
         "Lee (50 documents, 1225 rated pairs) at max_length 256.",
         "",
         "| model | median ms | x vs teacher fp32 | size MB | cosine to teacher fp32 (mean / min) "

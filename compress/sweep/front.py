@@ -52,7 +52,7 @@ def measure(entries: list[Entry], ctx: Context, limit: int | None, warmup: int, 
         max_length = e.artifact.usable_length(ctx.data.max_length)
         encode = feeds.encoder(e.artifact)
         inputs[e.label] = [encode([ex], max_length, None) for ex in examples]
-        sess = session(e.artifact.file("model"), threads, e.artifact.meta.get("session"), spinning=False)
+        sess = session(e.artifact.file("model"), threads, e.artifact.meta.get("session"), idle_spinning=False)
         calls[e.label] = _runner(sess)
         scorings[e.label] = task_scoring(ctx, e.artifact, max_length)
     ctx.log(f"sweep: {len(examples)} examples x {len(entries)} models, round-robin, {threads} threads")

@@ -56,8 +56,9 @@ def _session(job_dir: Path, job: dict[str, Any], role: str, optimized: Path | No
     so.intra_op_num_threads = job["threads"]
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    # Idle intra-op threads must not spin: models timed in turn on few cores would steal each other's.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Threads spin during a run and stop at its end, as in the server: idle spinning threads of models timed
+    # in turn on few cores would steal each other's cores (compress/runtime/session.py).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if job.get("library"):
         so.register_custom_ops_library(str(job_dir / job["library"]))
     for key, value in settings.get("config_entries", {}).items():

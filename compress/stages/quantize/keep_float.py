@@ -252,7 +252,7 @@ def _speed_cost(full: Path, plan: Plan, feed: dict[str, np.ndarray], kept: list[
         return None
     runners: dict[str, Callable[[], object]] = {}
     for name, model in (("all_int8", full), ("chosen", plan.out)):
-        runners[name] = partial(session(model, threads=2, settings=plan.settings, spinning=False).run, None, feed)
+        runners[name] = partial(session(model, threads=2, settings=plan.settings, idle_spinning=False).run, None, feed)
     timed = interleaved(runners, warmup=3, runs=SPEED_ROUNDS)
     all_int8, kept_ms = timed["all_int8"]["p50"], timed["chosen"]["p50"]
     return {

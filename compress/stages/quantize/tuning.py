@@ -128,7 +128,7 @@ def _measure(
     cfg: GraphTuning,
 ) -> tuple[str, dict[str, Any]]:
     sessions = {
-        name: session(path, threads=cfg.threads, settings=settings, spinning=False)
+        name: session(path, threads=cfg.threads, settings=settings, idle_spinning=False)
         for name, (path, settings, _) in candidates.items()
     }
     feed = {
