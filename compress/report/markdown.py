@@ -269,11 +269,19 @@ def _quantize_note(m: dict[str, Any]) -> str:
 
 
 def _tuning_note(tuned: dict[str, Any] | None) -> str:
-    """The graph tuning's choice and the medians it was made on (older reports have none)."""
-    if not tuned or not tuned.get("variants"):
+    """The graph tuning's choices and the medians they were made on (older reports have no int8 round)."""
+    if not tuned:
         return ""
-    timed = ", ".join(f"{name} {v['p50_ms']:.2f} ms" for name, v in tuned["variants"].items() if "p50_ms" in v)
-    return f"; graph tuned on {tuned['cpu']}: kept {tuned['chosen']} ({timed})"
+    rounds = [r for r in (tuned.get("int8"), tuned) if r and r.get("variants")]
+    if not rounds:
+        return ""
+    timed = "; ".join(
+        f"kept {r['chosen']} ("
+        + ", ".join(f"{name} {v['p50_ms']:.2f} ms" for name, v in r["variants"].items() if "p50_ms" in v)
+        + ")"
+        for r in rounds
+    )
+    return f"; tuned on {tuned['cpu']}: {timed}"
 
 
 def _qat_note(m: dict[str, Any]) -> str:

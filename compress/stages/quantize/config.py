@@ -58,6 +58,13 @@ class GraphTuning(Strict):
             "Add + Gelu; each alone and all together against the fused graph."
         ),
     )
+    int8: bool = Field(
+        True,
+        description=(
+            "First time the int8 choices the preset and recipe leave open, on a CPU of the preset's family: u8s8 "
+            "or u8u8 weights, full range or reduce_range, and for static int8 QDQ or QOperator."
+        ),
+    )
     batch_size: int = Field(1, ge=1, le=1024, description="Examples per timed run.")
     sequence_length: int = Field(128, ge=1, le=1 << 20, description="Tokens per example in a timed run.")
     threads: int = Field(2, ge=1, le=1024, description="ONNX Runtime intra-op threads while timing.")
@@ -189,8 +196,8 @@ class QuantizeStage(Strict):
     tune: GraphTuning = Field(
         GraphTuning(),
         description=(
-            "Fused or split SkipLayerNormalization / BiasGelu, timed on this CPU after quantizing; the fastest "
-            "variant whose outputs match is kept, with the timings in the report."
+            "The int8 types and format, then fused or split SkipLayerNormalization / BiasGelu, timed on this CPU "
+            "after quantizing; the fastest variant whose outputs match is kept, with the timings in the report."
         ),
     )
     time_budget: float = Field(

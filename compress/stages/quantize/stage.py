@@ -9,8 +9,9 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,14 +48,13 @@ def run(artifact: Artifact, cfg: QuantizeStage, ctx: Context) -> tuple[Artifact,
 
     smoothed, smoothing_report = _smooth(artifact, cfg, ctx, types, excluded)
     try:
-        settings, calibration, kept, search_report = _quantize(smoothed, cfg, ctx, types, excluded)
+        with _quantized(smoothed, cfg, ctx, types, excluded) as q:
+            settings, tuned, types = _tune(q, cfg, ctx, artifact, types=types, family=preset.name)
     finally:
         if smoothed is not artifact:
             smoothed.file("model").unlink(missing_ok=True)
+    calibration, kept, search_report = q.calibration, q.kept, q.search_report
     # Float by the recipe's choice: excluded, kept for fidelity, attention MatMuls (attention_matmuls: float).
-    tuned: dict[str, Any] = {"chosen": "fused", "why": "tune.enabled is false"}
-    if cfg.tune.enabled:
-        settings, tuned = tuning.tune(out, settings, artifact, cfg.tune, ctx)
     in_float = len(excluded) + (len(kept["kept_in_float"]["nodes"]) if kept else 0) + len(_float_attention(source, cfg))
     kernels = _int8_kernels(out, settings, cfg, ctx, in_float=in_float)
 
@@ -100,21 +100,35 @@ def _quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _quantize(
+@dataclass
+class _Quantized:
+    """What quantizing wrote (ctx.out_dir/model.onnx) and how: its session settings, the calibration summary,
+    what stays float and why, the goal's search report, and how to quantize the same nodes in other types."""
+
+    settings: dict[str, Any]
+    calibration: dict[str, Any] | None
+    kept: dict[str, Any] | None
+    search_report: dict[str, Any] | None
+    write: Callable[[dict[str, Any], str, Path], dict[str, Any]]
+    format: str
+
+
+@contextmanager
+def _quantized(
     artifact: Artifact, cfg: QuantizeStage, ctx: Context, types: dict[str, Any], excluded: list[str]
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
-    """Write ctx.out_dir/model.onnx; returns (session settings, calibration summary, what stays float and why,
-    the goal's search report)."""
+) -> Iterator[_Quantized]:
+    """Write ctx.out_dir/model.onnx; its files for quantizing again (the typed graph, the calibration cache)
+    last until the context ends."""
     source, out = artifact.file("model"), ctx.out_dir / "model.onnx"
     settings: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
     typed: Path | None = None
     ranges = None
-    with _quiet_quantizer():
-        try:
+    try:
+        with _quiet_quantizer():
             if cfg.mode == "dynamic":
                 ctx.log("quantizing: dynamic int8" + (", per-channel" if cfg.per_channel else ""))
-                quantize = partial(_dynamic, source=source, cfg=cfg, types=types)
+                quantize: Callable[..., None] = partial(_dynamic, source=source, cfg=cfg)
             else:
                 typed = _with_shapes(source, ctx)
                 cal = _calibrate(typed, cfg, ctx, artifact)
@@ -127,18 +141,48 @@ def _quantize(
                     "tensors": cal.tensors,
                     "seconds": round(cal.seconds, 2),
                 }
-                quantize = partial(_static, typed=typed, cfg=cfg, types=types, cache=cal.cache)
+                quantize = partial(_static, typed=typed, cfg=cfg, cache=cal.cache)
                 settings = QDQ_SESSION
                 ranges = calibration_ranges(cal.cache)
             spec = Int8Spec(
                 cfg.per_channel, types["reduce_range"], types["weight_type"], types["activation_type"], ranges
             )
-            plan = keep_float.Plan(quantize, _candidates(source, cfg, excluded), excluded, spec, settings, out)
+            first = partial(quantize, types=types, fmt=_format(cfg))
+            plan = keep_float.Plan(first, _candidates(source, cfg, excluded), excluded, spec, settings, out)
             kept, search_report = keep_float.apply(artifact, cfg, ctx, plan)
-            return settings, calibration, kept, search_report
-        finally:
-            if typed is not None:
-                typed.unlink(missing_ok=True)
+        in_float = excluded + [n["node"] for n in kept["kept_in_float"]["nodes"]] if kept else list(excluded)
+        write = partial(_write_again, quantize, in_float)
+        yield _Quantized(settings, calibration, kept, search_report, write, _format(cfg))
+    finally:
+        if typed is not None:
+            typed.unlink(missing_ok=True)
+
+
+def _format(cfg: QuantizeStage) -> str:
+    return "dynamic" if cfg.mode == "dynamic" else "QDQ"
+
+
+def _write_again(
+    quantize: Callable[..., None], in_float: list[str], types: dict[str, Any], fmt: str, out: Path
+) -> dict[str, Any]:
+    """The same nodes quantized in other int8 types (or, static, another format); returns its session settings."""
+    with _quiet_quantizer():
+        quantize(in_float, out, types=types, fmt=fmt)
+    return QDQ_SESSION if fmt == "QDQ" else {}
+
+
+def _tune(
+    q: _Quantized, cfg: QuantizeStage, ctx: Context, artifact: Artifact, *, types: dict[str, Any], family: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The graph tuning (tune.enabled): session settings, its report, and the int8 types of the graph kept."""
+    kept = {**types, "format": q.format}
+    if not cfg.tune.enabled:
+        return q.settings, {"chosen": "fused", "why": "tune.enabled is false"}, kept
+    # A preset the recipe names fixes its types: the user chose them for CPUs this one may not be.
+    named = cfg.preset != "auto"
+    fixed = tuple(name for name in tuning.TYPE_FIELDS if named or getattr(cfg, name) is not None)
+    requantize = tuning.Requantize(q.write, types, q.format, fixed, family)
+    return tuning.tune(ctx.out_dir / "model.onnx", q.settings, artifact, cfg.tune, ctx, requantize=requantize)
 
 
 def _smooth(
@@ -245,7 +289,12 @@ def _types(cfg: QuantizeStage, preset: presets.Preset) -> tuple[dict[str, Any], 
 QTYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 
 
-def _dynamic(excluded: list[str], out: Path, *, source: Path, cfg: QuantizeStage, types: dict[str, Any]) -> None:
+def _dynamic(
+    excluded: list[str], out: Path, *, source: Path, cfg: QuantizeStage, types: dict[str, Any], fmt: str
+) -> None:
+    """Dynamic int8: ONNX Runtime's QOperator ops (DynamicQuantizeMatMul...), the only format it has."""
+    if fmt != "dynamic":
+        raise StageFailed(f"quantize: dynamic int8 has no {fmt} format")
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -267,7 +316,7 @@ def _dynamic(excluded: list[str], out: Path, *, source: Path, cfg: QuantizeStage
 
 
 def _static(
-    excluded: list[str], out: Path, *, typed: Path, cfg: QuantizeStage, types: dict[str, Any], cache: Path
+    excluded: list[str], out: Path, *, typed: Path, cfg: QuantizeStage, types: dict[str, Any], cache: Path, fmt: str
 ) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -276,7 +325,7 @@ def _static(
         typed,
         out,
         None,  # ranges come from the calibration cache (streamed once, reused by every trial)
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
         per_channel=cfg.per_channel,
         reduce_range=types["reduce_range"],
         activation_type=QuantType[QTYPES[types["activation_type"]]],

@@ -379,7 +379,9 @@ def diagnose(result: dict[str, Any], artifact: Artifact, task: str) -> tuple[str
     features = set(setup.get("cpu_features", []))
     native = setup.get("kind") == "native"
     x86_without_vnni = setup.get("arch") == "x86_64" and not features & {"avx512_vnni", "avx_vnni"}
-    saturates = int8 and not types.get("reduce_range", False) and x86_without_vnni
+    # u8s8 with full-range weights; u8u8 kernels widen to int16 before multiplying and do not saturate.
+    u8s8_full = types.get("weight_type", "int8") == "int8" and not types.get("reduce_range", False)
+    saturates = int8 and u8s8_full and x86_without_vnni
     if saturates and (consistent or native):
         # Native x86-64 without VNNI: the reference run saturates as well, so consistency cannot show it.
         return (
