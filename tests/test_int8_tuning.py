@@ -61,6 +61,12 @@ def test_choices_leave_what_the_recipe_fixed() -> None:
     assert fixed["u8u8 reduce_range"][0]["reduce_range"] is True
 
 
+def test_thread_counts_double_up_to_the_setting() -> None:
+    assert tuning.thread_counts(2) == [1, 2]
+    assert tuning.thread_counts(6) == [1, 2, 4, 6]
+    assert tuning.thread_counts(8) == [1, 2, 4, 8]
+
+
 def test_pick_compares_with_the_named_baseline() -> None:
     assert tuning.pick({"u8s8": 10.0, "u8u8": 9.8}, "u8s8") == "u8s8"
     assert tuning.pick({"u8s8": 10.0, "u8u8": 9.0}, "u8s8") == "u8u8"
@@ -86,6 +92,10 @@ def test_quantize_stage_times_int8_types_and_ships_its_choice(recipe_for: Callab
     ops = {n.op_type for n in onnx.load(str(stage / "model.onnx")).graph.node}
     assert ("QLinearMatMul" in ops) == (metrics["format"] == "QOperator")  # QDQ: Q -> DQ -> MatMul in the file
     assert not (stage / "tuning").exists()
+    # Thread scaling is reported (the deployment sets the threads), the fastest count named.
+    scaling = metrics["graph_tuning"]["thread_scaling"]
+    assert set(scaling["p50_ms"]) == {"1", "2"} and scaling["fastest"] in scaling["p50_ms"]
+    assert "threads 1:" in (stage.parent / "report.md").read_text()
 
 
 def test_types_are_not_tuned_for_another_family(recipe_for: Callable[..., Path]) -> None:

@@ -329,3 +329,32 @@ def test_failed_shape_inference_writes_nothing_in_the_working_directory(
     typed = quantize._with_shapes(model, ctx)  # type: ignore[arg-type]
     assert typed.is_file() and warnings and "symbolic shape inference failed" in warnings[0]
     assert list(cwd.iterdir()) == [] and sorted(p.name for p in (tmp_path / "stage").iterdir()) == [typed.name]
+
+
+def test_shape_inference_reads_a_model_given_by_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs live under a relative output dir (runs/...): the path must be resolved before the stage moves into
+    its working folder, or inference fails and static int8 calibrates without tensor types."""
+    from compress.stages.quantize import stage as quantize
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
+        [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    monkeypatch.chdir(tmp_path)
+    Path("runs/stage").mkdir(parents=True)
+    onnx.save(proto, "runs/model.onnx")
+    warnings: list[str] = []
+    ctx = SimpleNamespace(out_dir=Path("runs/stage"), warn=warnings.append)
+    typed = quantize._with_shapes(Path("runs/model.onnx"), ctx)  # type: ignore[arg-type]
+    assert warnings == []
+    assert "h" in {v.name for v in onnx.load(str(typed)).graph.value_info}  # the MatMul's output has its type

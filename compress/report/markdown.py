@@ -281,6 +281,9 @@ def _tuning_note(tuned: dict[str, Any] | None) -> str:
         + ")"
         for r in rounds
     )
+    scaling = tuned.get("thread_scaling", {}).get("p50_ms")
+    if scaling:
+        timed += "; threads " + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in scaling.items())
     return f"; tuned on {tuned['cpu']}: {timed}"
 
 

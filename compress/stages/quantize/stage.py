@@ -369,9 +369,10 @@ def _with_shapes(source: Path, ctx: Context) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     typed = (ctx.out_dir / "shape_inferred.onnx").resolve()
+    source = source.resolve()  # before the working folder changes what a relative path means
     try:
         with _working_folder(ctx.out_dir.resolve() / "shape_inference"):
-            quant_pre_process(str(source.resolve()), str(typed), skip_optimization=True)
+            quant_pre_process(str(source), str(typed), skip_optimization=True)
     except Exception as exc:  # ONNX Runtime raises bare Exception for incomplete inference
         ctx.warn(f"quantize: symbolic shape inference failed ({exc}); calibrating without tensor types")
         shutil.copy2(source, typed)

@@ -82,6 +82,7 @@ def tune(
         else:
             report["int8"] = {"chosen": label(requantize.types, requantize.format), "why": "tune.int8 is false"}
         settings, splits = _tune_splits(model, settings, (inputs, checks), cfg, ctx)
+        report["thread_scaling"] = _thread_scaling(model, settings, inputs, cfg, ctx)
         return settings, {**report, **splits}, kept
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -173,6 +174,31 @@ def _tune_splits(
     if chosen != FUSED:
         candidates[chosen][0].replace(model)
     return candidates[chosen][1], {"baseline": FUSED, "chosen": chosen, "variants": variants}
+
+
+def thread_counts(threads: int) -> list[int]:
+    """1, 2, 4, ... below `threads`, and `threads`."""
+    counts = [1 << i for i in range(threads.bit_length()) if 1 << i < threads]
+    return [*counts, threads]
+
+
+def _thread_scaling(
+    model: Path, settings: dict[str, Any], inputs: dict[str, np.ndarray], cfg: GraphTuning, ctx: Context
+) -> dict[str, Any]:
+    """Round 3, reported only: the kept graph timed with 1, 2, 4 ... tune.threads intra-op threads. The thread
+    count is the deployment's (the server's --threads, all cores by default): the CPU that builds may have
+    fewer cores than the one that serves, so nothing is fixed from this."""
+    if cfg.threads == 1:
+        return {"why": "tune.threads is 1"}
+    sessions = {
+        n: session(model, threads=n, settings=settings, idle_spinning=False) for n in thread_counts(cfg.threads)
+    }
+    names = {i.name for i in sessions[cfg.threads].get_inputs()}
+    feed = {k: v for k, v in inputs.items() if k in names}
+    stats = interleaved({str(n): partial(s.run, None, feed) for n, s in sessions.items()}, warmup=3, runs=cfg.runs)
+    medians = {n: round(st["p50"], 3) for n, st in stats.items()}
+    ctx.log("threads on this CPU: " + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in medians.items()))
+    return {"p50_ms": medians, "fastest": min(medians, key=lambda n: medians[n])}
 
 
 def _log_round(ctx: Context, what: str, variants: dict[str, Any], chosen: str) -> None:
