@@ -101,7 +101,7 @@ class QuantizeStage(Strict):
         "dynamic",
         description=(
             "dynamic: weights int8 offline, activation ranges computed per run. static: activation ranges "
-            "calibrated on the calibration set, QDQ format."
+            "calibrated on the calibration set, QDQ format (QOperator when tune.int8 finds it faster on this CPU)."
         ),
     )
     preset: PresetChoice = Field(
