@@ -1,12 +1,13 @@
 """Graph choices that depend on the CPU, measured on the CPU that builds the artifact.
 
-Two rounds, each timed interleaved with the validate stage's kind of input:
+Three rounds, each timed interleaved with the validate stage's kind of input:
 1. The int8 types and format the preset leaves open (int8_choices): u8s8 against u8u8 weights, full range
    against reduce_range (7-bit weights), and for static int8 QDQ against QOperator. The same nodes are
    quantized again in each; a choice the recipe fixed itself is not varied, and every candidate is one that
    cannot saturate on the preset's CPU family (u8u8 and 7-bit weights never do). Timings only transfer
    within a CPU family, so this round runs only when this CPU is of the preset's family.
 2. Fused or split SkipLayerNormalization / BiasGelu, on the graph the first round kept.
+3. Reported only: the kept graph with 1, 2, 4 ... tune.threads threads (the deployment sets the count).
 
 ONNX Runtime's fused SkipLayerNormalization and BiasGelu are not faster everywhere (exporters/unfuse.py
 gives a case where the fused node took twice the time of its parts). The quantized model is timed fused
