@@ -77,10 +77,10 @@ def tune(
         inputs = _inputs(artifact, cfg, ctx)
         report["sequence_length"] = int(inputs["input_ids"].shape[1])
         checks = _checks(artifact, ctx)
-        kept = {**requantize.types, "format": requantize.format}
         if cfg.int8:
             settings, kept, report["int8"] = _tune_int8(model, settings, requantize, (inputs, checks), cfg=cfg, ctx=ctx)
         else:
+            kept = {**requantize.types, "format": requantize.format}
             report["int8"] = {"chosen": label(requantize.types, requantize.format), "why": "tune.int8 is false"}
         settings, splits = _tune_splits(model, settings, (inputs, checks), cfg, ctx)
         report["thread_scaling"] = _thread_scaling(model, settings, inputs, cfg, ctx)
